@@ -1,0 +1,270 @@
+"""The ``reslab`` command: subcommand name -> a thin typed function over the library.
+
+Flags, ``--help`` and YAML configs come from type hints and docstrings through jsonargparse. For ``train`` the
+precedence is: defaults < ``--preset`` < ``--config FILE.yaml`` < flags (in the order given).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+from typing import Any, Callable, Optional
+
+from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+
+from .config import PRESETS, TrainConfig
+from .runtime import UserError
+
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, default=str))
+
+
+def models_cmd(json: bool = False) -> None:
+    """List the registered models with their parameters.
+
+    Args:
+        json: print one JSON object per model instead of a table.
+    """
+    from .models import count_params, create_model, list_models, model_info
+
+    rows = []
+    for name in list_models():
+        info = model_info(name)
+        rows.append({"name": name, "family": info.family, "depth": info.depth, "residual": info.residual,
+                     "input_size": info.input_size, "params": count_params(create_model(name))})
+    if json:
+        for r in rows:
+            _print_json(r)
+        return
+    print(f"{'model':<12}{'family':<10}{'depth':>6}{'residual':>10}{'input':>7}{'params (10 classes)':>22}")
+    for r in rows:
+        print(f"{r['name']:<12}{r['family']:<10}{r['depth']:>6}{str(r['residual']):>10}{r['input_size']:>7}"
+              f"{r['params']:>22,}")
+
+
+def summary_cmd(arch: str, image_size: Optional[int] = None, num_classes: int = 10,
+                stem: Optional[str] = None, shortcut: Optional[str] = None, json: bool = False) -> None:
+    """Parameters, multiply-accumulates per forward pass and output shape of a model on a random input.
+
+    Args:
+        arch: model name (see `reslab models`).
+        image_size: input size in pixels (default: the model's natural size).
+        num_classes: classifier outputs.
+        stem: stem variant of the ImageNet-style nets: imagenet, cifar or seed.
+        shortcut: shortcut option A, B or C.
+        json: print a JSON object.
+    """
+    from .models import create_model, model_info, summarize
+
+    info = model_info(arch)
+    kwargs = {k: v for k, v in (("stem", stem), ("shortcut", shortcut)) if v is not None}
+    size = image_size or (64 if stem == "seed" else 32 if stem == "cifar" else info.input_size)
+    s = {"arch": arch, **kwargs, "num_classes": num_classes, **summarize(create_model(arch, num_classes, **kwargs),
+                                                                          size)}
+    if json:
+        _print_json(s)
+        return
+    print(f"{arch} {kwargs or ''}".rstrip())
+    print(f"  parameters      {s['params']:,} ({s['params'] / 1e6:.2f} M)")
+    print(f"  MACs / forward  {s['macs']:,} ({s['macs'] / 1e9:.3f} G) at {size}x{size}")
+    print(f"  input  shape    {tuple(s['input_shape'])}")
+    print(f"  output shape    {tuple(s['output_shape'])}")
+
+
+def train_cmd(config: TrainConfig, preset: Optional[str] = None, resume: Optional[str] = None) -> None:
+    from .train import train
+
+    if resume:
+        train(resume=resume)
+    else:
+        train(config)
+
+
+def eval_cmd(model: str, data: str, split: str = "test", arch: Optional[str] = None, device: str = "auto",
+             precision: str = "auto", batch_size: int = 256, samples: Optional[int] = None,
+             data_dir: Optional[str] = None, plot: Optional[str] = None, json: bool = False) -> None:
+    """Evaluate a saved model on an image folder (or cifar10, digits): accuracy, per class, confusion matrix.
+
+    Args:
+        model: run directory, model.safetensors, last.pt, or a bare state_dict .pth (with --arch).
+        data: cifar10, digits or a folder holding <split>/<class>/<images>.
+        split: test, val or train.
+        arch: architecture of a bare state_dict.
+        device: auto, cpu, cuda or cuda:N.
+        precision: auto, fp32, bf16 or fp16.
+        batch_size: images per forward pass.
+        samples: evaluate a seeded, class-balanced subset of this many images.
+        data_dir: where cifar10 is stored.
+        plot: also draw the confusion matrix into this PNG file.
+        json: print one JSON object on stdout (progress and warnings go to stderr).
+    """
+    from .evaluate import evaluate
+
+    r = evaluate(model, data, split=split, arch=arch, device=device, precision=precision, batch_size=batch_size,
+                 samples=samples, data_dir=data_dir)
+    if plot:
+        from .plots import plot_confusion
+        plot_confusion(r["confusion"], r["classes"], plot)
+    if json:
+        _print_json({k: r[k] for k in ("accuracy", "top5", "n", "loss", "per_class", "confusion", "classes")})
+        return
+    print(f"accuracy {r['accuracy']:.4f} ({round(r['accuracy'] * r['n'])}/{r['n']})"
+          + (f"  top-5 {r['top5']:.4f}" if r["top5"] is not None else "") + f"  loss {r['loss']:.4f}")
+    width = max(len(c) for c in r["classes"])
+    for name, acc in r["per_class"].items():
+        print(f"  {name:<{width}}  {acc:.4f}")
+    print("confusion matrix (rows: true class, columns: predicted):")
+    for name, row in zip(r["classes"], r["confusion"]):
+        print(f"  {name:<{width}} " + " ".join(f"{v:5d}" for v in row))
+
+
+def predict_cmd(model: str, inputs: list[str], topk: int = 5, arch: Optional[str] = None, device: str = "auto",
+                json: bool = False) -> None:
+    from .evaluate import predict
+
+    for r in predict(model, inputs, topk=topk, arch=arch, device=device):
+        if json:
+            _print_json(r)
+        else:
+            print(r["path"] + "  " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"]))
+
+
+COMMANDS: dict[str, Callable[..., None]] = {
+    "models": models_cmd,
+    "summary": summary_cmd,
+    "train": train_cmd,
+    "eval": eval_cmd,
+    "predict": predict_cmd,
+}
+
+
+def _train_parser(preset: str | None) -> ArgumentParser:
+    p = ArgumentParser(description="Train a model; writes config.yaml, metrics.jsonl, last.pt, model.safetensors.")
+    p.add_argument("--preset", type=Optional[str],
+                   help=f"start from a preset ({', '.join(PRESETS)}); flags and --config override it")
+    p.add_argument("--config", action=ActionConfigFile, help="a YAML file of options (e.g. a run's config.yaml)")
+    p.add_argument("--resume", type=Optional[str], help="continue the run in this directory from its last.pt")
+    p.add_class_arguments(TrainConfig, nested_key=None)
+    if preset:
+        p.set_defaults(PRESETS[preset])
+    return p
+
+
+def _predict_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Top-k classes and probabilities for image files or folders.")
+    p.add_argument("model", help="run directory, model.safetensors, last.pt or a bare state_dict (with --arch)")
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("--topk", type=int, default=5, help="classes to show per image")
+    p.add_argument("--arch", type=Optional[str], help="architecture of a bare state_dict")
+    p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--json", type=bool, default=False, help="print one JSON object per image and line")
+    return p
+
+
+def build_parser(preset: str | None = None) -> ArgumentParser:
+    """The full ``reslab`` parser (``preset`` sets the train defaults, as ``--preset`` does)."""
+    parser = ArgumentParser(prog="reslab", description="Train, evaluate and compare residual networks.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subcommands(dest="command")
+    for name, fn in COMMANDS.items():
+        if name == "train":
+            p = _train_parser(preset)
+        elif name == "predict":
+            p = _predict_parser()
+        else:
+            p = ArgumentParser(description=(fn.__doc__ or "").split("\n")[0])
+            # The first parameter is positional (``reslab summary ARCH``, ``reslab eval MODEL``); the rest are flags.
+            params = list(inspect.signature(fn).parameters.values())
+            first = params[0].name if params and params[0].default is inspect.Parameter.empty else None
+            if first is not None:
+                p.add_argument(first, help=_param_doc(fn, first))
+            p.add_function_arguments(fn, nested_key=None, skip={first} if first else None)
+        sub.add_subcommand(name, p, help=(p.description or "").split("\n")[0])
+    return parser
+
+
+def _bool_options() -> set[str]:
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(TrainConfig) if "bool" in str(f.type)}
+    for fn in COMMANDS.values():
+        names |= {n for n, p in inspect.signature(fn).parameters.items() if "bool" in str(p.annotation)}
+    return names | {"json"}
+
+
+def _normalise_argv(argv: list[str]) -> list[str]:
+    """Accept ``--image-size`` as well as jsonargparse's ``--image_size``, and bare switches: ``--json`` means
+    ``--json=true``, ``--no-nesterov`` means ``--nesterov=false``."""
+    bools, out = _bool_options(), []
+    for i, a in enumerate(argv):
+        if a == "--":
+            out += argv[i:]
+            break
+        if a.startswith("--") and len(a) > 2:
+            name, eq, value = a[2:].partition("=")
+            name = name.replace("-", "_")
+            nxt = argv[i + 1].lower() if i + 1 < len(argv) else ""
+            if not eq and nxt not in ("true", "false", "null"):
+                if name in bools:
+                    name, eq, value = name, "=", "true"
+                elif name.startswith("no_") and name[3:] in bools:
+                    name, eq, value = name[3:], "=", "false"
+            a = "--" + name + eq + value
+        out.append(a)
+    return out
+
+
+def _param_doc(fn: Callable, name: str) -> str:
+    from docstring_parser import parse
+
+    return next((p.description for p in parse(fn.__doc__ or "").params if p.arg_name == name), "") or ""
+
+
+def _preset_in(argv: list[str]) -> str | None:
+    for i, a in enumerate(argv):
+        if a == "--preset" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--preset="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``reslab`` console script; returns the exit status."""
+    argv = _normalise_argv(list(sys.argv[1:] if argv is None else argv))
+    debug = "--debug" in argv
+    preset = _preset_in(argv)
+    if preset is not None and preset not in PRESETS:
+        print(f"reslab: error: unknown preset {preset!r}; known: {', '.join(PRESETS)}", file=sys.stderr)
+        return 2
+    parser = build_parser(preset)
+    ns = parser.parse_args(argv)
+    command = ns.command
+    args = ns[command].as_dict()
+    for key in ("config", "__path__"):
+        args.pop(key, None)
+    from .data import DataError
+
+    try:
+        if command == "train":
+            special = {k: args.pop(k, None) for k in ("preset", "resume")}
+            COMMANDS[command](TrainConfig(**args), **special)
+        else:
+            COMMANDS[command](**args)
+    except BrokenPipeError:  # `reslab ... | head` closed the pipe: not an error
+        sys.stderr.close()
+        return 0
+    except (UserError, DataError, ValueError, KeyError, OSError) as exc:
+        if debug:
+            raise
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"reslab: error: {msg}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("reslab: interrupted", file=sys.stderr)
+        return 130
+    return 0

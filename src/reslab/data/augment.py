@@ -1,0 +1,172 @@
+"""Augmentation presets, in two forms that draw from the same distributions:
+
+- ``BatchTransform``: whole uint8 batches on the training device, with per-sample randomness (the fast path);
+- ``pil_transform``: torchvision transforms per PIL image in a DataLoader (the seed's way, kept for folders too
+  large for memory and as the baseline of ``reslab bench``).
+
+Presets:
+- ``seed``: the tutorial's Resize(256) -> RandomHorizontalFlip -> RandomCrop(64) -> ColorJitter(brightness 0.5,
+  contrast 0.5, hue 0.3) -> Normalize(0.5, 0.5). Evaluation uses Resize(256) -> CenterCrop(64); the seed evaluated
+  with its random *training* transforms, which makes test accuracy itself random. Note that on 32x32 CIFAR images
+  a 64-pixel crop of the 256-pixel upscale shows one sixteenth of the picture: faithful to the seed, not a good idea.
+- ``paper``: He et al. section 4.2: 4 zero pixels of padding, a random 32x32 crop, a random horizontal flip, and
+  per-channel mean/std normalisation (statistics of the training images, computed, not copied from elsewhere).
+- ``none``: normalisation only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SEED_RESIZE, SEED_CROP = 256, 64
+SEED_JITTER = dict(brightness=0.5, contrast=0.5, hue=0.3)
+PAPER_PAD = 4
+
+
+def store_size(augment: str, input_size: int) -> int | None:
+    """Size images are kept at in memory: native for ``seed`` (its resize does the rest), else the input size."""
+    return None if augment == "seed" else input_size
+
+
+@torch.no_grad()
+def channel_stats(images: Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation in [0, 1] of uint8 images (N, H, W, 3)."""
+    total = torch.zeros(3, dtype=torch.float64)
+    total_sq = torch.zeros(3, dtype=torch.float64)
+    for i in range(0, len(images), chunk):
+        x = images[i:i + chunk].to(torch.float64).div_(255).reshape(-1, 3)
+        total += x.sum(0)
+        total_sq += (x * x).sum(0)
+    n = images[..., 0].numel()
+    mean = total / n
+    std = (total_sq / n - mean**2).clamp_min(1e-12).sqrt()
+    return [round(v, 4) for v in mean.tolist()], [round(v, 4) for v in std.tolist()]
+
+
+def crop_flip(x: Tensor, size: int, pad: int, dy: Tensor, dx: Tensor, flip: Tensor) -> Tensor:
+    """Per-sample crops of ``size`` at offsets (dy, dx) of the zero-padded uint8 NHWC batch, mirrored where ``flip``."""
+    b = x.shape[0]
+    xp = F.pad(x, (0, 0, pad, pad, pad, pad))  # pads (C, W, H) of NHWC
+    ar = torch.arange(size, device=x.device)
+    rows = dy[:, None] + ar
+    cols = dx[:, None] + torch.where(flip[:, None], size - 1 - ar, ar)  # a flip is a reversed column index
+    return xp[torch.arange(b, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def resize_crop(x: Tensor, resize: int, crop: int, top: Tensor, left: Tensor, flip: Tensor) -> Tensor:
+    """Bilinear Resize(``resize``) followed by a ``crop`` x ``crop`` crop at (top, left), per sample, in one pass.
+
+    Sampling the crop's pixels straight from the small image avoids building the 256x256 upscale. With
+    ``align_corners=False`` the normalised coordinate of pixel u of the resized image is (u + 0.5) / resize * 2 - 1,
+    whatever the input size, and "border" padding reproduces the resize's edge clamping.
+    """
+    b = x.shape[0]
+    ar = torch.arange(crop, device=x.device, dtype=x.dtype)
+    ys = ((top[:, None].to(x.dtype) + ar + 0.5) / resize) * 2 - 1  # (B, crop)
+    xs = ((left[:, None].to(x.dtype) + ar + 0.5) / resize) * 2 - 1
+    xs = torch.where(flip[:, None], xs.flip(1), xs)
+    grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)  # (B, crop, crop, 2) as (x, y)
+    return F.grid_sample(x, grid.view(b, crop, crop, 2), mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _grayscale(x: Tensor) -> Tensor:
+    r, g, b = x.unbind(1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+
+
+def _shift_hue(x: Tensor, shift: Tensor) -> Tensor:
+    """Rotate the hue of RGB images in [0, 1] by ``shift`` turns, per sample (as torchvision's adjust_hue)."""
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(1)
+    minc, _ = x.min(1)
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    h = torch.where(maxc == r, (g - b) / safe, torch.where(maxc == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
+    h = torch.where(delta > 0, h / 6 % 1, torch.zeros_like(h))
+    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    h = (h + shift.view(-1, 1, 1)) % 1
+    # HSV -> RGB: channel n takes v - v*s*clamp(min(k, 4-k), 0, 1) with k = (n + 6h) mod 6, n = 5, 3, 1.
+    out = []
+    for n in (5, 3, 1):
+        k = (n + 6 * h) % 6
+        out.append(maxc - maxc * s * torch.minimum(k, 4 - k).clamp(0, 1))
+    return torch.stack(out, 1)
+
+
+def color_jitter(x: Tensor, factors: Tensor, order: list[int]) -> Tensor:
+    """Brightness, contrast and hue jitter of float RGB images in [0, 1] with per-sample ``factors`` (B, 3)."""
+    for op in order:
+        f = factors[:, op].view(-1, 1, 1, 1)
+        if op == 0:
+            x = (x * f).clamp(0, 1)
+        elif op == 1:
+            mean = _grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+            x = (f * x + (1 - f) * mean).clamp(0, 1)
+        else:
+            x = _shift_hue(x, factors[:, 2])
+    return x
+
+
+@dataclass
+class BatchTransform:
+    """uint8 (B, H, W, 3) batch -> normalised float (B, 3, S, S) on the batch's device.
+
+    Randomness comes from ``generator`` (a CPU generator, so CPU and GPU runs draw the same augmentations).
+    """
+
+    augment: str
+    train: bool
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        b, dev = x.shape[0], x.device
+        rand = lambda *shape: torch.rand(*shape, generator=generator).to(dev)  # noqa: E731
+        if self.augment == "paper" and self.train:
+            span = 2 * PAPER_PAD + 1
+            dy, dx = (torch.randint(0, span, (2, b), generator=generator)).to(dev)
+            x = crop_flip(x, self.input_size, PAPER_PAD, dy, dx, rand(b) < 0.5)
+        x = x.permute(0, 3, 1, 2).float().div_(255)  # NCHW view with channels-last strides
+        if self.augment == "seed":
+            crop, span = self.input_size, SEED_RESIZE - self.input_size
+            if self.train:
+                top, left = torch.randint(0, span + 1, (2, b), generator=generator).to(dev)
+                flip = rand(b) < 0.5
+            else:  # deterministic counterpart: the centre crop, no flip, no jitter
+                top = left = torch.full((b,), span // 2, device=dev)
+                flip = torch.zeros(b, dtype=torch.bool, device=dev)
+            x = resize_crop(x, SEED_RESIZE, crop, top, left, flip)
+            if self.train:
+                lo = torch.tensor([1 - SEED_JITTER["brightness"], 1 - SEED_JITTER["contrast"], -SEED_JITTER["hue"]])
+                hi = torch.tensor([1 + SEED_JITTER["brightness"], 1 + SEED_JITTER["contrast"], SEED_JITTER["hue"]])
+                factors = (lo + (hi - lo) * torch.rand(b, 3, generator=generator)).to(dev)
+                # torchvision draws the order per image; one order per batch keeps the work batched.
+                order = torch.randperm(3, generator=generator).tolist()
+                x = color_jitter(x, factors, order)
+        elif x.shape[-1] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True)
+        mean = torch.tensor(self.mean, device=dev).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=dev).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+
+def pil_transform(augment: str, train: bool, input_size: int, mean, std):
+    """The same preset as per-image torchvision transforms on PIL images (the seed's pipeline)."""
+    import torchvision.transforms as T
+
+    if augment == "seed":
+        if train:
+            ops = [T.Resize(SEED_RESIZE), T.RandomHorizontalFlip(), T.RandomCrop(input_size),
+                   T.ColorJitter(**SEED_JITTER)]
+        else:
+            ops = [T.Resize(SEED_RESIZE), T.CenterCrop(input_size)]
+    else:
+        ops = [T.Resize(input_size), T.CenterCrop(input_size)]
+        if augment == "paper" and train:
+            ops += [T.RandomCrop(input_size, padding=PAPER_PAD), T.RandomHorizontalFlip()]
+    return T.Compose(ops + [T.ToTensor(), T.Normalize(mean, std)])

@@ -1,0 +1,198 @@
+"""Data sources: CIFAR-10 (torchvision's download), scikit-learn's digits, and any image folder.
+
+Every source yields ``Split`` objects: labels and class names, plus either the decoded uint8 images (in memory) or
+the image files (streamed through a DataLoader when a folder is too large for memory).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .folder import DataError, decode_images, image_sizes, scan_folder
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+MEMORY_BUDGET_BYTES = 6 * 2**30  # decoded images above this are streamed from files instead
+
+
+@dataclass
+class Split:
+    """One split of a dataset: uint8 images (N, H, W, 3) in memory, or image files to stream."""
+
+    labels: torch.Tensor
+    classes: list[str]
+    images: torch.Tensor | None = None
+    paths: list[Path] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> "Split":
+        return replace(self, labels=self.labels[index],
+                       images=None if self.images is None else self.images[index],
+                       paths=None if self.paths is None else [self.paths[i] for i in index.tolist()])
+
+
+def balanced_indices(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """A seeded random pick of ``n`` indices, as evenly spread over the classes as the data allows (sorted)."""
+    if n >= len(labels):
+        return torch.arange(len(labels))
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(labels), generator=g).numpy()
+    lab = labels.numpy()[perm]
+    # Rank of each drawn index within its class; take every class's first draw, then every second, ...
+    by_class = np.argsort(lab, kind="stable")
+    rank_sorted = np.arange(len(lab)) - np.searchsorted(lab[by_class], lab[by_class], side="left")
+    rank = np.empty_like(rank_sorted)
+    rank[by_class] = rank_sorted
+    order = np.lexsort((np.arange(len(lab)), rank))  # by rank, ties in draw order
+    return torch.from_numpy(np.sort(perm[order[:n]]))
+
+
+def fit_array(images: np.ndarray, size: int) -> np.ndarray:
+    """Resize uint8 (N, H, W, 3) arrays to ``size`` x ``size`` (bilinear, antialiased); a no-op at that size."""
+    if images.shape[1:3] == (size, size):
+        return images
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+# --- CIFAR-10 -------------------------------------------------------------------------------------------------------
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """CIFAR's python batches are pickles; allow only what a dict of numpy arrays needs, never arbitrary code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch file")
+        return super().find_class(module, name)
+
+
+def _read_batch(path: Path) -> dict:
+    with open(path, "rb") as f:
+        d = _NumpyOnlyUnpickler(f, encoding="bytes").load()
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+
+
+def download_cifar10(root: Path, timeout: float = 15.0) -> None:
+    """Download and extract CIFAR-10 (python version) into ``root``; a clear ``DataError`` when offline."""
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)  # fail fast offline instead of hanging on a dead connection
+    try:
+        download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+    except Exception as exc:
+        raise DataError(
+            f"CIFAR-10 is not in {root} and could not be downloaded ({type(exc).__name__}). Point --data at a local "
+            "image folder with train/ and test/ (e.g. --data ../shared/data/cifar10-jpeg), or put "
+            f"cifar-10-batches-py in --data-dir") from None
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def load_cifar10(root: str | Path, train: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """CIFAR-10 from torchvision's ``cifar-10-batches-py`` layout under ``root`` (downloaded if missing)."""
+    root = Path(root)
+    base = root / "cifar-10-batches-py"
+    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    if not all((base / n).is_file() for n in names):
+        download_cifar10(root)
+    batches = [_read_batch(base / n) for n in names]
+    data = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    labels = np.concatenate([np.asarray(b["labels"]) for b in batches])
+    classes = CIFAR10_CLASSES
+    meta = base / "batches.meta"
+    if meta.is_file():
+        classes = [c.decode() if isinstance(c, bytes) else c for c in _read_batch(meta)["label_names"]]
+    return np.ascontiguousarray(data, dtype=np.uint8), labels.astype(np.int64), classes
+
+
+# --- scikit-learn digits --------------------------------------------------------------------------------------------
+
+def load_digits_split(train: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """scikit-learn's 1,797 8x8 digits as RGB uint8, with a fixed class-balanced 80/20 train/test split."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DataError("--data digits needs scikit-learn: pip install 'reslab[demo]'") from None
+    d = load_digits()
+    images = np.repeat((d.images * (255 / 16)).round().astype(np.uint8)[..., None], 3, axis=-1)
+    labels = torch.as_tensor(d.target, dtype=torch.long)
+    test = balanced_indices(labels, len(labels) // 5, seed=0).numpy()  # fixed: the same test set for every run
+    mask = np.zeros(len(labels), bool)
+    mask[test] = True
+    keep = ~mask if train else mask
+    return images[keep], d.target[keep].astype(np.int64), [str(i) for i in range(10)]
+
+
+# --- choosing and loading -------------------------------------------------------------------------------------------
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("RESLAB_DATA", "./data"))
+
+
+def folder_split_dir(root: str | Path, split: str) -> Path | None:
+    """``root/split`` if it exists (``val`` also accepts ``valid``/``validation``)."""
+    names = {"val": ["val", "valid", "validation"]}.get(split, [split])
+    for n in names:
+        if (Path(root) / n).is_dir():
+            return Path(root) / n
+    return None
+
+
+def load_split(data: str, split: str, *, store_size: int | None, data_dir: str | None = None,
+               loader: str = "auto", strict: bool = False) -> Split:
+    """Load one split (``train``, ``val`` or ``test``) of ``data``.
+
+    Args:
+        data: ``cifar10``, ``digits`` or an image-folder root with ``train/``, ``test/`` (optional ``val/``).
+        split: which split.
+        store_size: square size to keep images at; None keeps the native size when all images share one.
+        data_dir: download folder for ``cifar10``.
+        loader: ``memory``, ``stream`` or ``auto`` (memory unless the decoded images exceed the memory budget).
+        strict: make an unreadable image an error instead of a warning.
+    """
+    if data in ("cifar10", "digits"):
+        if split not in ("train", "test"):
+            raise DataError(f"--data {data} has no {split!r} split (use --val-split to hold out training images)")
+        if data == "cifar10":
+            images, labels, classes = load_cifar10(data_dir or default_data_dir(), split == "train")
+        else:
+            images, labels, classes = load_digits_split(split == "train")
+        if store_size is not None:
+            images = fit_array(images, store_size)
+        return Split(torch.from_numpy(labels), classes, images=torch.from_numpy(images))
+
+    root = Path(data)
+    if not root.is_dir():
+        raise DataError(f"--data {data!r}: not 'cifar10', 'digits' or an existing folder")
+    split_dir = folder_split_dir(root, split)
+    if split_dir is None:
+        raise DataError(f"{root} has no {split}/ folder (expected {root}/{split}/<class>/<images>)")
+    paths, names, classes = scan_folder(split_dir)
+    index = {c: i for i, c in enumerate(classes)}
+    labels = torch.tensor([index[n] for n in names])
+    size = store_size
+    if size is None:
+        sizes = image_sizes(paths)
+        native = next(iter(sizes)) if len(sizes) == 1 else None
+        size = None if native and native[0] == native[1] else 64  # mixed sizes: fit to 64 px squares
+    side = size or next(iter(image_sizes(paths, limit=1)))[0]
+    if loader == "stream" or (loader == "auto" and len(paths) * side * side * 3 > MEMORY_BUDGET_BYTES):
+        return Split(labels, classes, paths=paths)
+    images, kept = decode_images(paths, size, strict=strict)
+    kept_t = torch.from_numpy(kept)
+    return Split(labels[kept_t], classes, images=torch.from_numpy(images), paths=[paths[i] for i in kept])

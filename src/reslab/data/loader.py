@@ -1,0 +1,93 @@
+"""Batches for training and evaluation.
+
+Every batch is a pure function of (seed, epoch, batch index): the epoch's order comes from a generator seeded with
+(seed, epoch) and each batch's augmentation from one seeded with (seed, epoch, index). So a resumed run draws
+exactly the batches an uninterrupted one would, with no generator state to save.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from .augment import BatchTransform, pil_transform
+from .datasets import Split
+from .folder import load_rgb
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (splitmix64-style), so nearby inputs give unrelated streams."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = (x ^ (p & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+class Batches:
+    """Shuffled (or ordered) batches of a split, as normalised float tensors on ``device``.
+
+    Uses the in-memory images when the split has them (whole-batch augmentation on the device), else streams
+    files through a DataLoader with the per-image PIL transforms.
+    """
+
+    def __init__(self, split: Split, transform: BatchTransform, batch_size: int, *, shuffle: bool, drop_last: bool,
+                 seed: int, device: torch.device, workers: int = 2) -> None:
+        self.split, self.transform, self.batch_size = split, transform, batch_size
+        self.shuffle, self.drop_last, self.seed, self.device, self.workers = shuffle, drop_last, seed, device, workers
+        if len(split) == 0:
+            raise ValueError("empty split")
+        if drop_last and len(split) < batch_size:
+            raise ValueError(f"batch size {batch_size} is larger than the {len(split)} training images")
+        self.images = split.images
+        if self.images is not None and device.type == "cuda":
+            self.images = self.images.to(device)  # CIFAR-10 is 150 MB as uint8: keep it on the GPU
+        self.labels = split.labels.to(device)
+
+    def __len__(self) -> int:
+        n = len(self.split) / self.batch_size
+        return math.floor(n) if self.drop_last else math.ceil(n)
+
+    def order(self, epoch: int) -> Tensor:
+        if not self.shuffle:
+            return torch.arange(len(self.split))
+        return torch.randperm(len(self.split), generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch)))
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches ``start, start+1, ...`` of ``epoch`` as (images, labels) on the device."""
+        order = self.order(epoch)
+        if self.images is None:
+            yield from self._stream(epoch, order, start)
+            return
+        for i in range(start, len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size].to(self.images.device)
+            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, i))
+            x = self.images[idx].to(self.device, non_blocking=True)
+            yield self.transform(x, g), self.labels[idx.to(self.device)]
+
+    def _stream(self, epoch: int, order: Tensor, start: int) -> Iterator[tuple[Tensor, Tensor]]:
+        t = self.transform
+        ds = _FileDataset(self.split, pil_transform(t.augment, t.train, t.input_size, t.mean, t.std))
+        end = len(self) * self.batch_size
+        indices = order[start * self.batch_size:end].tolist()
+        # Augmentation seeds follow (seed, epoch, start): exact data order on resume, not the exact same draws.
+        loader = DataLoader(ds, batch_size=self.batch_size, sampler=indices, num_workers=self.workers,
+                            generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch, start)),
+                            pin_memory=self.device.type == "cuda", persistent_workers=False)
+        for x, y in loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+class _FileDataset(Dataset):
+    def __init__(self, split: Split, transform) -> None:
+        self.paths, self.labels, self.transform = split.paths, split.labels, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        return self.transform(load_rgb(self.paths[i])), self.labels[i]

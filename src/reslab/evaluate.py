@@ -1,0 +1,148 @@
+"""Evaluation on an image folder (or CIFAR-10, digits) and prediction on image files.
+
+Classes are matched by *name* between the model and the data: a test folder holding some of the classes, in any
+order, is scored correctly (the seed matched by folder index, which silently mislabels such folders).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import load_model
+from .data import BatchTransform, Batches, DataError, fit_square, load_rgb, load_split, match_classes, store_size
+from .data.folder import IMAGE_EXTENSIONS
+from .runtime import autocast, resolve_device, resolve_precision, set_threads
+
+
+@torch.no_grad()
+def evaluate_batches(model: nn.Module, batches: Batches, device: torch.device, precision: str,
+                     num_classes: int) -> dict[str, Any]:
+    """Mean loss, top-1/top-5 accuracy and the confusion matrix (rows: true class, columns: predicted)."""
+    model.eval()
+    loss_sum, correct, correct5, n = 0.0, 0, 0, 0
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    for x, y in batches.epoch(0):
+        with autocast(device, precision):
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        pred = logits.argmax(1)
+        correct += (pred == y).sum().item()
+        k = min(5, num_classes)
+        correct5 += (logits.topk(k, 1).indices == y[:, None]).any(1).sum().item()
+        confusion += torch.bincount(y * num_classes + pred, minlength=num_classes**2).view(num_classes, -1)
+        n += len(y)
+    return {"loss": loss_sum / n, "accuracy": correct / n, "top5": correct5 / n if num_classes >= 5 else None,
+            "n": n, "confusion": confusion.cpu()}
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _load(model: str | Path | nn.Module, arch: str | None, device: torch.device):
+    if isinstance(model, nn.Module):
+        raise TypeError("pass a model file or run directory (its metadata says how to feed it)")
+    return load_model(model, arch=arch, device=device)
+
+
+def evaluate(model: str | Path, data: str, *, split: str = "test", arch: str | None = None, device: str = "auto",
+             precision: str = "auto", batch_size: int = 256, samples: int | None = None,
+             data_dir: str | None = None) -> dict[str, Any]:
+    """Accuracy of a saved model on a split of ``data``.
+
+    Args:
+        model: run directory, ``model.safetensors``, ``last.pt`` or a bare state_dict (with ``arch``).
+        data: ``cifar10``, ``digits`` or an image folder holding ``split/<class>/...``.
+        split: ``test``, ``val`` or ``train``.
+        arch: architecture of a bare state_dict.
+        samples: evaluate a seeded class-balanced subset of this many images.
+
+    Returns:
+        ``accuracy`` (0-1), ``top5``, ``n``, ``loss``, ``per_class`` (name -> accuracy), ``confusion``
+        (rows: true class, columns: predicted, over the model's classes), ``classes``, ``images_per_sec``.
+    """
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    set_threads(None)
+    net, meta = _load(model, arch, dev)
+    classes = meta["classes"]
+    input_size = meta.get("input_size") or 32
+    s = load_split(data, split, store_size=store_size(meta["augment"], input_size), data_dir=data_dir)
+    if not meta["recorded_classes"]:
+        # A bare state_dict knows no class names: assume the folder's sorted class order, and say so.
+        if len(s.classes) != len(classes):
+            raise DataError(f"the model has {len(classes)} outputs but {data} has {len(s.classes)} classes; "
+                            "a bare state_dict records no class names, so they cannot be matched")
+        _log("warning: the model file records no class names; assuming the folder's sorted class order")
+        classes = s.classes
+    s = match_classes(s, classes)
+    if samples:
+        from .data import balanced_indices
+        s = s.subset(balanced_indices(s.labels, samples, seed=0))
+    transform = BatchTransform(meta["augment"], False, input_size, tuple(meta["mean"]), tuple(meta["std"]))
+    batches = Batches(s, transform, batch_size, shuffle=False, drop_last=False, seed=0, device=dev)
+    t0 = time.perf_counter()
+    r = evaluate_batches(net, batches, dev, prec, len(classes))
+    seconds = time.perf_counter() - t0
+    conf = r["confusion"]
+    present = sorted(set(s.labels.tolist()))
+    per_class = {classes[c]: conf[c, c].item() / conf[c].sum().item() for c in present}
+    return {"accuracy": r["accuracy"], "top5": r["top5"], "n": r["n"], "loss": r["loss"], "per_class": per_class,
+            "confusion": conf.tolist(), "classes": classes, "images_per_sec": round(r["n"] / seconds, 1)}
+
+
+def _image_files(inputs: list[str | Path]) -> list[Path]:
+    files = []
+    for p in map(Path, inputs):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"no such file or folder: {p}")
+    if not files:
+        raise DataError(f"no image files in {', '.join(map(str, inputs))}")
+    return files
+
+
+@torch.no_grad()
+def predict(model: str | Path, inputs: list[str | Path], *, topk: int = 5, arch: str | None = None,
+            device: str = "auto", batch_size: int = 256) -> list[dict[str, Any]]:
+    """Top-``topk`` classes and probabilities for each image file (folders are searched recursively).
+
+    Returns:
+        One ``{"path": ..., "top": [{"class": ..., "prob": ...}, ...]}`` per image, in input order.
+    """
+    dev = resolve_device(device)
+    set_threads(None)
+    net, meta = _load(model, arch, dev)
+    classes, input_size = meta["classes"], meta.get("input_size") or 32
+    transform = BatchTransform(meta["augment"], False, input_size, tuple(meta["mean"]), tuple(meta["std"]))
+    keep = store_size(meta["augment"], input_size)
+    results = []
+    files = _image_files(inputs)
+    for i in range(0, len(files), batch_size):
+        chunk = files[i:i + batch_size]
+        xs = []
+        for f in chunk:
+            try:
+                im = load_rgb(f)
+            except Exception as exc:
+                raise DataError(f"cannot read image {f}: {exc}") from None
+            im = fit_square(im, keep or min(im.size))  # seed: the centre square; its resize does the rest
+            xs.append(transform(torch.from_numpy(np.array(im, dtype=np.uint8)).unsqueeze(0).to(dev)))
+        probs = net(torch.cat(xs)).float().softmax(1)
+        top = probs.topk(min(topk, len(classes)), 1)
+        for f, p, c in zip(chunk, top.values.tolist(), top.indices.tolist()):
+            results.append({"path": str(f), "top": [{"class": classes[j], "prob": round(q, 6)}
+                                                    for q, j in zip(p, c)]})
+    return results
