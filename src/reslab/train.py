@@ -130,7 +130,7 @@ def setup(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> Run:
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     meta = {"arch": cfg.arch, "model_kwargs": cfg.model_kwargs, "classes": data.classes,
             "input_size": cfg.input_size, "augment": cfg.augment, "mean": list(data.mean), "std": list(data.std),
-            "family": info.family, "reslab_version": __version__, "torch_version": torch.__version__}
+            "family": info.family, "reslab_version": __version__, "torch_version": str(torch.__version__)}
     return Run(cfg, out, device, precision, data, train_batches, eval_batches, model, optimizer, scaler,
                total_steps, meta, start_step)
 
