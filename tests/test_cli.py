@@ -69,3 +69,19 @@ def test_console_script_entry_point():
     script = Path(sys.executable).parent / "reslab"  # installed beside the interpreter running the tests
     out = subprocess.run([str(script), "summary", "resnet20"], capture_output=True, text=True)
     assert out.returncode == 0 and "269,722" in out.stdout
+
+
+def test_bench_json_reports_the_whole_step_and_the_roof(cli, folder):
+    code, out, err = cli("bench", "--preset", "paper", "--arch", "resnet20", "--batch-size", "8", "--steps", "2",
+                         "--warmup", "1", "--data", folder, "--baseline", "--json", "--precision", "fp32")
+    assert code == 0, err
+    r = json.loads(out)
+    for key in ("images_per_sec", "baseline_images_per_sec", "speedup", "gflops_per_sec", "roof_gflops_per_sec",
+                "roof_fraction", "device", "threads", "precision", "batch_size", "eval_images_per_sec"):
+        assert key in r
+    assert r["images_per_sec"] > 0 and r["baseline_images_per_sec"] > 0 and r["precision"] == "fp32"
+    assert r["speedup"] == pytest.approx(r["images_per_sec"] / r["baseline_images_per_sec"], abs=0.02)
+    assert r["gflops_per_sec"] == pytest.approx(6 * r["macs"] * r["images_per_sec"] / 1e9, abs=0.2)
+    assert r["roof_fraction"] == pytest.approx(r["gflops_per_sec"] / r["roof_gflops_per_sec"], abs=0.002)
+    code, _, err = cli("bench", "--baseline")
+    assert code != 0 and "--data" in err

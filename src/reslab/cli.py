@@ -133,12 +133,74 @@ def predict_cmd(model: str, inputs: list[str], topk: int = 5, arch: Optional[str
             print(r["path"] + "  " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"]))
 
 
+def bench_cmd(arch: Optional[str] = None, preset: str = "seed", data: Optional[str] = None, batch_size: int = 128,
+              steps: int = 20, warmup: int = 3, baseline: bool = False, device: str = "auto",
+              precision: str = "auto", channels_last: Optional[bool] = None, compile: bool = False,
+              threads: Optional[int] = None, json: bool = False) -> None:
+    """Training images/s of the whole step, achieved GFLOP/s against a measured GEMM roof, and the seed's pipeline.
+
+    Args:
+        arch: model name (default: the preset's model).
+        preset: training preset whose augmentation and model settings are used: seed or paper.
+        data: image folder to read real images from (required with --baseline); random images otherwise.
+        batch_size: images per step.
+        steps: timed steps, after the warm-up.
+        warmup: untimed steps first.
+        baseline: also time the seed's pipeline (PIL per image in a DataLoader, fp32, NCHW, eager) on --data.
+        device: auto, cpu, cuda or cuda:N.
+        precision: auto, fp32, bf16 or fp16.
+        channels_last: channels-last memory format (default: by device and precision).
+        compile: torch.compile the model.
+        threads: CPU threads (default: the usable cores).
+        json: print one JSON object on stdout.
+    """
+    from .bench import bench
+
+    r = bench(arch=arch, preset=preset, data=data, batch_size=batch_size, steps=steps, warmup=warmup,
+              baseline=baseline, device=device, precision=precision, channels_last=channels_last, compile=compile,
+              threads=threads)
+    if json:
+        _print_json(r)
+        return
+    print(f"{r['arch']} ({r['preset']} preset, {r['input_size']} px) on {r['device']}, {r['threads']} threads, "
+          f"{r['precision']}, channels_last={r['channels_last']}, compile={r['compile']}, batch {r['batch_size']}")
+    print(f"  train        {r['images_per_sec']:10.1f} img/s   (data -> augmentation -> forward -> backward -> "
+          f"update, {r['steps']} steps)")
+    print(f"  eval         {r['eval_images_per_sec']:10.1f} img/s")
+    print(f"  compute      {r['gflops_per_sec']:10.1f} GFLOP/s = {r['roof_fraction']:.0%} of the measured "
+          f"{r['precision']} GEMM roof ({r['roof_gflops_per_sec']:.0f} GFLOP/s); {r['macs'] / 1e6:.1f} M MACs/image")
+    if "speedup" in r:
+        print(f"  seed pipeline {r['baseline_images_per_sec']:9.1f} img/s   -> speedup {r['speedup']:.2f}x")
+
+
+def compare_cmd(config: TrainConfig, archs: Optional[str] = None, schedules: Optional[str] = None,
+                preset: Optional[str] = None, compare_out: str = "runs/compare") -> None:
+    from .compare import compare
+
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else []  # noqa: E731
+    summary = compare(config, archs=split(archs), schedules=split(schedules), out=compare_out)
+    print(f"{'run':<12}{'depth':>6}{'test err %':>12}{'train err %':>13}{'wall s':>9}")
+    for r in summary["runs"]:
+        print(f"{r['name']:<12}{r['depth']:>6}{100 * (r['final_test_error'] or 0):>12.2f}"
+              f"{100 * (r['final_train_error'] or 0):>13.2f}{r['wall_seconds']:>9.0f}")
+    print(f"report: {compare_out}/report.md")
+
+
+def plot_cmd(runs: list[str], out: str = "curves.png", metric: str = "error") -> None:
+    from .plots import plot_runs
+
+    print(plot_runs(runs, out, metric=metric))
+
+
 COMMANDS: dict[str, Callable[..., None]] = {
     "models": models_cmd,
     "summary": summary_cmd,
     "train": train_cmd,
     "eval": eval_cmd,
     "predict": predict_cmd,
+    "bench": bench_cmd,
+    "compare": compare_cmd,
+    "plot": plot_cmd,
 }
 
 
@@ -151,6 +213,24 @@ def _train_parser(preset: str | None) -> ArgumentParser:
     p.add_class_arguments(TrainConfig, nested_key=None)
     if preset:
         p.set_defaults(PRESETS[preset])
+    return p
+
+
+def _compare_parser(preset: str | None) -> ArgumentParser:
+    p = _train_parser(preset)
+    p.description = ("Train several models (or schedules) with one recipe into OUT/<name>/, then write "
+                     "report.md, summary.json and figures.")
+    p.add_argument("--archs", type=Optional[str], help="models to compare, e.g. plain20,resnet20,plain56,resnet56")
+    p.add_argument("--schedules", type=Optional[str], help="schedules to compare on --arch, e.g. step,constant")
+    return p
+
+
+def _plot_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Draw curves from run directories' metrics.jsonl.")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--out", type=str, default="curves.png", help="PNG file to write")
+    p.add_argument("--metric", type=str, default="error", choices=["error", "loss", "lr"],
+                   help="error: train (dashed) and test (bold) error; loss: training loss; lr: learning rate")
     return p
 
 
@@ -173,8 +253,12 @@ def build_parser(preset: str | None = None) -> ArgumentParser:
     for name, fn in COMMANDS.items():
         if name == "train":
             p = _train_parser(preset)
+        elif name == "compare":
+            p = _compare_parser(preset)
         elif name == "predict":
             p = _predict_parser()
+        elif name == "plot":
+            p = _plot_parser()
         else:
             p = ArgumentParser(description=(fn.__doc__ or "").split("\n")[0])
             # The first parameter is positional (``reslab summary ARCH``, ``reslab eval MODEL``); the rest are flags.
@@ -253,6 +337,11 @@ def main(argv: list[str] | None = None) -> int:
         if command == "train":
             special = {k: args.pop(k, None) for k in ("preset", "resume")}
             COMMANDS[command](TrainConfig(**args), **special)
+        elif command == "compare":
+            special = {k: args.pop(k, None) for k in ("preset", "resume", "archs", "schedules")}
+            special.pop("resume")
+            out = args.pop("out", None) or "runs/compare"  # --out names the comparison directory
+            COMMANDS[command](TrainConfig(**args), compare_out=out, **special)
         else:
             COMMANDS[command](**args)
     except BrokenPipeError:  # `reslab ... | head` closed the pipe: not an error

@@ -41,6 +41,95 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], out: str | Pa
     fig.colorbar(im, ax=ax, label="share of the true class")
     ax.set_title(f"confusion matrix (accuracy {np.trace(m) / max(m.sum(), 1):.1%}, n={int(m.sum())})")
     fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_runs(runs: list[str | Path], out: str | Path, metric: str = "error", labels: list[str] | None = None,
+              split_plain: bool = False) -> Path:
+    """Curves of runs' ``metrics.jsonl`` against epochs, in the style of He et al. Fig. 6.
+
+    Args:
+        runs: run directories.
+        out: PNG file to write.
+        metric: ``error`` (training error thin, test error bold, in %), ``loss`` (training loss, log scale) or
+            ``lr`` (learning rate, log scale).
+        labels: legend names (default: the run directory names).
+        split_plain: put plain nets in a left panel and residual nets in a right one (Fig. 6).
+    """
+    from .compare import read_metrics
+
+    plt = _pyplot()
+    labels = labels or [Path(r).name for r in runs]
+    data = [(label, read_metrics(r), _is_plain(r)) for label, r in zip(labels, runs)]
+    panels = [("plain networks", [d for d in data if d[2]]), ("residual networks", [d for d in data if not d[2]])]
+    panels = [p for p in panels if p[1]] if split_plain else [("", data)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.6), sharey=True, squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (title, items) in zip(axes[0], panels):
+        for i, (label, rows, _) in enumerate(items):
+            if not rows:
+                continue
+            c = colours[i % len(colours)]
+            epochs = [r["epoch"] for r in rows]
+            if metric == "error":
+                ax.plot(epochs, [100 * (1 - r["train_acc"]) for r in rows], color=c, lw=0.9, ls="--",
+                        label=f"{label} train")
+                test = [(r["epoch"], 100 * (1 - r["test_acc"])) for r in rows if "test_acc" in r]
+                if test:
+                    ax.plot(*zip(*test), color=c, lw=2.4, label=f"{label} test")
+                ax.set_ylabel("error (%)")
+            else:
+                key = "train_loss" if metric == "loss" else "lr"
+                ax.plot(epochs, [r[key] for r in rows], color=c, lw=1.8, marker="o", ms=3, label=label)
+                ax.set_yscale("log")
+                ax.set_ylabel("training loss (cross-entropy, log scale)" if metric == "loss"
+                              else "learning rate (log scale)")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        if title:
+            ax.set_title(title)
+    if metric == "error":
+        fig.suptitle("training error (dashed) and test error (bold)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_depth(rows: list[dict], out: str | Path) -> Path:
+    """Final training and test error against depth, plain and residual nets as two lines."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    for residual, colour, name in ((False, "tab:red", "plain"), (True, "tab:blue", "ResNet")):
+        pts = sorted((r["depth"], r) for r in rows if r["residual"] == residual and r["final_test_error"] is not None)
+        if not pts:
+            continue
+        depths = [d for d, _ in pts]
+        ax.plot(depths, [100 * r["final_train_error"] for _, r in pts], color=colour, ls="--", marker="o",
+                label=f"{name} train")
+        ax.plot(depths, [100 * r["final_test_error"] for _, r in pts], color=colour, lw=2.4, marker="s",
+                label=f"{name} test")
+    ax.set_xlabel("depth (weighted layers)")
+    ax.set_ylabel("final error (%)")
+    ax.set_title("error against depth")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def _is_plain(run: str | Path) -> bool:
+    import yaml
+
+    from .models import model_info
+
+    cfg = Path(run) / "config.yaml"
+    if not cfg.is_file():
+        return False
+    return not model_info(yaml.safe_load(cfg.read_text())["arch"]).residual
+
+
+def _save(fig, out: str | Path) -> Path:
+    plt = _pyplot()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

@@ -1,0 +1,131 @@
+"""``reslab compare``: train several models (or schedules) with one recipe, then report and plot them side by side.
+
+This is the experiment of He et al. 2015, Fig. 6: plain nets get *worse* with depth (the degradation problem),
+residual nets do not; and the seed's comparison of training with and without the StepLR decay.
+Each run is an ordinary run directory ``OUT/<name>/``; finished runs are reused and interrupted ones resumed, so an
+interrupted comparison continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import CHECKPOINT_FILE, MODEL_FILE
+from .config import TrainConfig
+from .models import count_macs, count_params, create_model, model_info
+
+def read_metrics(run: str | Path) -> list[dict[str, Any]]:
+    """The per-epoch lines of a run's ``metrics.jsonl`` (the last line per epoch, if a resume repeated one)."""
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    by_epoch = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            by_epoch[row["epoch"]] = row
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def _variants(base: TrainConfig, archs: list[str], schedules: list[str]) -> dict[str, TrainConfig]:
+    if archs and schedules:
+        raise ValueError("give --archs or --schedules, not both")
+    if schedules:
+        return {s: dataclasses.replace(base, schedule=s) for s in schedules}
+    if not archs:
+        raise ValueError("give --archs (e.g. plain20,resnet20,plain56,resnet56) or --schedules (e.g. step,constant)")
+    for a in archs:
+        model_info(a)  # unknown names fail before anything trains
+    return {a: dataclasses.replace(base, arch=a) for a in archs}
+
+
+def _summary_row(name: str, cfg: TrainConfig, run: Path) -> dict[str, Any]:
+    rows = read_metrics(run)
+    info = model_info(cfg.arch)
+    model = create_model(cfg.arch, num_classes=10, **cfg.model_kwargs)
+    test = [r["test_acc"] for r in rows if "test_acc" in r]
+    last = rows[-1] if rows else {}
+    return {"name": name, "arch": cfg.arch, "schedule": cfg.schedule, "residual": info.residual,
+            "depth": info.depth, "params": count_params(model), "macs": count_macs(model, cfg.input_size),
+            "epochs": last.get("epoch"), "steps": last.get("step"),
+            "final_test_error": 1 - test[-1] if test else None, "best_test_error": 1 - max(test) if test else None,
+            "final_train_error": 1 - last["train_acc"] if last else None,
+            "final_train_loss": last.get("train_loss"), "wall_seconds": round(sum(r["seconds"] for r in rows), 1),
+            "run": str(run)}
+
+
+def compare(config: TrainConfig, *, archs: list[str] | None = None, schedules: list[str] | None = None,
+            out: str | Path = "runs/compare", plots: bool = True) -> dict[str, Any]:
+    """Train every variant with the same recipe and seed into ``out/<name>/``, then write the report.
+
+    Args:
+        config: the shared recipe (its ``arch`` is the model for a schedule comparison).
+        archs: model names to compare (e.g. ``["plain20", "resnet20", "plain56", "resnet56"]``).
+        schedules: schedule names to compare on ``config.arch`` (e.g. ``["step", "constant"]``).
+        out: the comparison directory.
+        plots: draw the PNG figures (needs matplotlib).
+
+    Returns:
+        The summary: one row per run (also written to ``out/summary.json`` and ``out/report.md``).
+    """
+    from .train import train
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    variants = _variants(config, archs or [], schedules or [])
+    for name, cfg in variants.items():
+        run = out / name
+        if (run / MODEL_FILE).is_file():
+            print(f"compare: {name}: finished run found in {run}, reused", flush=True)
+        elif (run / CHECKPOINT_FILE).is_file():
+            print(f"compare: {name}: resuming the interrupted run in {run}", flush=True)
+            train(resume=str(run))
+        else:
+            print(f"compare: {name}: training into {run}", flush=True)
+            train(dataclasses.replace(cfg, out=str(run)))
+    rows = [_summary_row(name, cfg, out / name) for name, cfg in variants.items()]
+    summary = {"kind": "schedules" if schedules else "archs", "runs": rows,
+               "recipe": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("arch", "out")}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    figures = []
+    if plots:
+        from .plots import plot_depth, plot_runs
+
+        if schedules:
+            figures.append(plot_runs([out / n for n in variants], out / "loss.png", metric="loss",
+                                     labels=list(variants)))
+        else:
+            figures.append(plot_runs([out / n for n in variants], out / "curves.png", metric="error",
+                                     labels=list(variants), split_plain=True))
+            figures.append(plot_depth(rows, out / "depth.png"))
+    (out / "report.md").write_text(_report(summary, [f.name for f in figures]))
+    return summary
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
+def _report(summary: dict[str, Any], figures: list[str]) -> str:
+    recipe = summary["recipe"]
+    lines = ["# reslab comparison", "",
+             f"Recipe: data `{recipe['data']}`, train samples {recipe['train_samples'] or 'all'}, "
+             f"augment `{recipe['augment']}`, batch {recipe['batch_size']}, lr {recipe['lr']}, "
+             f"schedule `{recipe['schedule']}`, epochs {recipe['epochs']}, steps {recipe['steps']}, "
+             f"seed {recipe['seed']}.", "",
+             "| run | depth | params | MACs | final test err % | best test err % | final train err % | "
+             "final train loss | wall s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in summary["runs"]:
+        loss = "-" if r["final_train_loss"] is None else f"{r['final_train_loss']:.4f}"
+        lines.append(f"| {r['name']} | {r['depth']} | {r['params'] / 1e6:.2f}M | {r['macs'] / 1e6:.1f}M | "
+                     f"{_pct(r['final_test_error'])} | {_pct(r['best_test_error'])} | "
+                     f"{_pct(r['final_train_error'])} | {loss} | {r['wall_seconds']} |")
+    lines += ["", "Best test error is the minimum over epochs and is shown for reference only: choosing an epoch "
+              "on the test set is model selection on the test set. Training error is measured on the augmented "
+              "training batches during each epoch, as in He et al. Fig. 6.", ""]
+    lines += [f"![{f}]({f})" for f in figures]
+    return "\n".join(lines) + "\n"
