@@ -99,14 +99,22 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: the file is empty")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise UserError(f"{path}: refused to load: the file holds objects other than weights, which could run "
-                        f"code ({str(exc).splitlines()[0][:200]})") from None
+        if "Weights only load failed" in str(exc):
+            unsupported = next((ln.strip() for ln in str(exc).splitlines() if "Unsupported" in ln), "")
+            raise UserError(f"{path}: refused to load: the file holds objects other than weights, which could run "
+                            f"code ({unsupported[:160]})") from None
+        raise UserError(f"{path}: not a readable checkpoint: {_first_line(exc)}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt?): "
-                        f"{str(exc).splitlines()[0][:200]}") from None
+        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt?): {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -117,7 +125,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
             meta = json.loads((f.metadata() or {}).get("reslab", "{}"))
             return {k: f.get_tensor(k) for k in f.keys()}, meta
     except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{path}: not a readable safetensors file: {str(exc).splitlines()[0][:200]}") from None
+        raise UserError(f"{path}: not a readable safetensors file: {_first_line(exc)}") from None
 
 
 def resolve_model_path(path: str | Path) -> Path:

@@ -344,6 +344,11 @@ def main(argv: list[str] | None = None) -> int:
             COMMANDS[command](TrainConfig(**args), compare_out=out, **special)
         else:
             COMMANDS[command](**args)
+    except UserError as exc:
+        if debug:
+            raise
+        print(f"reslab: {'' if type(exc).__name__ == 'Interrupted' else 'error: '}{exc}", file=sys.stderr)
+        return 130 if type(exc).__name__ == "Interrupted" else 1
     except BrokenPipeError:  # `reslab ... | head` closed the pipe: not an error
         sys.stderr.close()
         return 0

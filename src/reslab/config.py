@@ -100,6 +100,10 @@ class TrainConfig:
     """Seed of the initialisation, data order and augmentation."""
     out: Optional[str] = None
     """Run directory (default: runs/<arch>-<date>-<time>)."""
+    checkpoint_every: int = 0
+    """Also write last.pt every this many steps (0: only at the end of each epoch)."""
+    strict: bool = False
+    """Stop at the first unreadable image instead of skipping bad files with a warning."""
     eval_every: int = 1
     """Evaluate on the test (and validation) set every this many epochs; the last epoch always is."""
     log_every: int = 100
@@ -115,8 +119,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        if self.val_split < 0 or self.workers < 0 or self.weight_decay < 0 or self.warmup < 0:
-            raise ValueError("--val-split, --workers, --weight-decay and --warmup must not be negative")
+        if self.val_split < 0 or self.workers < 0 or self.checkpoint_every < 0 or self.weight_decay < 0 or self.warmup < 0:
+            raise ValueError("--val-split, --workers, --checkpoint-every, --weight-decay and --warmup must not be "
+                             "negative")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.schedule == "multistep" and not self.milestones:

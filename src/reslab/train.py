@@ -6,8 +6,11 @@ A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -92,11 +95,14 @@ def setup(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> Run:
     precision = resolve_precision(cfg.precision, device)
     set_threads(cfg.threads)
     info = model_info(cfg.arch)  # fails early on an unknown name
+    out = Path(cfg.out or f"runs/{cfg.arch}-{datetime.now():%Y%m%d-%H%M%S}")
+    if resume is None and ((out / CHECKPOINT_FILE).exists() or (out / MODEL_FILE).exists()):
+        raise UserError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out")
     torch.manual_seed(cfg.seed)
 
     data = load_data(cfg.data, augment=cfg.augment, input_size=cfg.input_size, data_dir=cfg.data_dir,
                      loader=cfg.loader, train_samples=cfg.train_samples, test_samples=cfg.test_samples,
-                     val_split=cfg.val_split, seed=cfg.seed)
+                     val_split=cfg.val_split, seed=cfg.seed, strict=cfg.strict)
     make = lambda train: BatchTransform(cfg.augment, train, cfg.input_size, data.mean, data.std)  # noqa: E731
     train_batches = Batches(data.train, make(True), cfg.batch_size, shuffle=cfg.shuffle, drop_last=cfg.drop_last,
                             seed=cfg.seed, device=device, workers=cfg.workers)
@@ -124,7 +130,6 @@ def setup(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> Run:
     if cfg.compile:
         model = torch.compile(model)
 
-    out = Path(cfg.out or f"runs/{cfg.arch}-{datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
     cfg.out = str(out)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -133,6 +138,15 @@ def setup(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> Run:
             "family": info.family, "reslab_version": __version__, "torch_version": str(torch.__version__)}
     return Run(cfg, out, device, precision, data, train_batches, eval_batches, model, optimizer, scaler,
                total_steps, meta, start_step)
+
+
+def save_resume_point(run: Run, step: int) -> None:
+    """Write ``last.pt``, unless the weights went non-finite: a checkpoint is only ever a good one."""
+    params = unwrap_model(run.model).parameters()
+    if not all(torch.isfinite(p).all() for p in params):
+        raise UserError(f"the weights became non-finite at step {step}; try a lower --lr (the last good "
+                        f"checkpoint is {run.out / CHECKPOINT_FILE})")
+    save_checkpoint(run.out / CHECKPOINT_FILE, checkpoint_state(run, step))
 
 
 def checkpoint_state(run: Run, step: int) -> dict[str, Any]:
@@ -146,60 +160,93 @@ def checkpoint_state(run: Run, step: int) -> dict[str, Any]:
 
 # --- the loop ---------------------------------------------------------------------------------------------------------
 
+class Interrupted(UserError):
+    """SIGINT/SIGTERM arrived: the current step finished and a checkpoint was saved."""
+
+
+@contextlib.contextmanager
+def _stop_requests():
+    """Turn SIGINT/SIGTERM into a flag the loop checks after each step (only in the main thread)."""
+    flag = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    def handler(signum, _frame):
+        flag["signal"] = signal.Signals(signum).name
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def fit(run: Run) -> dict[str, Any]:
     """Train for ``run.total_steps`` optimizer steps, evaluating and checkpointing at every epoch's end."""
+    progress = Progress(run.total_steps, every=run.cfg.log_every, start=run.start_step)
+    step, last = run.start_step, {}
+    with _stop_requests() as stop:
+        while step < run.total_steps:
+            step, last = _epoch(run, step, progress, stop)
+    progress.close()
+    save_model(run.out / MODEL_FILE, run.model, run.meta)
+    return {"out": str(run.out), **last}
+
+
+def _epoch(run: Run, step: int, progress: Progress, stop: dict) -> tuple[int, dict]:
+    """Train from ``step`` to the end of its epoch (or the run); evaluate, log and checkpoint. Returns the new step."""
     cfg, model, opt = run.cfg, run.model, run.optimizer
     spe, total = len(run.train_batches), run.total_steps
-    progress = Progress(total, every=cfg.log_every, start=run.start_step)
-    metrics_file = run.out / "metrics.jsonl"
-    step, last = run.start_step, {}
-    while step < total:
-        epoch, first = divmod(step, spe)
-        model.train()
-        t0, seen = time.perf_counter(), 0
-        loss_sum = torch.zeros((), device=run.device)  # summed on the device: no sync per step
-        correct = torch.zeros((), device=run.device, dtype=torch.long)
-        for x, y in run.train_batches.epoch(epoch, start=first):
-            lr = lr_at(step, cfg, spe, total)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            with autocast(run.device, run.precision):
-                logits = model(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            if run.scaler is not None:  # fp16: scale the loss so small gradients do not underflow
-                run.scaler.scale(loss).backward()
-                run.scaler.step(opt)
-                run.scaler.update()
-            else:
-                loss.backward()
-                opt.step()
-            loss_sum += loss.detach().float() * len(y)
-            correct += (logits.argmax(1) == y).sum()
-            seen += len(y)
-            step += 1
-            progress.update(step, loss, lr, seen / (time.perf_counter() - t0))
-            if step >= total:
-                break
-        seconds = time.perf_counter() - t0
-        train_loss = loss_sum.item() / max(1, seen)
-        if not math.isfinite(train_loss):
-            raise UserError(f"the loss became {train_loss} in epoch {epoch + 1} (step {step}); "
-                            f"try a lower --lr (now {cfg.lr})")
-        last = {"epoch": epoch + 1, "step": step, "train_loss": train_loss,
-                "train_acc": correct.item() / max(1, seen), "lr": lr, "seconds": round(seconds, 3),
-                "images_per_sec": round(seen / seconds, 1)}
-        if (epoch + 1) % cfg.eval_every == 0 or step >= total:
-            for name, batches in run.eval_batches.items():
-                r = evaluate_batches(model, batches, run.device, run.precision, len(run.data.classes))
-                last.update({f"{name}_loss": r["loss"], f"{name}_acc": r["accuracy"]})
-        with open(metrics_file, "a") as f:
-            f.write(json.dumps(last) + "\n")
-        progress.epoch_done(last)
-        save_checkpoint(run.out / CHECKPOINT_FILE, checkpoint_state(run, step))
-    progress.close()
-    save_model(run.out / MODEL_FILE, model, run.meta)
-    return {"out": str(run.out), **last}
+    epoch, first = divmod(step, spe)
+    model.train()
+    t0, seen = time.perf_counter(), 0
+    loss_sum = torch.zeros((), device=run.device)  # summed on the device: no sync per step
+    correct = torch.zeros((), device=run.device, dtype=torch.long)
+    for x, y in run.train_batches.epoch(epoch, start=first):
+        lr = lr_at(step, cfg, spe, total)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with autocast(run.device, run.precision):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        if not torch.isfinite(loss.detach()):  # stop before a bad step reaches the weights or a checkpoint
+            raise UserError(f"the loss became {loss.item()} at step {step + 1} (epoch {epoch + 1}, lr {lr:.3g}); "
+                            f"try a lower --lr; the last good checkpoint is {run.out / CHECKPOINT_FILE}")
+        opt.zero_grad(set_to_none=True)
+        if run.scaler is not None:  # fp16: scale the loss so small gradients do not underflow
+            run.scaler.scale(loss).backward()
+            run.scaler.step(opt)
+            run.scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        loss_sum += loss.detach().float() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        step += 1
+        progress.update(step, loss, lr, seen / (time.perf_counter() - t0))
+        if stop["signal"] or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            save_resume_point(run, step)
+        if stop["signal"]:
+            progress.close()
+            raise Interrupted(f"{stop['signal']} received: stopped after step {step} and saved "
+                              f"{run.out / CHECKPOINT_FILE}; continue with: reslab train --resume {run.out}")
+        if step >= total:
+            break
+    seconds = time.perf_counter() - t0
+    train_loss = loss_sum.item() / max(1, seen)
+    last = {"epoch": epoch + 1, "step": step, "train_loss": train_loss,
+            "train_acc": correct.item() / max(1, seen), "lr": lr, "seconds": round(seconds, 3),
+            "images_per_sec": round(seen / seconds, 1)}
+    if (epoch + 1) % cfg.eval_every == 0 or step >= total:
+        for name, batches in run.eval_batches.items():
+            r = evaluate_batches(model, batches, run.device, run.precision, len(run.data.classes))
+            last.update({f"{name}_loss": r["loss"], f"{name}_acc": r["accuracy"]})
+    with open(run.out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(last) + "\n")
+    progress.epoch_done(last)
+    save_resume_point(run, step)
+    return step, last
 
 
 def train(config: TrainConfig | None = None, *, preset: str | None = None, resume: str | None = None,

@@ -78,7 +78,10 @@ def fit_square(im: Image.Image, size: int) -> Image.Image:
 def _decode_one(args: tuple[str, int | None]) -> np.ndarray | str:
     path, size = args
     try:
-        im = load_rgb(path)
+        with warnings.catch_warnings():
+            # Between 1x and 2x MAX_IMAGE_PIXELS PIL only warns: treat that as the decompression bomb it may be.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = load_rgb(path)
         if size is not None:
             im = fit_square(im, size)
         return np.asarray(im, dtype=np.uint8)
@@ -119,7 +122,12 @@ def decode_images(paths: list[Path], size: int | None, *, workers: int | None = 
             with np.load(cache_file) as z:
                 images, kept = z["images"], z["kept"]
             if images.ndim == 4 and len(images) == len(kept) and images.shape[-1] == 3:
+                if strict and len(kept) < len(paths):
+                    first_bad = sorted(set(range(len(paths))) - set(kept.tolist()))[0]
+                    raise DataError(f"cannot read image {paths[first_bad]} (--strict)")
                 return images, kept
+        except DataError:
+            raise
         except Exception:
             pass  # a damaged cache is rebuilt below, never used
     jobs = [(str(p), size) for p in paths]
