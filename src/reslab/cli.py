@@ -192,6 +192,29 @@ def plot_cmd(runs: list[str], out: str = "curves.png", metric: str = "error") ->
     print(plot_runs(runs, out, metric=metric))
 
 
+def export_cmd(model: str, format: str = "onnx", out: Optional[str] = None, arch: Optional[str] = None,
+               json: bool = False) -> None:
+    """Export a trained model to ONNX or TorchScript (dynamic batch size) and check parity with PyTorch.
+
+    Args:
+        model: run directory, model.safetensors, last.pt, or a bare state_dict .pth (with --arch).
+        format: onnx or torchscript.
+        out: output file (default: model.onnx or model.ts beside the model).
+        arch: architecture of a bare state_dict.
+        json: print one JSON object on stdout.
+    """
+    from .export import TOLERANCE, export
+
+    r = export(model, format, out, arch=arch)
+    if json:
+        _print_json(r)
+    else:
+        print(f"wrote {r['out']} ({r['format']}, input {r['input_shape']}); parity with PyTorch: max |diff| "
+              f"{r['max_abs_diff']:.2e} {'<=' if r['ok'] else '>'} {TOLERANCE:g}: {'OK' if r['ok'] else 'FAILED'}")
+    if not r["ok"]:
+        raise UserError(f"exported model differs from PyTorch by {r['max_abs_diff']:.2e}")
+
+
 COMMANDS: dict[str, Callable[..., None]] = {
     "models": models_cmd,
     "summary": summary_cmd,
@@ -201,6 +224,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "bench": bench_cmd,
     "compare": compare_cmd,
     "plot": plot_cmd,
+    "export": export_cmd,
 }
 
 

@@ -104,6 +104,8 @@ class TrainConfig:
     """Also write last.pt every this many steps (0: only at the end of each epoch)."""
     strict: bool = False
     """Stop at the first unreadable image instead of skipping bad files with a warning."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files into the run directory (pip install 'reslab[tensorboard]')."""
     eval_every: int = 1
     """Evaluate on the test (and validation) set every this many epochs; the last epoch always is."""
     log_every: int = 100

@@ -79,6 +79,7 @@ class Run:
     total_steps: int
     meta: dict[str, Any]
     start_step: int = 0
+    tensorboard: Any = None  # a SummaryWriter with --tensorboard
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_bn_bias: bool) -> list[dict]:
@@ -136,8 +137,17 @@ def setup(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> Run:
     meta = {"arch": cfg.arch, "model_kwargs": cfg.model_kwargs, "classes": data.classes,
             "input_size": cfg.input_size, "augment": cfg.augment, "mean": list(data.mean), "std": list(data.std),
             "family": info.family, "reslab_version": __version__, "torch_version": str(torch.__version__)}
+    writer = _tensorboard_writer(out) if cfg.tensorboard else None
     return Run(cfg, out, device, precision, data, train_batches, eval_batches, model, optimizer, scaler,
-               total_steps, meta, start_step)
+               total_steps, meta, start_step, writer)
+
+
+def _tensorboard_writer(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install 'reslab[tensorboard]'") from None
+    return SummaryWriter(log_dir=str(out))
 
 
 def save_resume_point(run: Run, step: int) -> None:
@@ -189,6 +199,8 @@ def fit(run: Run) -> dict[str, Any]:
         while step < run.total_steps:
             step, last = _epoch(run, step, progress, stop)
     progress.close()
+    if run.tensorboard is not None:
+        run.tensorboard.close()
     save_model(run.out / MODEL_FILE, run.model, run.meta)
     return {"out": str(run.out), **last}
 
@@ -245,6 +257,11 @@ def _epoch(run: Run, step: int, progress: Progress, stop: dict) -> tuple[int, di
     with open(run.out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(last) + "\n")
     progress.epoch_done(last)
+    if run.tensorboard is not None:
+        for key, value in last.items():
+            if key not in ("epoch", "step"):
+                run.tensorboard.add_scalar(key, value, step)
+        run.tensorboard.flush()
     save_resume_point(run, step)
     return step, last
 
