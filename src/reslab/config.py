@@ -94,6 +94,8 @@ class TrainConfig:
     """Use the channels-last memory format (default: on, except fp32 on CPU)."""
     compile: bool = False
     """torch.compile the model (slow start; pays off on long runs)."""
+    sync_bn: bool = False
+    """Under torchrun, synchronise BatchNorm statistics across processes (SyncBatchNorm)."""
     threads: Optional[int] = None
     """CPU threads for torch (default: the cores this process may use)."""
     seed: int = 0

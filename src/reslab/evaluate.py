@@ -19,29 +19,33 @@ from torch import nn
 from .checkpoint import load_model
 from .data import BatchTransform, Batches, DataError, fit_square, load_rgb, load_split, match_classes, store_size
 from .data.folder import IMAGE_EXTENSIONS
+from .distributed import all_sum
 from .runtime import autocast, resolve_device, resolve_precision, set_threads
 
 
 @torch.no_grad()
 def evaluate_batches(model: nn.Module, batches: Batches, device: torch.device, precision: str,
                      num_classes: int) -> dict[str, Any]:
-    """Mean loss, top-1/top-5 accuracy and the confusion matrix (rows: true class, columns: predicted)."""
+    """Mean loss, top-1/top-5 accuracy and the confusion matrix (rows: true class, columns: predicted).
+
+    Under torchrun each rank scores its own shard and the sums are added over ranks: exact, nothing padded.
+    """
     model.eval()
-    loss_sum, correct, correct5, n = 0.0, 0, 0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct5 = torch.zeros((), dtype=torch.long, device=device)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     for x, y in batches.epoch(0):
         with autocast(device, precision):
             logits = model(x)
         logits = logits.float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         pred = logits.argmax(1)
-        correct += (pred == y).sum().item()
-        k = min(5, num_classes)
-        correct5 += (logits.topk(k, 1).indices == y[:, None]).any(1).sum().item()
+        correct5 += (logits.topk(min(5, num_classes), 1).indices == y[:, None]).any(1).sum()
         confusion += torch.bincount(y * num_classes + pred, minlength=num_classes**2).view(num_classes, -1)
-        n += len(y)
-    return {"loss": loss_sum / n, "accuracy": correct / n, "top5": correct5 / n if num_classes >= 5 else None,
-            "n": n, "confusion": confusion.cpu()}
+    loss_sum, correct5, confusion = all_sum(loss_sum, correct5, confusion)
+    n = confusion.sum().item()
+    return {"loss": loss_sum.item() / n, "accuracy": confusion.trace().item() / n,
+            "top5": correct5.item() / n if num_classes >= 5 else None, "n": n, "confusion": confusion.cpu()}
 
 
 def _log(msg: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from . import __version__
+from . import __version__, distributed
 from .checkpoint import CHECKPOINT_FILE, MODEL_FILE, load_checkpoint, save_checkpoint, save_model, unwrap_model
 from .config import TrainConfig, make_config
 from .data import BatchTransform, Batches, DataBundle, load_data
@@ -80,6 +81,7 @@ class Run:
     meta: dict[str, Any]
     start_step: int = 0
     tensorboard: Any = None  # a SummaryWriter with --tensorboard
+    dist: distributed.Dist = distributed.Dist()
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_bn_bias: bool) -> list[dict]:
@@ -93,6 +95,10 @@ def param_groups(model: nn.Module, weight_decay: float, decay_bn_bias: bool) -> 
 def setup(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> Run:
     """Build data, model, optimizer and run directory from ``cfg`` (and a checkpoint when resuming)."""
     device = resolve_device(cfg.device)
+    d = distributed.init(device.type)
+    if d.enabled and device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)  # one process per GPU
+        torch.cuda.set_device(device)
     precision = resolve_precision(cfg.precision, device)
     set_threads(cfg.threads)
     info = model_info(cfg.arch)  # fails early on an unknown name
@@ -106,8 +112,9 @@ def setup(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> Run:
                      val_split=cfg.val_split, seed=cfg.seed, strict=cfg.strict)
     make = lambda train: BatchTransform(cfg.augment, train, cfg.input_size, data.mean, data.std)  # noqa: E731
     train_batches = Batches(data.train, make(True), cfg.batch_size, shuffle=cfg.shuffle, drop_last=cfg.drop_last,
-                            seed=cfg.seed, device=device, workers=cfg.workers)
-    eval_batches = {name: Batches(split, make(False), max(cfg.batch_size, 256), shuffle=False, drop_last=False,
+                            seed=cfg.seed, device=device, workers=cfg.workers, rank=d.rank, world=d.world)
+    eval_batches = {name: Batches(split.subset(distributed.shard_for_eval(len(split), d)), make(False),
+                                  max(cfg.batch_size // d.world, 256), shuffle=False, drop_last=False,
                                   seed=cfg.seed, device=device, workers=cfg.workers)
                     for name, split in (("val", data.val), ("test", data.test)) if split is not None}
     steps_per_epoch = len(train_batches)
@@ -128,18 +135,20 @@ def setup(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> Run:
             scaler.load_state_dict(resume["scaler"])
         torch.set_rng_state(resume["rng"]["torch"])
         start_step = int(resume["step"])
+    model = distributed.wrap(model, d, device, cfg.sync_bn)
     if cfg.compile:
         model = torch.compile(model)
 
-    out.mkdir(parents=True, exist_ok=True)
     cfg.out = str(out)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if d.main:  # only rank 0 writes
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     meta = {"arch": cfg.arch, "model_kwargs": cfg.model_kwargs, "classes": data.classes,
             "input_size": cfg.input_size, "augment": cfg.augment, "mean": list(data.mean), "std": list(data.std),
             "family": info.family, "reslab_version": __version__, "torch_version": str(torch.__version__)}
-    writer = _tensorboard_writer(out) if cfg.tensorboard else None
+    writer = _tensorboard_writer(out) if cfg.tensorboard and d.main else None
     return Run(cfg, out, device, precision, data, train_batches, eval_batches, model, optimizer, scaler,
-               total_steps, meta, start_step, writer)
+               total_steps, meta, start_step, writer, d)
 
 
 def _tensorboard_writer(out: Path):
@@ -152,6 +161,8 @@ def _tensorboard_writer(out: Path):
 
 def save_resume_point(run: Run, step: int) -> None:
     """Write ``last.pt``, unless the weights went non-finite: a checkpoint is only ever a good one."""
+    if not run.dist.main:
+        return
     params = unwrap_model(run.model).parameters()
     if not all(torch.isfinite(p).all() for p in params):
         raise UserError(f"the weights became non-finite at step {step}; try a lower --lr (the last good "
@@ -193,7 +204,8 @@ def _stop_requests():
 
 def fit(run: Run) -> dict[str, Any]:
     """Train for ``run.total_steps`` optimizer steps, evaluating and checkpointing at every epoch's end."""
-    progress = Progress(run.total_steps, every=run.cfg.log_every, start=run.start_step)
+    progress = Progress(run.total_steps, every=run.cfg.log_every, start=run.start_step,
+                        stream=None if run.dist.main else open(os.devnull, "w"))
     step, last = run.start_step, {}
     with _stop_requests() as stop:
         while step < run.total_steps:
@@ -201,7 +213,9 @@ def fit(run: Run) -> dict[str, Any]:
     progress.close()
     if run.tensorboard is not None:
         run.tensorboard.close()
-    save_model(run.out / MODEL_FILE, run.model, run.meta)
+    if run.dist.main:
+        save_model(run.out / MODEL_FILE, run.model, run.meta)
+    distributed.barrier()  # every rank returns once the model file exists
     return {"out": str(run.out), **last}
 
 
@@ -246,16 +260,20 @@ def _epoch(run: Run, step: int, progress: Progress, stop: dict) -> tuple[int, di
         if step >= total:
             break
     seconds = time.perf_counter() - t0
-    train_loss = loss_sum.item() / max(1, seen)
-    last = {"epoch": epoch + 1, "step": step, "train_loss": train_loss,
+    loss_sum, correct, seen_all = distributed.all_sum(loss_sum, correct, torch.tensor(seen, device=run.device))
+    seen = int(seen_all.item())
+    last = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum.item() / max(1, seen),
             "train_acc": correct.item() / max(1, seen), "lr": lr, "seconds": round(seconds, 3),
             "images_per_sec": round(seen / seconds, 1)}
     if (epoch + 1) % cfg.eval_every == 0 or step >= total:
+        plain = unwrap_model(model)  # not the DDP wrapper: ranks score shards of different lengths
+        distributed.sync_buffers(plain)
         for name, batches in run.eval_batches.items():
-            r = evaluate_batches(model, batches, run.device, run.precision, len(run.data.classes))
+            r = evaluate_batches(plain, batches, run.device, run.precision, len(run.data.classes))
             last.update({f"{name}_loss": r["loss"], f"{name}_acc": r["accuracy"]})
-    with open(run.out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(last) + "\n")
+    if run.dist.main:
+        with open(run.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(last) + "\n")
     progress.epoch_done(last)
     if run.tensorboard is not None:
         for key, value in last.items():

@@ -36,8 +36,11 @@ class Batches:
     """
 
     def __init__(self, split: Split, transform: BatchTransform, batch_size: int, *, shuffle: bool, drop_last: bool,
-                 seed: int, device: torch.device, workers: int = 2) -> None:
+                 seed: int, device: torch.device, workers: int = 2, rank: int = 0, world: int = 1) -> None:
+        if batch_size % world:
+            raise ValueError(f"the global batch size {batch_size} must be divisible by the {world} processes")
         self.split, self.transform, self.batch_size = split, transform, batch_size
+        self.rank, self.world, self.local = rank, world, batch_size // world
         self.shuffle, self.drop_last, self.seed, self.device, self.workers = shuffle, drop_last, seed, device, workers
         if len(split) == 0:
             raise ValueError("empty split")
@@ -64,19 +67,24 @@ class Batches:
             yield from self._stream(epoch, order, start)
             return
         for i in range(start, len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size].to(self.images.device)
-            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, i))
+            idx = self._mine(order[i * self.batch_size:(i + 1) * self.batch_size]).to(self.images.device)
+            # Under torchrun each rank augments its own slice of the global batch with its own stream.
+            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, i, *((self.rank,) if self.world > 1 else ())))
             x = self.images[idx].to(self.device, non_blocking=True)
             yield self.transform(x, g), self.labels[idx.to(self.device)]
+
+    def _mine(self, batch: Tensor) -> Tensor:
+        """This rank's contiguous slice of a global batch (all of it in a single process)."""
+        return batch if self.world == 1 else batch[self.rank * self.local:(self.rank + 1) * self.local]
 
     def _stream(self, epoch: int, order: Tensor, start: int) -> Iterator[tuple[Tensor, Tensor]]:
         t = self.transform
         ds = _FileDataset(self.split, pil_transform(t.augment, t.train, t.input_size, t.mean, t.std))
-        end = len(self) * self.batch_size
-        indices = order[start * self.batch_size:end].tolist()
+        indices = [j for i in range(start, len(self))
+                   for j in self._mine(order[i * self.batch_size:(i + 1) * self.batch_size]).tolist()]
         # Augmentation seeds follow (seed, epoch, start): exact data order on resume, not the exact same draws.
-        loader = DataLoader(ds, batch_size=self.batch_size, sampler=indices, num_workers=self.workers,
-                            generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch, start)),
+        loader = DataLoader(ds, batch_size=self.local, sampler=indices, num_workers=self.workers,
+                            generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch, start, self.rank)),
                             pin_memory=self.device.type == "cuda", persistent_workers=False)
         for x, y in loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)

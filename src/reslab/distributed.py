@@ -1,0 +1,94 @@
+"""Distributed data parallel under ``torchrun``: driven by its environment variables, PyTorch's own DDP.
+
+``torchrun --nproc_per_node=N -m reslab train ...`` starts N processes; each reads RANK, WORLD_SIZE and LOCAL_RANK,
+joins a process group (NCCL on GPUs, gloo on CPUs) and trains its shard of every global batch. Only rank 0 writes
+files and prints. ``--batch-size`` is the *global* batch: each rank takes ``batch_size / world_size`` of it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .runtime import UserError
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process stands: rank, world size, local rank (rank 0 of 1 outside torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        """Only the main process writes files and prints progress."""
+        return self.rank == 0
+
+
+def init(device_type: str) -> Dist:
+    """Join the torchrun process group if there is one (idempotent); a single process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def all_sum(*values: torch.Tensor) -> list[torch.Tensor]:
+    """Sum tensors over all processes (a no-op without a process group); exact for integer counts."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    out = []
+    for v in values:
+        v = v.clone()
+        dist.all_reduce(v, op=dist.ReduceOp.SUM)
+        out.append(v)
+    return out
+
+
+def shard_for_eval(n: int, d: Dist) -> torch.Tensor:
+    """Indices of this rank's share of ``n`` evaluation images: ``rank, rank + world, ...``.
+
+    Shares may differ by one image; nothing is padded or repeated, so summed counts are exact.
+    """
+    return torch.arange(d.rank, n, d.world)
+
+
+def wrap(model: torch.nn.Module, d: Dist, device: torch.device, sync_bn: bool) -> torch.nn.Module:
+    """DistributedDataParallel around ``model`` (optionally with SyncBatchNorm); the model itself otherwise."""
+    if not d.enabled:
+        return model
+    if sync_bn:
+        if device.type != "cuda":
+            raise UserError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm runs on GPUs only)")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def sync_buffers(model: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics), so all ranks evaluate the model rank 0 saves."""
+    if dist.is_available() and dist.is_initialized():
+        for b in model.buffers():
+            dist.broadcast(b, src=0)
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,64 @@
+"""torchrun with gloo on loopback: 2 processes train like one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import reslab
+
+from conftest import make_folder
+
+# With --augment none both runs see the same global batches in the same order and DDP averages the gradients over
+# the global batch. What still differs is BatchNorm: each process normalises its 8 images, not all 16 (SyncBatchNorm
+# is GPU-only in PyTorch), so the runs drift apart a little. Stated tolerance: final test accuracy within 0.1.
+RECIPE = ["--arch", "resnet20", "--epochs", "3", "--batch-size", "16", "--lr", "0.02", "--precision", "fp32",
+          "--augment", "none", "--threads", "1", "--schedule", "step", "--step-size", "1", "--gamma", "0.7"]
+TOLERANCE = 0.1
+
+
+def _torchrun(*args, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "reslab", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def _metrics(run):
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_gloo_processes_match_one_process(tmp_path):
+    folder = make_folder(tmp_path / "data", per_class=24)  # 72 train images: 4 global batches of 16
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    subprocess.run([sys.executable, "-m", "reslab", "train", "--data", folder, "--out", single, *RECIPE],
+                   check=True, capture_output=True)
+    r = _torchrun("train", "--data", folder, "--out", ddp, *RECIPE)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in ddp.iterdir()) == ["config.yaml", "last.pt", "metrics.jsonl", "model.safetensors"]
+    a, b = _metrics(single), _metrics(ddp)
+    assert len(a) == len(b) == 3  # one set of files: rank 1 wrote no lines of its own
+    assert [m["step"] for m in b] == [4, 8, 12]
+    # Evaluation is sharded over the ranks and summed: every test image counted exactly once.
+    assert all(round(m["test_acc"] * 72, 6) == round(m["test_acc"] * 72) for m in b)
+    assert abs(a[-1]["test_acc"] - b[-1]["test_acc"]) <= TOLERANCE and b[-1]["test_acc"] >= 0.9
+    assert reslab.evaluate(ddp, str(folder))["accuracy"] == pytest.approx(b[-1]["test_acc"])
+    # The checkpoint holds the unwrapped model: it loads in a single process.
+    model, meta = reslab.load_model(ddp)
+    assert meta["arch"] == "resnet20" and not any(k.startswith("module.") for k in model.state_dict())
+
+
+def test_resume_under_torchrun(tmp_path):
+    folder = make_folder(tmp_path / "data", per_class=24)
+    run = tmp_path / "run"
+    r = _torchrun("train", "--data", folder, "--out", run, *RECIPE, "--steps", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    ckpt["config"]["steps"] = 6  # ask for more: the resumed run continues from step 2
+    torch.save(ckpt, run / "last.pt")
+    r = _torchrun("train", "--resume", run)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [m["step"] for m in _metrics(run)] == [2, 4, 6]  # epoch 1 stopped at 2, finished at 4; epoch 2 at 6
