@@ -228,12 +228,13 @@ COMMANDS: dict[str, Callable[..., None]] = {
 }
 
 
-def _train_parser(preset: str | None) -> ArgumentParser:
+def _train_parser(preset: str | None, resume: bool = True) -> ArgumentParser:
     p = ArgumentParser(description="Train a model; writes config.yaml, metrics.jsonl, last.pt, model.safetensors.")
     p.add_argument("--preset", type=Optional[str],
                    help=f"start from a preset ({', '.join(PRESETS)}); flags and --config override it")
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file of options (e.g. a run's config.yaml)")
-    p.add_argument("--resume", type=Optional[str], help="continue the run in this directory from its last.pt")
+    if resume:
+        p.add_argument("--resume", type=Optional[str], help="continue the run in this directory from its last.pt")
     p.add_class_arguments(TrainConfig, nested_key=None)
     if preset:
         p.set_defaults(PRESETS[preset])
@@ -241,7 +242,7 @@ def _train_parser(preset: str | None) -> ArgumentParser:
 
 
 def _compare_parser(preset: str | None) -> ArgumentParser:
-    p = _train_parser(preset)
+    p = _train_parser(preset, resume=False)
     p.description = ("Train several models (or schedules) with one recipe into OUT/<name>/, then write "
                      "report.md, summary.json and figures.")
     p.add_argument("--archs", type=Optional[str], help="models to compare, e.g. plain20,resnet20,plain56,resnet56")
@@ -362,8 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             special = {k: args.pop(k, None) for k in ("preset", "resume")}
             COMMANDS[command](TrainConfig(**args), **special)
         elif command == "compare":
-            special = {k: args.pop(k, None) for k in ("preset", "resume", "archs", "schedules")}
-            special.pop("resume")
+            special = {k: args.pop(k, None) for k in ("preset", "archs", "schedules")}
             out = args.pop("out", None) or "runs/compare"  # --out names the comparison directory
             COMMANDS[command](TrainConfig(**args), compare_out=out, **special)
         else:

@@ -1,0 +1,50 @@
+"""The README's commands, run as written (on a tiny generated folder instead of the CIFAR-10 copy)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _block(title: str) -> list[str]:
+    """The shell commands of the first ```bash block after the heading ``title``."""
+    section = README.split(f"## {title}", 1)[1]
+    body = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return [line.split("#")[0].strip() for line in body.splitlines() if line.split("#")[0].strip()]
+
+
+def test_the_tour_runs_as_written(tmp_path, folder, cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    commands = _block("Tour")
+    assert [c.split()[1] for c in commands] == ["models", "summary", "train", "eval", "predict", "bench"]
+    for command in commands:
+        command = command.replace("../shared/data/cifar10-jpeg", str(folder))
+        args = shlex.split(command)[1:]
+        if args[0] == "train":
+            args += ["--batch-size", "8", "--lr", "0.01"]  # 72 images instead of 50,000
+        if args[0] == "bench":
+            args += ["--batch-size", "8", "--steps", "2"]
+        if args[0] == "predict":
+            args[2] = str(folder / "test" / "red")  # the tiny folder has no cat
+        code, out, err = cli(*args)
+        assert code == 0, f"{command}: {err}"
+    assert (tmp_path / "runs" / "r20" / "confusion.png").stat().st_size > 1000
+
+
+def test_the_first_command_trains_evaluates_and_predicts_digits(tmp_path, cli, monkeypatch):
+    pytest.importorskip("sklearn")
+    first = README.split("```bash\n", 1)[1].splitlines()[0]
+    assert first.startswith('pip install -e ".[demo]" && reslab train --data digits')
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    for command in first.split(" && ")[1:]:
+        code, out, err = cli(*shlex.split(command)[1:])
+        assert code == 0, f"{command}: {err}"
+    assert "digit7.png" in out  # predict printed its three example images
+    assert (tmp_path / "runs" / "digits" / "model.safetensors").is_file()
