@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
 from .config import PRESETS, TrainConfig
-from .runtime import UserError
+from .runtime import Interrupted, UserError
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
@@ -368,11 +368,9 @@ def main(argv: list[str] | None = None) -> int:
             COMMANDS[command](TrainConfig(**args), compare_out=out, **special)
         else:
             COMMANDS[command](**args)
-    except UserError as exc:
-        if debug:
-            raise
-        print(f"reslab: {'' if type(exc).__name__ == 'Interrupted' else 'error: '}{exc}", file=sys.stderr)
-        return 130 if type(exc).__name__ == "Interrupted" else 1
+    except Interrupted as exc:
+        print(f"reslab: {exc}", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `reslab ... | head` closed the pipe: not an error
         sys.stderr.close()
         return 0

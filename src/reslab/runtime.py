@@ -12,6 +12,10 @@ class UserError(Exception):
     """A problem the user can fix (bad option, missing file); the CLI prints it as one line, no traceback."""
 
 
+class Interrupted(UserError):
+    """SIGINT/SIGTERM arrived: the current step finished and a checkpoint was saved (exit status 130)."""
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` picks CUDA when present (the seed hard-coded ``.cuda()``), else the CPU."""
     if name == "auto":

@@ -30,8 +30,8 @@ from .data import BatchTransform, Batches, DataBundle, load_data
 from .evaluate import evaluate_batches
 from .models import create_model, model_info
 from .progress import Progress
-from .runtime import (UserError, autocast, default_channels_last, resolve_device, resolve_precision,
-                      set_threads)
+from .runtime import (Interrupted, UserError, autocast, default_channels_last, resolve_device,
+                      resolve_precision, set_threads)
 
 
 # --- the learning rate: a pure function of the step ---------------------------------------------------------------
@@ -180,10 +180,6 @@ def checkpoint_state(run: Run, step: int) -> dict[str, Any]:
 
 
 # --- the loop ---------------------------------------------------------------------------------------------------------
-
-class Interrupted(UserError):
-    """SIGINT/SIGTERM arrived: the current step finished and a checkpoint was saved."""
-
 
 @contextlib.contextmanager
 def _stop_requests():
