@@ -22,11 +22,12 @@ def _block(title: str) -> list[str]:
 def test_the_tour_runs_as_written(tmp_path, folder, cli, monkeypatch):
     monkeypatch.chdir(tmp_path)
     commands = _block("Tour")
-    assert [c.split()[1] for c in commands] == ["models", "summary", "train", "eval", "predict", "bench"]
+    assert [c.split()[1] for c in commands] == ["models", "summary", "train", "eval", "predict", "compare", "export",
+                                                "bench"]
     for command in commands:
         command = command.replace("../shared/data/cifar10-jpeg", str(folder))
         args = shlex.split(command)[1:]
-        if args[0] == "train":
+        if args[0] in ("train", "compare"):
             args += ["--batch-size", "8", "--lr", "0.01"]  # 72 images instead of 50,000
         if args[0] == "bench":
             args += ["--batch-size", "8", "--steps", "2"]
@@ -35,6 +36,7 @@ def test_the_tour_runs_as_written(tmp_path, folder, cli, monkeypatch):
         code, out, err = cli(*args)
         assert code == 0, f"{command}: {err}"
     assert (tmp_path / "runs" / "r20" / "confusion.png").stat().st_size > 1000
+    assert (tmp_path / "runs" / "cmp" / "report.md").is_file() and (tmp_path / "runs" / "r20" / "model.onnx").is_file()
 
 
 def test_the_first_command_trains_evaluates_and_predicts_digits(tmp_path, cli, monkeypatch):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import json
 import sys
+from argparse import ArgumentError
 from typing import Any, Callable, Optional
 
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
@@ -351,7 +352,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reslab: error: unknown preset {preset!r}; known: {', '.join(PRESETS)}", file=sys.stderr)
         return 2
     parser = build_parser(preset)
-    ns = parser.parse_args(argv)
+    for p in [parser, *parser._subcommands_action._name_parser_map.values()]:
+        p.exit_on_error = False  # a bad option is one line on stderr, not a screen of usage
+    try:
+        ns = parser.parse_args(argv)
+    except ArgumentError as exc:
+        if debug:
+            raise
+        msg = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        command = next((a for a in argv if a in COMMANDS), None)
+        hint = f"reslab {command} --help" if command else "reslab --help"
+        print(f"reslab: error: {msg} (see {hint})", file=sys.stderr)
+        return 2
     command = ns.command
     args = ns[command].as_dict()
     for key in ("config", "__path__"):
