@@ -184,9 +184,8 @@ def load_model(path: str | Path, arch: str | None = None, num_classes: int | Non
         if v.shape != state[k].shape:
             raise UserError(f"{path}: {k} has shape {tuple(state[k].shape)}, {arch} expects {tuple(v.shape)}")
     model.load_state_dict(state)
-    meta = {"arch": arch, "model_kwargs": kwargs, "classes": meta.get("classes") or [str(i) for i in range(n)],
+    meta = {**meta, "arch": arch, "model_kwargs": kwargs,
+            "classes": meta.get("classes") or [str(i) for i in range(n)], "recorded_classes": bool(meta.get("classes")),
             "input_size": meta.get("input_size"), "augment": meta.get("augment", "none"),
-            "mean": meta.get("mean", [0.5] * 3), "std": meta.get("std", [0.5] * 3),
-            "recorded_classes": bool(meta.get("classes")), **{k: v for k, v in meta.items() if k not in (
-                "arch", "model_kwargs", "classes", "input_size", "augment", "mean", "std")}}
+            "mean": meta.get("mean", [0.5] * 3), "std": meta.get("std", [0.5] * 3)}
     return model.to(device).eval(), meta

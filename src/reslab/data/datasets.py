@@ -185,12 +185,12 @@ def load_split(data: str, split: str, *, store_size: int | None, data_dir: str |
     paths, names, classes = scan_folder(split_dir)
     index = {c: i for i, c in enumerate(classes)}
     labels = torch.tensor([index[n] for n in names])
-    size = store_size
+    size = side = store_size
     if size is None:
         sizes = image_sizes(paths)
         native = next(iter(sizes)) if len(sizes) == 1 else None
         size = None if native and native[0] == native[1] else 64  # mixed sizes: fit to 64 px squares
-    side = size or next(iter(image_sizes(paths, limit=1)))[0]
+        side = size or native[0]
     if loader == "stream" or (loader == "auto" and len(paths) * side * side * 3 > MEMORY_BUDGET_BYTES):
         return Split(labels, classes, paths=paths)
     images, kept = decode_images(paths, size, strict=strict)
