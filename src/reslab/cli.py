@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import json
 import sys
+import time
 from argparse import ArgumentError
 from typing import Any, Callable, Optional
 
@@ -77,17 +78,20 @@ def summary_cmd(arch: str, image_size: Optional[int] = None, num_classes: int = 
 
 
 def train_cmd(config: TrainConfig, preset: Optional[str] = None, resume: Optional[str] = None) -> None:
+    from .runtime import process_age
     from .train import train
 
+    started = time.perf_counter() - process_age()  # --time-budget counts the whole command, imports included
     if resume:
-        train(resume=resume)
+        train(resume=resume, started=started)
     else:
-        train(config)
+        train(config, started=started)
 
 
 def eval_cmd(model: str, data: str, split: str = "test", arch: Optional[str] = None, device: str = "auto",
              precision: str = "auto", batch_size: int = 256, samples: Optional[int] = None,
-             data_dir: Optional[str] = None, plot: Optional[str] = None, json: bool = False) -> None:
+             data_dir: Optional[str] = None, tta: Optional[str] = None, plot: Optional[str] = None,
+             json: bool = False) -> None:
     """Evaluate a saved model on an image folder (or cifar10, digits): accuracy, per class, confusion matrix.
 
     Args:
@@ -100,13 +104,14 @@ def eval_cmd(model: str, data: str, split: str = "test", arch: Optional[str] = N
         batch_size: images per forward pass.
         samples: evaluate a seeded, class-balanced subset of this many images.
         data_dir: where cifar10 is stored.
+        tta: test-time augmentation none, flip or flip_shift (default: as the model was trained).
         plot: also draw the confusion matrix into this PNG file.
         json: print one JSON object on stdout (progress and warnings go to stderr).
     """
     from .evaluate import evaluate
 
     r = evaluate(model, data, split=split, arch=arch, device=device, precision=precision, batch_size=batch_size,
-                 samples=samples, data_dir=data_dir)
+                 samples=samples, data_dir=data_dir, tta=tta)
     if plot:
         from .plots import plot_confusion
         plot_confusion(r["confusion"], r["classes"], plot)
@@ -175,11 +180,24 @@ def bench_cmd(arch: Optional[str] = None, preset: str = "seed", data: Optional[s
 
 
 def compare_cmd(config: TrainConfig, archs: Optional[str] = None, schedules: Optional[str] = None,
-                preset: Optional[str] = None, compare_out: str = "runs/compare") -> None:
+                budgets: Optional[str] = None, seeds: Optional[str] = None, preset: Optional[str] = None,
+                compare_out: str = "runs/compare") -> None:
     from .compare import compare
 
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else []  # noqa: E731
-    summary = compare(config, archs=split(archs), schedules=split(schedules), out=compare_out)
+    try:
+        numbers = [float(b) for b in split(budgets)], [int(s) for s in split(seeds)]
+    except ValueError:
+        raise UserError(f"--budgets takes minutes and --seeds integers, comma-separated: {budgets!r}, {seeds!r}")
+    summary = compare(config, archs=split(archs), schedules=split(schedules), budgets=numbers[0], seeds=numbers[1],
+                      out=compare_out)
+    if budgets:
+        print(f"{'budget min':>10}{'seeds':>7}{'test acc % mean':>17}{'std':>7}{'s to result':>13}")
+        for t in summary["frontier"]:
+            print(f"{t['time_budget']:>10g}{t['seeds']:>7}{100 * t['mean']:>17.2f}{100 * t['std']:>7.2f}"
+                  f"{t['mean_seconds_to_result']:>13.0f}")
+        print(f"report: {compare_out}/report.md")
+        return
     print(f"{'run':<12}{'depth':>6}{'test err %':>12}{'train err %':>13}{'wall s':>9}")
     for r in summary["runs"]:
         print(f"{r['name']:<12}{r['depth']:>6}{100 * (r['final_test_error'] or 0):>12.2f}"
@@ -248,6 +266,8 @@ def _compare_parser(preset: str | None) -> ArgumentParser:
                      "report.md, summary.json and figures.")
     p.add_argument("--archs", type=Optional[str], help="models to compare, e.g. plain20,resnet20,plain56,resnet56")
     p.add_argument("--schedules", type=Optional[str], help="schedules to compare on --arch, e.g. step,constant")
+    p.add_argument("--budgets", type=Optional[str], help="--time-budget minutes to compare, e.g. 2.5,5,10,20")
+    p.add_argument("--seeds", type=Optional[str], help="with --budgets: seeds to repeat each budget with, e.g. 0,1,2")
     return p
 
 

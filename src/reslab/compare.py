@@ -26,20 +26,36 @@ def read_metrics(run: str | Path) -> list[dict[str, Any]]:
     for line in path.read_text().splitlines():
         if line.strip():
             row = json.loads(line)
-            by_epoch[row["epoch"]] = row
+            if "epoch" in row:  # not the accuracy-marks line
+                by_epoch[row["epoch"]] = row
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def _variants(base: TrainConfig, archs: list[str], schedules: list[str]) -> dict[str, TrainConfig]:
-    if archs and schedules:
-        raise ValueError("give --archs or --schedules, not both")
+def _variants(base: TrainConfig, archs: list[str], schedules: list[str], budgets: list[float],
+              seeds: list[int]) -> dict[str, TrainConfig]:
+    if sum(map(bool, (archs, schedules, budgets))) > 1:
+        raise ValueError("give one of --archs, --schedules or --budgets")
+    if seeds and not budgets:
+        raise ValueError("--seeds goes with --budgets")
+    if budgets:
+        return {f"{b:g}min-seed{s}": dataclasses.replace(base, time_budget=b, seed=s)
+                for b in budgets for s in (seeds or [base.seed])}
     if schedules:
         return {s: dataclasses.replace(base, schedule=s) for s in schedules}
     if not archs:
-        raise ValueError("give --archs (e.g. plain20,resnet20,plain56,resnet56) or --schedules (e.g. step,constant)")
+        raise ValueError("give --archs (e.g. plain20,resnet20,plain56,resnet56), --schedules (e.g. step,constant) "
+                         "or --budgets (minutes, e.g. 2.5,5,10)")
     for a in archs:
         model_info(a)  # unknown names fail before anything trains
     return {a: dataclasses.replace(base, arch=a) for a in archs}
+
+
+def read_marks(run: str | Path) -> dict[str, Any]:
+    """The accuracy marks a run recorded (mark -> seconds, step, test_acc), or {}."""
+    path = Path(run) / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    marks = [json.loads(line)["accuracy_marks"] for line in lines if '"accuracy_marks"' in line]
+    return marks[-1] if marks else {}
 
 
 def _summary_row(name: str, cfg: TrainConfig, run: Path) -> dict[str, Any]:
@@ -54,17 +70,44 @@ def _summary_row(name: str, cfg: TrainConfig, run: Path) -> dict[str, Any]:
             "final_test_error": 1 - test[-1] if test else None, "best_test_error": 1 - max(test) if test else None,
             "final_train_error": 1 - last["train_acc"] if last else None,
             "final_train_loss": last.get("train_loss"), "wall_seconds": round(sum(r["seconds"] for r in rows), 1),
-            "run": str(run)}
+            "time_budget": cfg.time_budget, "seed": cfg.seed, "final_test_acc": test[-1] if test else None,
+            "seconds_to_result": last.get("wall_seconds"), "accuracy_marks": read_marks(run), "run": str(run)}
+
+
+def frontier(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per time budget: final test accuracy over seeds (mean, sample std, min, max) and the median time to each
+    accuracy mark among the seeds that reached it."""
+    import statistics
+
+    table = []
+    for budget in sorted({r["time_budget"] for r in rows}):
+        runs = [r for r in rows if r["time_budget"] == budget and r["final_test_acc"] is not None]
+        accs = [r["final_test_acc"] for r in runs]
+        if not accs:
+            continue
+        marks = {}
+        for mark in sorted({m for r in runs for m in r["accuracy_marks"]}, key=float):
+            times = [r["accuracy_marks"][mark]["seconds"] for r in runs
+                     if (r["accuracy_marks"].get(mark) or {}).get("seconds") is not None]
+            marks[mark] = {"reached": len(times), "median_seconds": statistics.median(times) if times else None}
+        table.append({"time_budget": budget, "seeds": len(accs), "mean": statistics.fmean(accs),
+                      "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "min": min(accs), "max": max(accs),
+                      "mean_seconds_to_result": statistics.fmean(r["seconds_to_result"] or 0 for r in runs),
+                      "marks": marks})
+    return table
 
 
 def compare(config: TrainConfig, *, archs: list[str] | None = None, schedules: list[str] | None = None,
-            out: str | Path = "runs/compare", plots: bool = True) -> dict[str, Any]:
+            budgets: list[float] | None = None, seeds: list[int] | None = None, out: str | Path = "runs/compare",
+            plots: bool = True) -> dict[str, Any]:
     """Train every variant with the same recipe and seed into ``out/<name>/``, then write the report.
 
     Args:
         config: the shared recipe (its ``arch`` is the model for a schedule comparison).
         archs: model names to compare (e.g. ``["plain20", "resnet20", "plain56", "resnet56"]``).
         schedules: schedule names to compare on ``config.arch`` (e.g. ``["step", "constant"]``).
+        budgets: ``--time-budget`` minutes to compare (e.g. ``[2.5, 5, 10]``), each with every seed of ``seeds``:
+            the accuracy-against-time frontier of a recipe such as ``--preset fast``.
         out: the comparison directory.
         plots: draw the PNG figures (needs matplotlib).
 
@@ -75,7 +118,7 @@ def compare(config: TrainConfig, *, archs: list[str] | None = None, schedules: l
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    variants = _variants(config, archs or [], schedules or [])
+    variants = _variants(config, archs or [], schedules or [], budgets or [], seeds or [])
     for name, cfg in variants.items():
         run = out / name
         if (run / MODEL_FILE).is_file():
@@ -87,14 +130,19 @@ def compare(config: TrainConfig, *, archs: list[str] | None = None, schedules: l
             print(f"compare: {name}: training into {run}", flush=True)
             train(dataclasses.replace(cfg, out=str(run)))
     rows = [_summary_row(name, cfg, out / name) for name, cfg in variants.items()]
-    summary = {"kind": "schedules" if schedules else "archs", "runs": rows,
+    kind = "budgets" if budgets else "schedules" if schedules else "archs"
+    summary = {"kind": kind, "runs": rows,
                "recipe": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("arch", "out")}}
+    if budgets:
+        summary["frontier"] = frontier(rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     figures = []
     if plots:
-        from .plots import plot_depth, plot_runs
+        from .plots import plot_depth, plot_frontier, plot_runs
 
-        if schedules:
+        if budgets:
+            figures.append(plot_frontier(summary["frontier"], rows, out / "frontier.png"))
+        elif schedules:
             figures.append(plot_runs([out / n for n in variants], out / "loss.png", metric="loss",
                                      labels=list(variants)))
         else:
@@ -127,5 +175,25 @@ def _report(summary: dict[str, Any], figures: list[str]) -> str:
     lines += ["", "Best test error is the minimum over epochs and is shown for reference only: choosing an epoch "
               "on the test set is model selection on the test set. Training error is measured on the augmented "
               "training batches during each epoch, as in He et al. Fig. 6.", ""]
+    if summary["kind"] == "budgets":
+        lines += _frontier_report(summary["frontier"])
     lines += [f"![{f}]({f})" for f in figures]
     return "\n".join(lines) + "\n"
+
+
+def _frontier_report(table: list[dict[str, Any]]) -> list[str]:
+    marks = sorted({m for t in table for m in t["marks"]}, key=float)
+    head = "| budget (min) | seeds | test acc % mean ± std | min | max | s to result |"
+    lines = ["## Accuracy against time budget", "", head + "".join(f" s to {float(m):.0%} |" for m in marks),
+             "| ---: " * (6 + len(marks)) + "|"]
+    for t in table:
+        cells = [f"{t['time_budget']:g}", str(t["seeds"]), f"{100 * t['mean']:.2f} ± {100 * t['std']:.2f}",
+                 _pct(t["min"]), _pct(t["max"]), f"{t['mean_seconds_to_result']:.0f}"]
+        for m in marks:
+            r = t["marks"].get(m) or {}
+            cells.append(f"{r['median_seconds']:.0f} ({r['reached']}/{t['seeds']})" if r.get("median_seconds")
+                         else f"- (0/{t['seeds']})")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Seconds count from process start to the final (test-time augmented) accuracy; a mark's time is "
+              "the median over the seeds that reached it, scored on weight snapshots after training.", ""]
+    return lines

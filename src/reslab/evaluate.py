@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from .checkpoint import load_model
 from .data import BatchTransform, Batches, DataError, fit_square, load_rgb, load_split, match_classes, store_size
@@ -23,9 +23,30 @@ from .distributed import all_sum
 from .runtime import autocast, resolve_device, resolve_precision, set_threads
 
 
+TTA_VIEWS = {"none": 1, "flip": 2, "flip_shift": 6}
+
+
+def tta_logits(model: nn.Module, x: Tensor, tta: str = "none") -> Tensor:
+    """Logits averaged over test-time views: ``flip`` adds the mirror image; ``flip_shift`` also averages both
+    flips of the image shifted by one pixel up-left and down-right (reflection padding), weighted as one view."""
+    if tta not in TTA_VIEWS:
+        raise ValueError(f"tta must be one of {', '.join(TTA_VIEWS)}, got {tta!r}")
+    logits = model(x)
+    if tta == "none":
+        return logits
+    logits = 0.5 * (logits + model(x.flip(-1)))
+    if tta == "flip":
+        return logits
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    shifted = [padded[..., :h, :w], padded[..., 2:, 2:]]
+    shifted_logits = sum(0.5 * (model(s) + model(s.flip(-1))) for s in shifted) / len(shifted)
+    return 0.5 * logits + 0.5 * shifted_logits
+
+
 @torch.no_grad()
 def evaluate_batches(model: nn.Module, batches: Batches, device: torch.device, precision: str,
-                     num_classes: int) -> dict[str, Any]:
+                     num_classes: int, tta: str = "none") -> dict[str, Any]:
     """Mean loss, top-1/top-5 accuracy and the confusion matrix (rows: true class, columns: predicted).
 
     Under torchrun each rank scores its own shard and the sums are added over ranks: exact, nothing padded.
@@ -36,7 +57,7 @@ def evaluate_batches(model: nn.Module, batches: Batches, device: torch.device, p
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     for x, y in batches.epoch(0):
         with autocast(device, precision):
-            logits = model(x)
+            logits = tta_logits(model, x, tta)
         logits = logits.float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         pred = logits.argmax(1)
@@ -60,7 +81,7 @@ def _load(model: str | Path | nn.Module, arch: str | None, device: torch.device)
 
 def evaluate(model: str | Path, data: str, *, split: str = "test", arch: str | None = None, device: str = "auto",
              precision: str = "auto", batch_size: int = 256, samples: int | None = None,
-             data_dir: str | None = None) -> dict[str, Any]:
+             data_dir: str | None = None, tta: str | None = None) -> dict[str, Any]:
     """Accuracy of a saved model on a split of ``data``.
 
     Args:
@@ -69,6 +90,7 @@ def evaluate(model: str | Path, data: str, *, split: str = "test", arch: str | N
         split: ``test``, ``val`` or ``train``.
         arch: architecture of a bare state_dict.
         samples: evaluate a seeded class-balanced subset of this many images.
+        tta: test-time augmentation ``none``, ``flip`` or ``flip_shift`` (default: what the model was trained with).
 
     Returns:
         ``accuracy`` (0-1), ``top5``, ``n``, ``loss``, ``per_class`` (name -> accuracy), ``confusion``
@@ -95,7 +117,7 @@ def evaluate(model: str | Path, data: str, *, split: str = "test", arch: str | N
     transform = BatchTransform(meta["augment"], False, input_size, tuple(meta["mean"]), tuple(meta["std"]))
     batches = Batches(s, transform, batch_size, shuffle=False, drop_last=False, seed=0, device=dev)
     t0 = time.perf_counter()
-    r = evaluate_batches(net, batches, dev, prec, len(classes))
+    r = evaluate_batches(net, batches, dev, prec, len(classes), tta or meta.get("tta") or "none")
     seconds = time.perf_counter() - t0
     conf = r["confusion"]
     present = sorted(set(s.labels.tolist()))

@@ -135,3 +135,23 @@ def _save(fig, out: str | Path) -> Path:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def plot_frontier(table: list[dict], rows: list[dict], out: str | Path) -> Path:
+    """Final test accuracy against the time budget: every seed as a dot, the mean as a line with its spread."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    dots = [(r["time_budget"], 100 * r["final_test_acc"]) for r in rows if r["final_test_acc"] is not None]
+    ax.scatter(*zip(*dots), color="tab:blue", alpha=0.45, s=18, label="one seed")
+    budgets = [t["time_budget"] for t in table]
+    ax.errorbar(budgets, [100 * t["mean"] for t in table], yerr=[100 * t["std"] for t in table], color="tab:blue",
+                lw=2, marker="s", capsize=4, label="mean ± std")
+    ax.set_xscale("log")
+    ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+    ax.set_xlabel("time budget (minutes, whole run)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("accuracy against time")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out)

@@ -75,3 +75,15 @@ def set_threads(threads: int | None) -> int:
     n = threads or usable_cores()
     torch.set_num_threads(n)
     return n
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux: from /proc; elsewhere 0), so a time budget counts the imports."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, counted after the command name
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))

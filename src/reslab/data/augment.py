@@ -11,6 +11,7 @@ Presets:
   a 64-pixel crop of the 256-pixel upscale shows one sixteenth of the picture: faithful to the seed, not a good idea.
 - ``paper``: He et al. section 4.2: 4 zero pixels of padding, a random 32x32 crop, a random horizontal flip, and
   per-channel mean/std normalisation (statistics of the training images, computed, not copied from elsewhere).
+- ``fast``: the fast trainers' translation by up to 2 pixels (reflection padding) and a random horizontal flip.
 - ``none``: normalisation only.
 """
 
@@ -25,6 +26,7 @@ from torch import Tensor
 SEED_RESIZE, SEED_CROP = 256, 64
 SEED_JITTER = dict(brightness=0.5, contrast=0.5, hue=0.3)
 PAPER_PAD = 4
+FAST_PAD = 2
 
 
 def store_size(augment: str, input_size: int) -> int | None:
@@ -47,13 +49,20 @@ def channel_stats(images: Tensor, chunk: int = 4096) -> tuple[list[float], list[
     return [round(v, 4) for v in mean.tolist()], [round(v, 4) for v in std.tolist()]
 
 
-def crop_flip(x: Tensor, size: int, pad: int, dy: Tensor, dx: Tensor, flip: Tensor) -> Tensor:
-    """Per-sample crops of ``size`` at offsets (dy, dx) of the zero-padded uint8 NHWC batch, mirrored where ``flip``."""
-    b = x.shape[0]
-    xp = F.pad(x, (0, 0, pad, pad, pad, pad))  # pads (C, W, H) of NHWC
+def crop_flip(x: Tensor, size: int, pad: int, dy: Tensor, dx: Tensor, flip: Tensor, reflect: bool = False) -> Tensor:
+    """Per-sample crops of ``size`` at offsets (dy, dx) of the uint8 NHWC batch padded by ``pad`` pixels (zeros, or
+    a reflection of the border with ``reflect``), mirrored where ``flip``."""
+    b, h, w = x.shape[:3]
     ar = torch.arange(size, device=x.device)
     rows = dy[:, None] + ar
     cols = dx[:, None] + torch.where(flip[:, None], size - 1 - ar, ar)  # a flip is a reversed column index
+    if reflect:  # index the original image: -1 -> 1, h -> h - 2 (numpy/PyTorch "reflect")
+        rows, cols = rows - pad, cols - pad
+        rows = torch.where(rows < 0, -rows, torch.where(rows >= h, 2 * (h - 1) - rows, rows))
+        cols = torch.where(cols < 0, -cols, torch.where(cols >= w, 2 * (w - 1) - cols, cols))
+        xp = x
+    else:
+        xp = F.pad(x, (0, 0, pad, pad, pad, pad))  # pads (C, W, H) of NHWC
     return xp[torch.arange(b, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
@@ -127,10 +136,10 @@ class BatchTransform:
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         b, dev = x.shape[0], x.device
         rand = lambda *shape: torch.rand(*shape, generator=generator).to(dev)  # noqa: E731
-        if self.augment == "paper" and self.train:
-            span = 2 * PAPER_PAD + 1
-            dy, dx = (torch.randint(0, span, (2, b), generator=generator)).to(dev)
-            x = crop_flip(x, self.input_size, PAPER_PAD, dy, dx, rand(b) < 0.5)
+        if self.augment in ("paper", "fast") and self.train:
+            pad = PAPER_PAD if self.augment == "paper" else FAST_PAD
+            dy, dx = (torch.randint(0, 2 * pad + 1, (2, b), generator=generator)).to(dev)
+            x = crop_flip(x, self.input_size, pad, dy, dx, rand(b) < 0.5, reflect=self.augment == "fast")
         x = x.permute(0, 3, 1, 2).float().div_(255)  # NCHW view with channels-last strides
         if self.augment == "seed":
             crop, span = self.input_size, SEED_RESIZE - self.input_size
@@ -169,4 +178,6 @@ def pil_transform(augment: str, train: bool, input_size: int, mean, std):
         ops = [T.Resize(input_size), T.CenterCrop(input_size)]
         if augment == "paper" and train:
             ops += [T.RandomCrop(input_size, padding=PAPER_PAD), T.RandomHorizontalFlip()]
+        elif augment == "fast" and train:
+            ops += [T.RandomCrop(input_size, padding=FAST_PAD, padding_mode="reflect"), T.RandomHorizontalFlip()]
     return T.Compose(ops + [T.ToTensor(), T.Normalize(mean, std)])

@@ -1,9 +1,10 @@
 """Registered networks. Importing this package registers every model."""
 
-from . import resnet  # noqa: F401  (registers the ResNet family)
+from . import fast, resnet  # noqa: F401  (registers the ResNet family and the fast nets)
 from ._registry import ModelInfo, create_model, list_models, model_info, register_model
 from .complexity import count_macs, count_params, summarize
+from .fast import FastResNet
 from .resnet import BasicBlock, Bottleneck, ResNet, ShortcutA
 
 __all__ = ["ModelInfo", "create_model", "list_models", "model_info", "register_model", "count_macs",
-           "count_params", "summarize", "BasicBlock", "Bottleneck", "ResNet", "ShortcutA"]
+           "count_params", "summarize", "BasicBlock", "Bottleneck", "FastResNet", "ResNet", "ShortcutA"]

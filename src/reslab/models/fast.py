@@ -1,0 +1,138 @@
+"""A small residual network for training CIFAR-10 in minutes: the net of ``--preset fast``.
+
+It follows the ResNet-9 design of the DAWNBench-era fast trainers (a conv + max-pool per stage, identity
+residual blocks at constant width, no strided convs) with what later fast-training work found to help, each
+named where it is built:
+
+- a 2x2 first convolution initialised to *whiten* image patches (``init_whitening``) and then frozen;
+- conv, then pool, then BatchNorm: the normalisation runs on a quarter of the pixels;
+- a global max-pool head and a fixed 1/9 scale on the logits, which makes large learning rates stable.
+
+Widths are data (``widths``, ``blocks``); the registered variants differ only in them. Layer names follow
+torchvision's ResNet (``conv1``, ``layer1..3``, ``fc``), and the residual units are ``resnet.BasicBlock``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ._registry import register_model
+from .resnet import BasicBlock, conv3x3
+
+WHITEN_KERNEL = 2
+
+
+class ConvPool(nn.Module):
+    """3x3 conv, 2x2 max-pool, BatchNorm, ReLU: one stage's change of width and resolution."""
+
+    def __init__(self, inplanes: int, planes: int) -> None:
+        super().__init__()
+        self.conv = conv3x3(inplanes, planes)
+        self.pool = nn.MaxPool2d(2)
+        self.bn = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.relu(self.bn(self.pool(self.conv(x))))
+
+
+class FastResNet(nn.Module):
+    """Whitening stem, then per stage a ``ConvPool`` and ``blocks[i]`` residual ``BasicBlock``s; max-pool head.
+
+    Args:
+        widths: channels of each stage.
+        blocks: residual blocks (two 3x3 convs each, identity shortcut) after each stage's ConvPool.
+        num_classes: outputs of the final linear layer.
+        logit_scale: fixed multiplier on the logits (1/9, as in the airbench trainers).
+    """
+
+    def __init__(self, widths: Sequence[int] = (64, 128, 256), blocks: Sequence[int] = (1, 0, 1),
+                 num_classes: int = 10, logit_scale: float = 1 / 9, in_channels: int = 3) -> None:
+        super().__init__()
+        if len(widths) != len(blocks):
+            raise ValueError(f"widths {tuple(widths)} and blocks {tuple(blocks)} must have the same length")
+        stem = 2 * in_channels * WHITEN_KERNEL**2  # each whitening filter and its negative
+        self.conv1 = nn.Conv2d(in_channels, stem, kernel_size=WHITEN_KERNEL, padding=0, bias=True)
+        self.conv1.weight.requires_grad_(False)  # set from the data by init_whitening, never trained
+        self.relu = nn.ReLU(inplace=True)
+        inplanes = stem
+        for i, (width, n) in enumerate(zip(widths, blocks)):
+            layer = [ConvPool(inplanes, width)] + [BasicBlock(width, width) for _ in range(n)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*layer))
+            inplanes = width
+        self.num_stages = len(widths)
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.num_features = inplanes
+        self.fc = nn.Linear(inplanes, num_classes, bias=False)
+        self.logit_scale = logit_scale
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d) and m is not self.conv1:
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                # Identity-initialised filters (airbench): the first in_channels filters pass their input through.
+                with torch.no_grad():
+                    k = min(m.in_channels, m.out_channels)
+                    nn.init.dirac_(m.weight[:k])
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @torch.no_grad()
+    def init_whitening(self, images: Tensor, eps: float = 5e-4) -> None:
+        """Set the first conv to whiten 2x2 patches of ``images`` (N, C, H, W, normalised floats).
+
+        The filters are the eigenvectors of the patch covariance scaled by 1/sqrt(eigenvalue), so the stem's outputs
+        are decorrelated with unit variance; each filter comes with its negative, so the ReLU keeps both signs.
+        """
+        c, k = self.conv1.in_channels, WHITEN_KERNEL
+        patches = images.float().unfold(2, k, 1).unfold(3, k, 1)  # (N, C, H', W', k, k)
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k).double()
+        patches = patches - patches.mean(0)
+        cov = patches.T @ patches / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(cov)
+        filters = (eigenvectors.T / (eigenvalues.clamp_min(0) + eps).sqrt()[:, None]).view(-1, c, k, k)
+        self.conv1.weight.copy_(torch.cat([filters, -filters]).to(self.conv1.weight.dtype))
+        self.conv1.bias.zero_()
+
+    def stages(self) -> list[nn.Sequential]:
+        """The stages ``layer1..layerN`` in order."""
+        return [getattr(self, f"layer{i + 1}") for i in range(self.num_stages)]
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Feature maps before pooling: (B, num_features, H', W')."""
+        x = self.relu(self.conv1(x))
+        for stage in self.stages():
+            x = stage(x)
+        return x
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        """Global max-pool, classifier and the fixed logit scale."""
+        return self.fc(torch.flatten(self.pool(x), 1)) * self.logit_scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+FAST_VARIANTS = {
+    # name: (widths, blocks). Depth counts weighted layers: stem + one conv per stage + two per block + fc.
+    "resnet9": ((64, 128, 256), (1, 0, 1)),
+    "resnet9s": ((32, 64, 128), (1, 0, 1)),
+}
+
+
+def _fast_builder(widths: tuple[int, ...], blocks: tuple[int, ...]):
+    def build(*, num_classes: int = 10, **kwargs) -> FastResNet:
+        return FastResNet(widths, blocks, num_classes=num_classes, **kwargs)
+
+    build.__doc__ = f"Fast residual net (widths {widths}, residual blocks {blocks}) for --preset fast."
+    return build
+
+
+for _name, (_widths, _blocks) in FAST_VARIANTS.items():
+    register_model(_name, input_size=32, family="fast", residual=True, depth=2 + len(_widths) + 2 * sum(_blocks))(
+        _fast_builder(_widths, _blocks))

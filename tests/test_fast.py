@@ -1,0 +1,136 @@
+"""The fast preset (issue 9): its network, schedule, weight averaging, test-time augmentation, time budget and
+accuracy marks, on tiny generated data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reslab.config import make_config
+from reslab.data.augment import BatchTransform, crop_flip
+from reslab.evaluate import tta_logits
+from reslab.models import FastResNet, create_model, list_models, model_info
+from reslab.train import Lookahead, lr_at, param_groups
+
+# The fast preset shrunk to the tiny colour folders: same recipe, a few steps.
+TINY_FAST = ["--preset", "fast", "--batch-size", "16", "--precision", "fp32", "--log-every", "5"]
+
+
+def test_fast_nets_are_registered_residual_and_whitened():
+    fast = [n for n in list_models() if model_info(n).family == "fast"]
+    assert {"resnet9", "resnet9s"} <= set(fast) and all(model_info(n).residual for n in fast)
+    assert model_info("resnet9").depth == 9
+    torch.manual_seed(0)
+    # Correlated channels and neighbouring pixels, as in natural images.
+    base = torch.randn(64, 1, 17, 17).repeat_interleave(2, -1).repeat_interleave(2, -2)[..., :32, :32]
+    x = base * torch.tensor([1.0, 0.8, 0.6]).view(1, 3, 1, 1) + 0.3 * torch.randn(64, 3, 32, 32)
+    m = create_model("resnet9s")
+    assert isinstance(m, FastResNet) and not m.conv1.weight.requires_grad
+    m.init_whitening(x)
+    out = F.conv2d(x, m.conv1.weight[:12])  # the first half of the filters; the rest are their negatives
+    cov = torch.cov(out.permute(1, 0, 2, 3).reshape(12, -1))
+    assert torch.allclose(cov, torch.eye(12), atol=0.05)  # decorrelated, unit variance
+    assert torch.equal(m.conv1.weight[12:], -m.conv1.weight[:12])
+
+
+def test_linear_schedule_warms_up_then_anneals_to_zero():
+    cfg = make_config("fast", warmup=1)
+    lrs = [lr_at(s, cfg, steps_per_epoch=10, total_steps=100) for s in range(101)]
+    assert lrs[0] == pytest.approx(cfg.lr / 10) and max(lrs) == pytest.approx(cfg.lr)
+    assert lrs[10] == pytest.approx(cfg.lr) and lrs[100] == 0.0
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_param_groups_raise_the_bias_lr_and_skip_frozen_scales():
+    m = create_model("resnet9s")
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.weight.requires_grad_(False)
+    groups = param_groups(m, weight_decay=1e-3, decay_bn_bias=True, bias_lr_scale=64)
+    biases = [g for g in groups if g["lr_scale"] == 64]
+    assert len(biases) == 1 and biases[0]["weight_decay"] == pytest.approx(1e-3 / 64)
+    trainable = {id(p) for p in m.parameters() if p.requires_grad}
+    assert {id(p) for g in groups for p in g["params"]} == trainable  # frozen ones are not optimised
+
+
+def test_lookahead_ends_on_the_average():
+    lin = torch.nn.Linear(2, 2)
+    la = Lookahead(lin)
+    start = lin.weight.detach().clone()
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+    la.step(5, 10)  # decay 0.95^5 * 0.5^3: the weights move toward the average and equal it afterwards
+    assert torch.equal(lin.weight, la.average[0]) and (lin.weight - start).abs().max() < 1
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+    la.step(10, 10)  # the last step: no averaging left, the run ends on the weights
+    assert torch.equal(lin.weight, la.average[0])
+
+
+def test_fast_augmentation_translates_with_reflection_and_flips():
+    x = torch.randint(0, 255, (4, 32, 32, 3), dtype=torch.uint8)
+    dy, dx = torch.tensor([0, 4, 2, 1]), torch.tensor([4, 0, 3, 2])
+    flip = torch.tensor([False, True, False, True])
+    out = crop_flip(x, 32, 2, dy, dx, flip, reflect=True)
+    ref = F.pad(x.permute(0, 3, 1, 2).float(), (2, 2, 2, 2), mode="reflect")
+    for i in range(4):
+        r = ref[i, :, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32]
+        r = r.flip(-1) if flip[i] else r
+        assert torch.equal(r.permute(1, 2, 0).to(torch.uint8), out[i])
+    t = BatchTransform("fast", True, 32, (0.5,) * 3, (0.25,) * 3)
+    assert t(x, torch.Generator().manual_seed(0)).shape == (4, 3, 32, 32)
+
+
+def test_tta_views_agree_on_a_symmetric_image():
+    torch.manual_seed(0)
+    m = create_model("resnet9s").eval()
+    x = torch.full((2, 3, 32, 32), 0.3)  # invariant under flips and reflected shifts
+    with torch.no_grad():
+        plain = tta_logits(m, x, "none")
+        assert torch.allclose(tta_logits(m, x, "flip"), plain, atol=1e-5)
+        assert torch.allclose(tta_logits(m, x, "flip_shift"), plain, atol=1e-5)
+        y = torch.randn(2, 3, 32, 32)
+        assert not torch.allclose(tta_logits(m, y, "flip"), tta_logits(m, y, "none"))
+    with pytest.raises(ValueError, match="tta"):
+        tta_logits(m, x, "rotate")
+
+
+def test_time_budget_sizes_the_run_and_marks_are_recorded(folder, tmp_path, cli):
+    run = tmp_path / "fast"
+    # Without a budget the run would take 200 epochs; the budget cuts it to what fits in 25 seconds.
+    code, out, err = cli("train", "--data", folder, "--out", run, *TINY_FAST, "--epochs", "200",
+                         "--time-budget", "0.42", "--accuracy-marks", "[0.5, 1.0]", "--lr", "0.2")
+    assert code == 0, err
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    final = [l for l in lines if "test_acc" in l][-1]
+    assert final["step"] < 200 * 4  # sized from the measured throughput, not the --epochs default
+    assert final["lr"] < 0.2 * 0.1  # annealed: the linear schedule ended close to zero
+    # Measured from process start (in-process here: the test session's start), so only an upper bound is checked.
+    assert final["wall_seconds"] > 0 and "test accuracy 50%:" in err
+    marks = lines[-1]["accuracy_marks"]
+    assert set(marks) == {"0.5", "1"}
+    if final["test_acc"] >= 0.5:
+        assert 0 < marks["0.5"]["seconds"] <= final["wall_seconds"] and marks["0.5"]["test_acc"] >= 0.5
+    assert (marks["1"]["seconds"] is None) == (final["test_acc"] < 1.0)
+    code, out, err = cli("eval", run, "--data", folder, "--json")  # evaluates with the run's TTA (flip)
+    assert code == 0 and json.loads(out)["accuracy"] == pytest.approx(final["test_acc"], abs=1e-6)
+
+
+def test_fast_preset_resumes_exactly(folder, tmp_path):
+    """Lookahead's average and the schedule's length are part of the checkpoint: resuming changes nothing."""
+    import reslab
+    from reslab.progress import Progress
+    from reslab.train import _epoch, setup
+
+    kwargs = dict(data=str(folder), batch_size=16, precision="fp32", epochs=3, lr=0.2, accuracy_marks=[])
+    reslab.train(preset="fast", out=str(tmp_path / "full"), **kwargs)
+    part = setup(make_config("fast", out=str(tmp_path / "part"), **kwargs))
+    _epoch(part, 0, Progress(part.total_steps), {"signal": None})  # one epoch, then the process "dies"
+    reslab.train(resume=str(tmp_path / "part"))
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 3 * 4
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
