@@ -50,3 +50,20 @@ def test_the_first_command_trains_evaluates_and_predicts_digits(tmp_path, cli, m
         assert code == 0, f"{command}: {err}"
     assert "digit7.png" in out  # predict printed its three example images
     assert (tmp_path / "runs" / "digits" / "model.safetensors").is_file()
+
+
+def test_the_fast_preset_commands_run_as_written(tmp_path, folder, cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    commands = _block("Training in minutes")
+    section = README.split("## Training in minutes", 1)[1]
+    commands += [line.strip() for line in re.findall(r"```bash\n(.*?)```", section, re.S)[1].splitlines()]
+    assert [c.split()[1] for c in commands] == ["train", "compare"]
+    for command in commands:
+        command = command.replace("../shared/data/cifar10-jpeg", str(folder))
+        # Seconds instead of minutes, one seed, and batches the 72 tiny images can fill.
+        command = re.sub(r"--time-budget \S+", "--time-budget 0.1", command)
+        command = command.replace("--budgets 2.5,5,10,20 --seeds 0,1,2", "--budgets 0.1 --seeds 0")
+        code, out, err = cli(*shlex.split(command)[1:], "--batch-size", "16", "--lr", "0.2")
+        assert code == 0, f"{command}: {err}"
+    assert (tmp_path / "runs" / "fast5" / "model.safetensors").is_file()
+    assert "Accuracy against time budget" in (tmp_path / "runs" / "frontier" / "report.md").read_text()

@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             special = {k: args.pop(k, None) for k in ("preset", "resume")}
             COMMANDS[command](TrainConfig(**args), **special)
         elif command == "compare":
-            special = {k: args.pop(k, None) for k in ("preset", "archs", "schedules")}
+            special = {k: args.pop(k, None) for k in ("preset", "archs", "schedules", "budgets", "seeds")}
             out = args.pop("out", None) or "runs/compare"  # --out names the comparison directory
             COMMANDS[command](TrainConfig(**args), compare_out=out, **special)
         else:

@@ -116,9 +116,9 @@ def compare(config: TrainConfig, *, archs: list[str] | None = None, schedules: l
     """
     from .train import train
 
+    variants = _variants(config, archs or [], schedules or [], budgets or [], seeds or [])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    variants = _variants(config, archs or [], schedules or [], budgets or [], seeds or [])
     for name, cfg in variants.items():
         run = out / name
         if (run / MODEL_FILE).is_file():

@@ -313,6 +313,9 @@ def _budget_check(run: Run, step: int, progress: Progress) -> None:
                                        and step < 0.7 * run.total_steps):
         per_step = (time.perf_counter() - run.measure_start) / (done - BUDGET_MEASURE[0])
         run.total_steps = progress.total = size_to_budget(run, step, per_step)
+        if done == sum(BUDGET_MEASURE) and run.dist.main:
+            print(f"time budget {run.cfg.time_budget:g} min: {per_step:.3f} s per step measured, so "
+                  f"{run.total_steps} steps ({run.total_steps / len(run.train_batches):.1f} epochs)", file=sys.stderr)
 
 
 def _snapshot_due(run: Run, step: int) -> bool:
@@ -392,7 +395,7 @@ def _epoch(run: Run, step: int, progress: Progress, stop: dict) -> tuple[int, di
         step += 1
         if run.lookahead is not None:
             run.lookahead.step(step, run.total_steps)
-        if cfg.time_budget:
+        if cfg.time_budget and run.start_step == 0:  # a resumed run keeps the length it was sized to
             _budget_check(run, step, progress)
         if _snapshot_due(run, step):
             run.snapshots.append((time.perf_counter() - run.clock, step,
