@@ -208,8 +208,8 @@ def setup(cfg: TrainConfig, resume: dict[str, Any] | None = None, started: float
             "input_size": cfg.input_size, "augment": cfg.augment, "tta": cfg.tta, "mean": list(data.mean), "std": list(data.std),
             "family": info.family, "reslab_version": __version__, "torch_version": str(torch.__version__)}
     writer = _tensorboard_writer(out) if cfg.tensorboard and d.main else None
-    if resume is not None:
-        total_steps = int(resume.get("total_steps") or total_steps)  # a time-budgeted run keeps its sized schedule
+    if resume is not None and cfg.time_budget and resume.get("total_steps"):
+        total_steps = int(resume["total_steps"])  # a time-budgeted run keeps the length it was sized to
     return Run(cfg, out, device, precision, data, train_batches, eval_batches, model, optimizer, scaler,
                total_steps, meta, start_step, writer, d, lookahead, clock)
 
