@@ -271,12 +271,12 @@ def fit(run: Run) -> dict[str, Any]:
         while step < run.total_steps:
             step, last = _epoch(run, step, progress, stop)
     progress.close()
-    if run.cfg.accuracy_marks:
+    if run.dist.main:
+        save_model(run.out / MODEL_FILE, run.model, run.meta)
+    if run.cfg.accuracy_marks:  # after the result and the model file: the scoring is not part of a time budget
         last["accuracy_marks"] = accuracy_marks(run, last)
     if run.tensorboard is not None:
         run.tensorboard.close()
-    if run.dist.main:
-        save_model(run.out / MODEL_FILE, run.model, run.meta)
     distributed.barrier()  # every rank returns once the model file exists
     return {"out": str(run.out), **last}
 
