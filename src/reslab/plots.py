@@ -108,13 +108,7 @@ def plot_depth(rows: list[dict], out: str | Path) -> Path:
                 label=f"{name} train")
         ax.plot(depths, [100 * r["final_test_error"] for _, r in pts], color=colour, lw=2.4, marker="s",
                 label=f"{name} test")
-    ax.set_xlabel("depth (weighted layers)")
-    ax.set_ylabel("final error (%)")
-    ax.set_title("error against depth")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return _save(fig, out)
+    return _finish_line_plot(fig, ax, "depth (weighted layers)", "final error (%)", "error against depth", out)
 
 
 def _is_plain(run: str | Path) -> bool:
@@ -126,6 +120,17 @@ def _is_plain(run: str | Path) -> bool:
     if not cfg.is_file():
         return False
     return not model_info(yaml.safe_load(cfg.read_text())["arch"]).residual
+
+
+def _finish_line_plot(fig, ax, xlabel: str, ylabel: str, title: str, out: str | Path) -> Path:
+    """Labels, title, grid and legend of a one-axes line plot, then save it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out)
 
 
 def _save(fig, out: str | Path) -> Path:
@@ -148,10 +153,5 @@ def plot_frontier(table: list[dict], rows: list[dict], out: str | Path) -> Path:
                 lw=2, marker="s", capsize=4, label="mean ± std")
     ax.set_xscale("log")
     ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
-    ax.set_xlabel("time budget (minutes, whole run)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("accuracy against time")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return _save(fig, out)
+    return _finish_line_plot(fig, ax, "time budget (minutes, whole run)", "test accuracy (%)", "accuracy against time",
+                             out)
