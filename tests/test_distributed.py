@@ -45,7 +45,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     # Evaluation is sharded over the ranks and summed: every test image counted exactly once.
     assert all(round(m["test_acc"] * 72, 6) == round(m["test_acc"] * 72) for m in b)
     assert abs(a[-1]["test_acc"] - b[-1]["test_acc"]) <= TOLERANCE and b[-1]["test_acc"] >= 0.9
-    assert reslab.evaluate(ddp, str(folder))["accuracy"] == pytest.approx(b[-1]["test_acc"])
+    assert reslab.evaluate(ddp, str(folder)).accuracy == pytest.approx(b[-1]["test_acc"])
     # The checkpoint holds the unwrapped model: it loads in a single process.
     model, meta = reslab.load_model(ddp)
     assert meta["arch"] == "resnet20" and not any(k.startswith("module.") for k in model.state_dict())

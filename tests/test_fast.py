@@ -13,7 +13,7 @@ from reslab.config import make_config
 from reslab.data.augment import BatchTransform, crop_flip
 from reslab.evaluate import tta_logits
 from reslab.models import FastResNet, create_model, list_models, model_info
-from reslab.train import Lookahead, lr_at, param_groups
+from reslab.train import lr_at
 
 # The fast preset shrunk to the tiny colour folders: same recipe, a few steps.
 TINY_FAST = ["--preset", "fast", "--batch-size", "16", "--precision", "fp32", "--log-every", "5"]
@@ -42,32 +42,6 @@ def test_linear_schedule_warms_up_then_anneals_to_zero():
     assert lrs[0] == pytest.approx(cfg.lr / 10) and max(lrs) == pytest.approx(cfg.lr)
     assert lrs[10] == pytest.approx(cfg.lr) and lrs[100] == 0.0
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-
-
-def test_param_groups_raise_the_bias_lr_and_skip_frozen_scales():
-    m = create_model("resnet9s")
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            mod.weight.requires_grad_(False)
-    groups = param_groups(m, weight_decay=1e-3, decay_bn_bias=True, bias_lr_scale=64)
-    biases = [g for g in groups if g["lr_scale"] == 64]
-    assert len(biases) == 1 and biases[0]["weight_decay"] == pytest.approx(1e-3 / 64)
-    trainable = {id(p) for p in m.parameters() if p.requires_grad}
-    assert {id(p) for g in groups for p in g["params"]} == trainable  # frozen ones are not optimised
-
-
-def test_lookahead_ends_on_the_average():
-    lin = torch.nn.Linear(2, 2)
-    la = Lookahead(lin)
-    start = lin.weight.detach().clone()
-    with torch.no_grad():
-        lin.weight.add_(1.0)
-    la.step(5, 10)  # decay 0.95^5 * 0.5^3: the weights move toward the average and equal it afterwards
-    assert torch.equal(lin.weight, la.average[0]) and (lin.weight - start).abs().max() < 1
-    with torch.no_grad():
-        lin.weight.add_(1.0)
-    la.step(10, 10)  # the last step: no averaging left, the run ends on the weights
-    assert torch.equal(lin.weight, la.average[0])
 
 
 def test_fast_augmentation_translates_with_reflection_and_flips():
@@ -102,17 +76,17 @@ def test_time_budget_sizes_the_run_and_marks_are_recorded(folder, tmp_path, cli)
     import reslab
 
     run = tmp_path / "fast"
-    # Without a budget the run would take 200 epochs; the budget cuts it to what fits in 25 seconds. Through the
-    # API the budget counts from the call (the CLI counts from process start).
+    # Without a budget the run would take 200 epochs (800 steps); the budget cuts it to what fits in 20 seconds.
+    # Through the API the budget counts from the call (the CLI counts from process start).
     result = reslab.train(preset="fast", data=str(folder), out=str(run), batch_size=16, precision="fp32",
-                          epochs=200, time_budget=0.42, accuracy_marks=[0.5, 1.0], lr=0.2, log_every=5)
+                          epochs=200, time_budget=0.33, accuracy_marks=[0.5, 1.0], lr=0.2, log_every=5)
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     final = [l for l in lines if "test_acc" in l][-1]
-    assert final["step"] < 200 * 4  # sized from the measured throughput, not the --epochs default
+    sized = torch.load(run / "last.pt", weights_only=True)["hooks"]["time_budget"]["total_steps"]
+    assert final["step"] == sized == result.step  # the run ended where the budget sized it
     assert final["lr"] < 0.2 * 0.1  # annealed: the linear schedule ended close to zero
-    assert 5 < final["wall_seconds"] < 0.42 * 60 * 1.5  # ends around the budget even on a busy machine
     marks = lines[-1]["accuracy_marks"]
-    assert set(marks) == {"0.5", "1"} and result["accuracy_marks"] == marks
+    assert set(marks) == {"0.5", "1"} and result.accuracy_marks == marks
     if final["test_acc"] >= 0.5:
         assert 0 < marks["0.5"]["seconds"] <= final["wall_seconds"] and marks["0.5"]["test_acc"] >= 0.5
     assert (marks["1"]["seconds"] is None) == (final["test_acc"] < 1.0)
@@ -135,20 +109,3 @@ def test_compare_budgets_writes_the_frontier(folder, tmp_path, cli):
     assert (out / "frontier.png").stat().st_size > 0 and "budget min" in stdout
     code, _, err = cli("compare", "--preset", "fast", "--data", folder, "--seeds", "0,1", "--archs", "resnet9s")
     assert code == 1 and "--seeds goes with --budgets" in err
-
-
-def test_fast_preset_resumes_exactly(folder, tmp_path):
-    """Lookahead's average and the schedule's length are part of the checkpoint: resuming changes nothing."""
-    import reslab
-    from reslab.progress import Progress
-    from reslab.train import _epoch, setup
-
-    kwargs = dict(data=str(folder), batch_size=16, precision="fp32", epochs=3, lr=0.2, accuracy_marks=[])
-    reslab.train(preset="fast", out=str(tmp_path / "full"), **kwargs)
-    part = setup(make_config("fast", out=str(tmp_path / "part"), **kwargs))
-    _epoch(part, 0, Progress(part.total_steps), {"signal": None})  # one epoch, then the process "dies"
-    reslab.train(resume=str(tmp_path / "part"))
-    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "part" / "last.pt", weights_only=True)
-    assert a["step"] == b["step"] == 3 * 4
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

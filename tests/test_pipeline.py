@@ -74,22 +74,22 @@ def test_classes_are_matched_by_name_with_a_partial_reordered_test_folder(folder
     # Only two of the three classes, under names that sort in a different order than the training folders.
     shutil.copytree(folder / "test" / "red", partial / "red")
     shutil.copytree(folder / "test" / "blue", partial / "blue")
-    r = reslab.evaluate(result["out"], str(tmp_path / "partial"))
-    assert r["n"] == 48 and set(r["per_class"]) == {"red", "blue"}
-    assert r["accuracy"] >= 0.9
+    r = reslab.evaluate(result.out, str(tmp_path / "partial"))
+    assert r.n == 48 and set(r.per_class) == {"red", "blue"}
+    assert r.accuracy >= 0.9
     (partial / "purple").mkdir()
     shutil.copy(folder / "test" / "red" / "0000.png", partial / "purple" / "x.png")
     with pytest.raises(reslab.data.DataError, match="purple"):
-        reslab.evaluate(result["out"], str(tmp_path / "partial"))
+        reslab.evaluate(result.out, str(tmp_path / "partial"))
 
 
 def test_digits_train_and_eval_api(tmp_path):
     pytest.importorskip("sklearn")
     r = reslab.train(data="digits", arch="resnet20", epochs=1, batch_size=64, train_samples=320, test_samples=100,
                      out=str(tmp_path / "d"))
-    assert r["epoch"] == 1 and 0 <= r["test_acc"] <= 1
-    e = reslab.evaluate(r["out"], "digits", samples=100)
-    assert e["n"] == 100 and len(e["classes"]) == 10
+    assert r.epoch == 1 and 0 <= r.test_acc <= 1
+    e = reslab.evaluate(r.out, "digits", samples=100)
+    assert e.n == 100 and len(e.classes) == 10
 
 
 def test_presets_hold_the_seed_and_paper_values():

@@ -16,7 +16,7 @@ from PIL import Image
 import reslab
 from reslab.checkpoint import atomic_write, clean_state_dict, load_checkpoint, save_checkpoint
 from reslab.data import DataError, load_split
-from reslab.runtime import UserError
+from reslab.errors import UserError
 
 from conftest import make_folder
 
@@ -24,8 +24,13 @@ ARGS = ["--arch", "resnet20", "--batch-size", "8", "--lr", "0.01", "--precision"
         "--step-size", "2", "--gamma", "0.5", "--threads", "1"]
 
 
-def _train_cmd(folder, out, *extra):
-    return [sys.executable, "-m", "reslab", "train", "--data", str(folder), "--out", str(out), *ARGS, *extra]
+# The fast preset adds lookahead weight averaging and accuracy-mark snapshots: both live in the checkpoint.
+FAST = ["--preset", "fast", "--batch-size", "16", "--lr", "0.2", "--precision", "fp32", "--threads", "1",
+        "--accuracy-marks", "[0.5,0.9]"]
+
+
+def _train_cmd(folder, out, *extra, args=ARGS):
+    return [sys.executable, "-m", "reslab", "train", "--data", str(folder), "--out", str(out), *args, *extra]
 
 
 def _weights(run):
@@ -33,14 +38,20 @@ def _weights(run):
     return model.state_dict()
 
 
-def test_kill_9_then_resume_is_bit_identical(tmp_path):
-    folder = make_folder(tmp_path / "data", per_class=16)  # 48 images: 6 steps per epoch
-    epochs = ["--epochs", "5", "--checkpoint-every", "2"]
+def _marks(run):
+    marks = reslab.rundir.read_marks(run)
+    return {m: (r["step"], r["test_acc"]) for m, r in marks.items()}
+
+
+@pytest.mark.parametrize("args", [ARGS, FAST], ids=["resnet20", "fast-lookahead-marks"])
+def test_kill_9_then_resume_is_bit_identical(tmp_path, args):
+    folder = make_folder(tmp_path / "data", per_class=16)  # 48 images: 6 steps per epoch (3 at batch 16)
+    epochs = ["--epochs", "5" if args is ARGS else "10", "--checkpoint-every", "2"]
     full = tmp_path / "full"
-    subprocess.run(_train_cmd(folder, full, *epochs), check=True, capture_output=True)
+    subprocess.run(_train_cmd(folder, full, *epochs, args=args), check=True, capture_output=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(folder, killed, *epochs), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_train_cmd(folder, killed, *epochs, args=args), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     ckpt = killed / "last.pt"
     deadline = time.time() + 120
@@ -59,6 +70,8 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path):
     assert r.returncode == 0, r.stderr
     a, b = _weights(full), _weights(killed)
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    assert _marks(killed) == _marks(full)
+    assert reslab.rundir.read_metrics(killed)[-1]["train_loss"] == reslab.rundir.read_metrics(full)[-1]["train_loss"]
 
 
 def test_sigterm_saves_and_says_how_to_resume(tmp_path):

@@ -6,18 +6,20 @@ The public API::
     reslab.list_models()
     model = reslab.create_model("resnet20", num_classes=10)
     result = reslab.train(preset="paper", data="cifar10", epochs=1, out="runs/r20")
-    reslab.evaluate("runs/r20", data="cifar10")["accuracy"]
+    reslab.evaluate("runs/r20", data="cifar10").accuracy
     reslab.predict("runs/r20", ["cat.png"])
     model, meta = reslab.load_model("runs/r20")
 """
 
-__version__ = "0.1.0"
+from .checkpoint import load_model
+from .config import PRESETS, TrainConfig, make_config
+from .errors import UserError
+from .evaluate import EvalResult, evaluate, predict
+from .models import create_model, list_models
+from .rundir import package_version
+from .train import TrainResult, train
 
-from .models import create_model, list_models  # noqa: E402
-from .checkpoint import load_model  # noqa: E402
-from .config import PRESETS, TrainConfig, make_config  # noqa: E402
-from .evaluate import evaluate, predict  # noqa: E402
-from .train import train  # noqa: E402
+__version__ = package_version()
 
-__all__ = ["__version__", "create_model", "list_models", "load_model", "train", "evaluate", "predict",
-           "TrainConfig", "make_config", "PRESETS"]
+__all__ = ["PRESETS", "EvalResult", "TrainConfig", "TrainResult", "UserError", "__version__", "create_model",
+           "evaluate", "list_models", "load_model", "make_config", "predict", "train"]

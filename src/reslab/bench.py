@@ -9,7 +9,7 @@ per-image PIL transforms in a DataLoader with 4 workers, fp32, NCHW, eager, with
 from __future__ import annotations
 
 import time
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,8 @@ from .config import make_config
 from .data import BatchTransform, Batches, Split, load_data, pil_transform
 from .data.loader import _FileDataset
 from .models import count_macs, create_model
-from .runtime import (UserError, autocast, default_channels_last, resolve_device, resolve_precision,
+from .errors import UserError
+from .runtime import (autocast, default_channels_last, resolve_device, resolve_precision,
                       set_threads)
 
 
@@ -90,10 +91,36 @@ def _random_split(n: int, size: int) -> Split:
                  images=torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=g))
 
 
+@dataclass
+class BenchResult:
+    """Throughput of one model and recipe on one device, and how close it runs to the device's compute roof."""
+
+    arch: str
+    preset: str
+    device: str
+    threads: int
+    precision: str
+    channels_last: bool
+    compile: bool
+    batch_size: int
+    steps: int
+    input_size: int
+    data: str  # a folder, or "random"
+    num_classes: int
+    macs: int  # multiply-accumulates per image, forward
+    images_per_sec: float  # training, whole step
+    eval_images_per_sec: float
+    gflops_per_sec: float  # achieved in training, counting a step as three forward passes
+    roof_gflops_per_sec: float  # a large GEMM in the same precision
+    roof_fraction: float
+    baseline_images_per_sec: float | None = None  # the seed's pipeline (with --baseline)
+    speedup: float | None = None
+
+
 def bench(arch: str | None = None, preset: str = "seed", data: str | None = None, batch_size: int = 128,
           steps: int = 20, warmup: int = 3, baseline: bool = False, device: str = "auto",
           precision: str = "auto", channels_last: bool | None = None, compile: bool = False,
-          threads: int | None = None) -> dict[str, Any]:
+          threads: int | None = None) -> BenchResult:
     """Measure training (and evaluation) images/s of ``arch`` under ``preset``.
 
     Args:
@@ -107,8 +134,7 @@ def bench(arch: str | None = None, preset: str = "seed", data: str | None = None
         device, precision, channels_last, compile, threads: as for ``reslab train``.
 
     Returns:
-        ``images_per_sec``, ``eval_images_per_sec``, ``gflops_per_sec``, ``roof_gflops_per_sec``,
-        ``roof_fraction``, ``macs``, and with ``baseline`` also ``baseline_images_per_sec`` and ``speedup``.
+        Training and evaluation images/s, achieved GFLOP/s against the roof, and the seed pipeline's images/s.
     """
     cfg = make_config(preset, **({"arch": arch} if arch else {}), batch_size=batch_size)
     dev = resolve_device(device)
@@ -127,7 +153,8 @@ def bench(arch: str | None = None, preset: str = "seed", data: str | None = None
         raise UserError("bench times the in-memory path; this folder is too large to decode (use a subset)")
     batches = Batches(split, BatchTransform(cfg.augment, True, cfg.input_size, mean, std), batch_size,
                       shuffle=True, drop_last=True, seed=0, device=dev)
-    model, opt = _model(cfg, 10, dev, cl, compile)
+    num_classes = len(split.classes)
+    model, opt = _model(cfg, num_classes, dev, cl, compile)
     ips = _time_steps(_train_step(model, opt, dev, prec), batches, warmup, steps, dev)
 
     eval_batches = Batches(split, BatchTransform(cfg.augment, False, cfg.input_size, mean, std), batch_size,
@@ -140,18 +167,15 @@ def bench(arch: str | None = None, preset: str = "seed", data: str | None = None
 
     model.eval()
     eval_ips = _time_steps(eval_step, eval_batches, 1, max(3, steps // 2), dev)
-    macs = count_macs(create_model(cfg.arch, num_classes=10, **cfg.model_kwargs), cfg.input_size)
+    macs = count_macs(create_model(cfg.arch, num_classes=num_classes, **cfg.model_kwargs), cfg.input_size)
     gflops = 3 * 2 * macs * ips / 1e9  # a training step costs about three forward passes
     roof = gemm_roof(dev, prec)
-    result = {"arch": cfg.arch, "preset": preset, "device": str(dev), "threads": n_threads, "precision": prec,
-              "channels_last": cl, "compile": compile, "batch_size": batch_size, "steps": steps,
-              "input_size": cfg.input_size, "data": data or "random", "macs": macs,
-              "images_per_sec": round(ips, 1), "eval_images_per_sec": round(eval_ips, 1),
-              "gflops_per_sec": round(gflops, 1), "roof_gflops_per_sec": round(roof, 1),
-              "roof_fraction": round(gflops / roof, 3)}
+    result = BenchResult(cfg.arch, preset, str(dev), n_threads, prec, cl, compile, batch_size, steps, cfg.input_size,
+                         data or "random", num_classes, macs, round(ips, 1), round(eval_ips, 1), round(gflops, 1),
+                         round(roof, 1), round(gflops / roof, 3))
     if baseline:
-        result["baseline_images_per_sec"] = round(_seed_pipeline(cfg, split, mean, std, warmup, steps, dev), 1)
-        result["speedup"] = round(ips / result["baseline_images_per_sec"], 2)
+        result.baseline_images_per_sec = round(_seed_pipeline(cfg, split, mean, std, warmup, steps, dev), 1)
+        result.speedup = round(ips / result.baseline_images_per_sec, 2)
     return result
 
 
@@ -166,7 +190,7 @@ def _seed_pipeline(cfg, split: Split, mean, std, warmup: int, steps: int, device
     ds = _FileDataset(files, pil_transform(cfg.augment, True, cfg.input_size, mean, std))
     loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=4,
                         persistent_workers=True)
-    model, opt = _model(cfg, 10, device, channels_last=False, compile=False)
+    model, opt = _model(cfg, len(split.classes), device, channels_last=False, compile=False)
     step = _train_step(model, opt, device, "fp32")
 
     def to_device(batches):

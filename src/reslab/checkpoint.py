@@ -20,9 +20,11 @@ import torch
 from torch import nn
 
 from .models import create_model, list_models
-from .runtime import UserError
+from .errors import CheckpointError, ModelError
+from .rundir import CHECKPOINT_FILE, MODEL_FILE
 
-MODEL_FILE, CHECKPOINT_FILE = "model.safetensors", "last.pt"
+__all__ = ["CHECKPOINT_FILE", "MODEL_FILE", "atomic_write", "clean_state_dict", "load_checkpoint", "load_model",
+           "save_checkpoint", "save_model", "unwrap_model"]
 
 
 def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
@@ -70,7 +72,7 @@ def clean_state_dict(obj: Any) -> dict[str, torch.Tensor]:
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError("the file holds no model weights (expected a state_dict of tensors)")
+        raise CheckpointError("the file holds no model weights (expected a state_dict of tensors)")
     out = {}
     for k, v in obj.items():
         for prefix in ("module.", "_orig_mod."):
@@ -98,19 +100,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a torch checkpoint without unpickling arbitrary objects; clear errors for bad files."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
-        raise UserError(f"{path}: the file is empty")
+        raise CheckpointError(f"{path}: the file is empty")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" in str(exc):
             unsupported = next((ln.strip() for ln in str(exc).splitlines() if "Unsupported" in ln), "")
-            raise UserError(f"{path}: refused to load: the file holds objects other than weights, which could run "
+            raise CheckpointError(f"{path}: refused to load: the file holds objects other than weights, which could run "
                             f"code ({unsupported[:160]})") from None
-        raise UserError(f"{path}: not a readable checkpoint: {_first_line(exc)}") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint: {_first_line(exc)}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt?): {_first_line(exc)}") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {_first_line(exc)}") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -125,7 +127,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
             meta = json.loads((f.metadata() or {}).get("reslab", "{}"))
             return {k: f.get_tensor(k) for k in f.keys()}, meta
     except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{path}: not a readable safetensors file: {_first_line(exc)}") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file: {_first_line(exc)}") from None
 
 
 def resolve_model_path(path: str | Path) -> Path:
@@ -135,9 +137,9 @@ def resolve_model_path(path: str | Path) -> Path:
         for name in (MODEL_FILE, CHECKPOINT_FILE):
             if (path / name).is_file():
                 return path / name
-        raise UserError(f"{path}: no {MODEL_FILE} or {CHECKPOINT_FILE} in this folder")
+        raise CheckpointError(f"{path}: no {MODEL_FILE} or {CHECKPOINT_FILE} in this folder")
     if not path.is_file():
-        raise UserError(f"model not found: {path}")
+        raise CheckpointError(f"model not found: {path}")
     return path
 
 
@@ -163,26 +165,26 @@ def load_model(path: str | Path, arch: str | None = None, num_classes: int | Non
         state = clean_state_dict(obj)
     arch = arch or meta.get("arch")
     if arch is None:
-        raise UserError(f"{path} does not record its architecture: pass --arch (one of {', '.join(list_models())})")
+        raise ModelError(f"{path} does not record its architecture: pass --arch (one of {', '.join(list_models())})")
     if arch not in list_models():
-        raise UserError(f"unknown model {arch!r}; known: {', '.join(list_models())}")
+        raise ModelError(f"unknown model {arch!r}; known: {', '.join(list_models())}")
     if "fc.weight" not in state:
-        raise UserError(f"{path}: no 'fc.weight' in the weights: not a reslab/torchvision ResNet checkpoint")
+        raise ModelError(f"{path}: no 'fc.weight' in the weights: not a reslab/torchvision ResNet checkpoint")
     n = state["fc.weight"].shape[0]
     if num_classes is not None and num_classes != n:
-        raise UserError(f"{path} has {n} output classes, expected {num_classes}")
+        raise ModelError(f"{path} has {n} output classes, expected {num_classes}")
     kwargs = dict(meta.get("model_kwargs", {}))
     model = create_model(arch, num_classes=n, **kwargs)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
-        raise UserError(f"{path} does not match architecture {arch} {kwargs or ''}: "
+        raise ModelError(f"{path} does not match architecture {arch} {kwargs or ''}: "
                         f"{len(missing)} missing keys (e.g. {missing[:2]}), "
                         f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})")
     for k, v in expected.items():
         if v.shape != state[k].shape:
-            raise UserError(f"{path}: {k} has shape {tuple(state[k].shape)}, {arch} expects {tuple(v.shape)}")
+            raise ModelError(f"{path}: {k} has shape {tuple(state[k].shape)}, {arch} expects {tuple(v.shape)}")
     model.load_state_dict(state)
     meta = {**meta, "arch": arch, "model_kwargs": kwargs,
             "classes": meta.get("classes") or [str(i) for i in range(n)], "recorded_classes": bool(meta.get("classes")),

@@ -6,6 +6,7 @@ precedence is: defaults < ``--preset`` < ``--config FILE.yaml`` < flags (in the 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import sys
@@ -16,12 +17,14 @@ from typing import Any, Callable, Optional
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
 from .config import PRESETS, TrainConfig
-from .runtime import Interrupted, UserError
+from .errors import ConfigError, Interrupted, UserError
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
 def _print_json(obj: Any) -> None:
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
     print(json.dumps(obj, default=str))
 
 
@@ -77,13 +80,15 @@ def summary_cmd(arch: str, image_size: Optional[int] = None, num_classes: int = 
     print(f"  output shape    {tuple(s['output_shape'])}")
 
 
-def train_cmd(config: TrainConfig, preset: Optional[str] = None, resume: Optional[str] = None) -> None:
+def train_cmd(config: TrainConfig, preset: Optional[str] = None, resume: Optional[str] = None,
+              given: frozenset[str] = frozenset()) -> None:
+    """Train a new run from ``config``, or continue ``resume`` with the options ``given`` on the command line."""
     from .runtime import process_age
     from .train import train
 
     started = time.perf_counter() - process_age()  # --time-budget counts the whole command, imports included
     if resume:
-        train(resume=resume, started=started)
+        train(resume=resume, preset=preset, started=started, **{k: getattr(config, k) for k in given})
     else:
         train(config, started=started)
 
@@ -114,17 +119,17 @@ def eval_cmd(model: str, data: str, split: str = "test", arch: Optional[str] = N
                  samples=samples, data_dir=data_dir, tta=tta)
     if plot:
         from .plots import plot_confusion
-        plot_confusion(r["confusion"], r["classes"], plot)
+        plot_confusion(r.confusion, r.classes, plot)
     if json:
-        _print_json({k: r[k] for k in ("accuracy", "top5", "n", "loss", "per_class", "confusion", "classes")})
+        _print_json(r)
         return
-    print(f"accuracy {r['accuracy']:.4f} ({round(r['accuracy'] * r['n'])}/{r['n']})"
-          + (f"  top-5 {r['top5']:.4f}" if r["top5"] is not None else "") + f"  loss {r['loss']:.4f}")
-    width = max(len(c) for c in r["classes"])
-    for name, acc in r["per_class"].items():
+    print(f"accuracy {r.accuracy:.4f} ({round(r.accuracy * r.n)}/{r.n})"
+          + (f"  top-5 {r.top5:.4f}" if r.top5 is not None else "") + f"  loss {r.loss:.4f}")
+    width = max(len(c) for c in r.classes)
+    for name, acc in r.per_class.items():
         print(f"  {name:<{width}}  {acc:.4f}")
     print("confusion matrix (rows: true class, columns: predicted):")
-    for name, row in zip(r["classes"], r["confusion"]):
+    for name, row in zip(r.classes, r.confusion):
         print(f"  {name:<{width}} " + " ".join(f"{v:5d}" for v in row))
 
 
@@ -168,15 +173,15 @@ def bench_cmd(arch: Optional[str] = None, preset: str = "seed", data: Optional[s
     if json:
         _print_json(r)
         return
-    print(f"{r['arch']} ({r['preset']} preset, {r['input_size']} px) on {r['device']}, {r['threads']} threads, "
-          f"{r['precision']}, channels_last={r['channels_last']}, compile={r['compile']}, batch {r['batch_size']}")
-    print(f"  train        {r['images_per_sec']:10.1f} img/s   (data -> augmentation -> forward -> backward -> "
-          f"update, {r['steps']} steps)")
-    print(f"  eval         {r['eval_images_per_sec']:10.1f} img/s")
-    print(f"  compute      {r['gflops_per_sec']:10.1f} GFLOP/s = {r['roof_fraction']:.0%} of the measured "
-          f"{r['precision']} GEMM roof ({r['roof_gflops_per_sec']:.0f} GFLOP/s); {r['macs'] / 1e6:.1f} M MACs/image")
-    if "speedup" in r:
-        print(f"  seed pipeline {r['baseline_images_per_sec']:9.1f} img/s   -> speedup {r['speedup']:.2f}x")
+    print(f"{r.arch} ({r.preset} preset, {r.input_size} px, {r.num_classes} classes) on {r.device}, {r.threads} "
+          f"threads, {r.precision}, channels_last={r.channels_last}, compile={r.compile}, batch {r.batch_size}")
+    print(f"  train        {r.images_per_sec:10.1f} img/s   (data -> augmentation -> forward -> backward -> "
+          f"update, {r.steps} steps)")
+    print(f"  eval         {r.eval_images_per_sec:10.1f} img/s")
+    print(f"  compute      {r.gflops_per_sec:10.1f} GFLOP/s = {r.roof_fraction:.0%} of the measured "
+          f"{r.precision} GEMM roof ({r.roof_gflops_per_sec:.0f} GFLOP/s); {r.macs / 1e6:.1f} M MACs/image")
+    if r.speedup is not None:
+        print(f"  seed pipeline {r.baseline_images_per_sec:9.1f} img/s   -> speedup {r.speedup:.2f}x")
 
 
 def compare_cmd(config: TrainConfig, archs: Optional[str] = None, schedules: Optional[str] = None,
@@ -188,7 +193,7 @@ def compare_cmd(config: TrainConfig, archs: Optional[str] = None, schedules: Opt
     try:
         numbers = [float(b) for b in split(budgets)], [int(s) for s in split(seeds)]
     except ValueError:
-        raise UserError(f"--budgets takes minutes and --seeds integers, comma-separated: {budgets!r}, {seeds!r}")
+        raise ConfigError(f"--budgets takes minutes and --seeds integers, comma-separated: {budgets!r}, {seeds!r}")
     summary = compare(config, archs=split(archs), schedules=split(schedules), budgets=numbers[0], seeds=numbers[1],
                       out=compare_out)
     if budgets:
@@ -228,10 +233,10 @@ def export_cmd(model: str, format: str = "onnx", out: Optional[str] = None, arch
     if json:
         _print_json(r)
     else:
-        print(f"wrote {r['out']} ({r['format']}, input {r['input_shape']}); parity with PyTorch: max |diff| "
-              f"{r['max_abs_diff']:.2e} {'<=' if r['ok'] else '>'} {TOLERANCE:g}: {'OK' if r['ok'] else 'FAILED'}")
-    if not r["ok"]:
-        raise UserError(f"exported model differs from PyTorch by {r['max_abs_diff']:.2e}")
+        print(f"wrote {r.out} ({r.format}, input {r.input_shape}); parity with PyTorch: max |diff| "
+              f"{r.max_abs_diff:.2e} {'<=' if r.ok else '>'} {TOLERANCE:g}: {'OK' if r.ok else 'FAILED'}")
+    if not r.ok:
+        raise UserError(f"exported model differs from PyTorch by {r.max_abs_diff:.2e}")
 
 
 COMMANDS: dict[str, Callable[..., None]] = {
@@ -354,6 +359,11 @@ def _param_doc(fn: Callable, name: str) -> str:
     return next((p.description for p in parse(fn.__doc__ or "").params if p.arg_name == name), "") or ""
 
 
+def _given_options(argv: list[str]) -> set[str]:
+    """Names of the options on a normalised command line (``--image_size=64`` -> ``image_size``)."""
+    return {a[2:].split("=", 1)[0] for a in argv if a.startswith("--") and len(a) > 2}
+
+
 def _preset_in(argv: list[str]) -> str | None:
     for i, a in enumerate(argv):
         if a == "--preset" and i + 1 < len(argv):
@@ -388,12 +398,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ns[command].as_dict()
     for key in ("config", "__path__"):
         args.pop(key, None)
-    from .data import DataError
-
     try:
         if command == "train":
             special = {k: args.pop(k, None) for k in ("preset", "resume")}
-            COMMANDS[command](TrainConfig(**args), **special)
+            given = frozenset(_given_options(argv) & set(args))
+            if special["resume"] and "config" in _given_options(argv):
+                raise ConfigError("--resume continues a run with its saved config: no --config with it")
+            COMMANDS[command](TrainConfig(**args), given=given, **special)
         elif command == "compare":
             special = {k: args.pop(k, None) for k in ("preset", "archs", "schedules", "budgets", "seeds")}
             out = args.pop("out", None) or "runs/compare"  # --out names the comparison directory
@@ -406,11 +417,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `reslab ... | head` closed the pipe: not an error
         sys.stderr.close()
         return 0
-    except (UserError, DataError, ValueError, KeyError, OSError) as exc:
+    except UserError as exc:  # anything else is a bug: its traceback is shown
         if debug:
             raise
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"reslab: error: {msg}", file=sys.stderr)
+        print(f"reslab: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("reslab: interrupted", file=sys.stderr)

@@ -13,55 +13,48 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CHECKPOINT_FILE, MODEL_FILE
+from . import rundir
 from .config import TrainConfig
+from .errors import ConfigError
 from .models import count_macs, count_params, create_model, model_info
 
-def read_metrics(run: str | Path) -> list[dict[str, Any]]:
-    """The per-epoch lines of a run's ``metrics.jsonl`` (the last line per epoch, if a resume repeated one)."""
-    path = Path(run) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    by_epoch = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            if "epoch" in row:  # not the accuracy-marks line
-                by_epoch[row["epoch"]] = row
-    return [by_epoch[e] for e in sorted(by_epoch)]
+# Options that change where and how visibly a run trains, not its result: a finished run that differs from the
+# requested recipe only in these is still the same experiment.
+NOT_RECIPE = frozenset({"out", "device", "threads", "workers", "loader", "log_every", "tensorboard",
+                        "checkpoint_every", "strict", "data_dir", "compile"})
+
+
+def recipe_differences(saved: dict[str, Any], requested: TrainConfig) -> list[str]:
+    """The options (as flags) on which a saved run's config differs from ``requested``, outside ``NOT_RECIPE``."""
+    want = requested.to_dict()
+    return [f"--{k.replace('_', '-')} {saved.get(k)!r} (asked {v!r})" for k, v in want.items()
+            if k not in NOT_RECIPE and saved.get(k) != v]
 
 
 def _variants(base: TrainConfig, archs: list[str], schedules: list[str], budgets: list[float],
               seeds: list[int]) -> dict[str, TrainConfig]:
     if sum(map(bool, (archs, schedules, budgets))) > 1:
-        raise ValueError("give one of --archs, --schedules or --budgets")
+        raise ConfigError("give one of --archs, --schedules or --budgets")
     if seeds and not budgets:
-        raise ValueError("--seeds goes with --budgets")
+        raise ConfigError("--seeds goes with --budgets")
     if budgets:
         return {f"{b:g}min-seed{s}": dataclasses.replace(base, time_budget=b, seed=s)
                 for b in budgets for s in (seeds or [base.seed])}
     if schedules:
         return {s: dataclasses.replace(base, schedule=s) for s in schedules}
     if not archs:
-        raise ValueError("give --archs (e.g. plain20,resnet20,plain56,resnet56), --schedules (e.g. step,constant) "
+        raise ConfigError("give --archs (e.g. plain20,resnet20,plain56,resnet56), --schedules (e.g. step,constant) "
                          "or --budgets (minutes, e.g. 2.5,5,10)")
     for a in archs:
         model_info(a)  # unknown names fail before anything trains
     return {a: dataclasses.replace(base, arch=a) for a in archs}
 
 
-def read_marks(run: str | Path) -> dict[str, Any]:
-    """The accuracy marks a run recorded (mark -> seconds, step, test_acc), or {}."""
-    path = Path(run) / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.is_file() else []
-    marks = [json.loads(line)["accuracy_marks"] for line in lines if '"accuracy_marks"' in line]
-    return marks[-1] if marks else {}
-
-
 def _summary_row(name: str, cfg: TrainConfig, run: Path) -> dict[str, Any]:
-    rows = read_metrics(run)
+    rows = rundir.read_metrics(run)
     info = model_info(cfg.arch)
-    model = create_model(cfg.arch, num_classes=10, **cfg.model_kwargs)
+    classes = rundir.read_model_meta(run).get("classes") or range(10)
+    model = create_model(cfg.arch, num_classes=len(classes), **cfg.model_kwargs)
     test = [r["test_acc"] for r in rows if "test_acc" in r]
     last = rows[-1] if rows else {}
     return {"name": name, "arch": cfg.arch, "schedule": cfg.schedule, "residual": info.residual,
@@ -71,7 +64,7 @@ def _summary_row(name: str, cfg: TrainConfig, run: Path) -> dict[str, Any]:
             "final_train_error": 1 - last["train_acc"] if last else None,
             "final_train_loss": last.get("train_loss"), "wall_seconds": round(sum(r["seconds"] for r in rows), 1),
             "time_budget": cfg.time_budget, "seed": cfg.seed, "final_test_acc": test[-1] if test else None,
-            "seconds_to_result": last.get("wall_seconds"), "accuracy_marks": read_marks(run), "run": str(run)}
+            "seconds_to_result": last.get("wall_seconds"), "accuracy_marks": rundir.read_marks(run), "run": str(run)}
 
 
 def frontier(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -121,9 +114,14 @@ def compare(config: TrainConfig, *, archs: list[str] | None = None, schedules: l
     out.mkdir(parents=True, exist_ok=True)
     for name, cfg in variants.items():
         run = out / name
-        if (run / MODEL_FILE).is_file():
+        saved = rundir.read_config(run) if rundir.has_checkpoint(run) or rundir.is_finished(run) else None
+        differences = recipe_differences(saved, dataclasses.replace(cfg, out=str(run))) if saved else []
+        if differences:
+            raise ConfigError(f"{run} holds a run of another recipe ({'; '.join(differences[:3])}): delete it or "
+                              f"compare into another --out")
+        if rundir.is_finished(run):
             print(f"compare: {name}: finished run found in {run}, reused", flush=True)
-        elif (run / CHECKPOINT_FILE).is_file():
+        elif rundir.has_checkpoint(run):
             print(f"compare: {name}: resuming the interrupted run in {run}", flush=True)
             train(resume=str(run))
         else:

@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from .errors import ConfigError
+
 Augment = Literal["seed", "paper", "fast", "none"]
 Schedule = Literal["step", "multistep", "cosine", "onecycle", "linear", "constant"]
 TTA = Literal["none", "flip", "flip_shift"]
@@ -135,20 +137,20 @@ class TrainConfig:
                     "time_budget": self.time_budget or 1}
         for name, value in positive.items():
             if value <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
         for name in ("train_samples", "test_samples", "steps", "image_size", "threads"):
             value = getattr(self, name)
             if value is not None and value <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
         if self.eval_every < 0 or not all(0 < a <= 1 for a in self.accuracy_marks):
-            raise ValueError("--eval-every must not be negative and --accuracy-marks must lie in (0, 1]")
+            raise ConfigError("--eval-every must not be negative and --accuracy-marks must lie in (0, 1]")
         if self.val_split < 0 or self.workers < 0 or self.checkpoint_every < 0 or self.weight_decay < 0 or self.warmup < 0:
-            raise ValueError("--val-split, --workers, --checkpoint-every, --weight-decay and --warmup must not be "
+            raise ConfigError("--val-split, --workers, --checkpoint-every, --weight-decay and --warmup must not be "
                              "negative")
         if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+            raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.schedule == "multistep" and not self.milestones:
-            raise ValueError("--schedule multistep needs --milestones")
+            raise ConfigError("--schedule multistep needs --milestones")
 
     @property
     def input_size(self) -> int:
@@ -200,11 +202,11 @@ def make_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
     values: dict[str, Any] = {}
     if preset is not None:
         if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+            raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
         values.update(PRESETS[preset])
     values.update(overrides)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(values) - known
     if unknown:
-        raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
     return TrainConfig(**values)

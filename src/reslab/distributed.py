@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .runtime import UserError
+from .errors import UserError
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,30 @@ def sync_buffers(model: torch.nn.Module) -> None:
     if dist.is_available() and dist.is_initialized():
         for b in model.buffers():
             dist.broadcast(b, src=0)
+
+
+def broadcast_int(value: int, device: torch.device) -> int:
+    """Rank 0's ``value`` on every rank (``value`` itself without a process group): one decision for all."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
+def max_int(value: int, device: torch.device) -> int:
+    """The largest ``value`` over all ranks (``value`` itself without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a clock read afterwards measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def barrier() -> None:

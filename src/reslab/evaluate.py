@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from .checkpoint import load_model
 from .data import BatchTransform, Batches, DataError, fit_square, load_rgb, load_split, match_classes, store_size
 from .data.folder import IMAGE_EXTENSIONS
 from .distributed import all_sum
+from .errors import ConfigError
 from .runtime import autocast, resolve_device, resolve_precision, set_threads
 
 
@@ -30,7 +32,7 @@ def tta_logits(model: nn.Module, x: Tensor, tta: str = "none") -> Tensor:
     """Logits averaged over test-time views: ``flip`` adds the mirror image; ``flip_shift`` also averages both
     flips of the image shifted by one pixel up-left and down-right (reflection padding), weighted as one view."""
     if tta not in TTA_VIEWS:
-        raise ValueError(f"tta must be one of {', '.join(TTA_VIEWS)}, got {tta!r}")
+        raise ConfigError(f"tta must be one of {', '.join(TTA_VIEWS)}, got {tta!r}")
     logits = model(x)
     if tta == "none":
         return logits
@@ -44,10 +46,35 @@ def tta_logits(model: nn.Module, x: Tensor, tta: str = "none") -> Tensor:
     return 0.5 * logits + 0.5 * shifted_logits
 
 
+@dataclass
+class Scores:
+    """Mean loss, top-1/top-5 accuracy and the confusion matrix (rows: true class, columns: predicted)."""
+
+    loss: float
+    accuracy: float
+    top5: float | None
+    n: int
+    confusion: Tensor
+
+
+@dataclass
+class EvalResult:
+    """What ``evaluate`` reports about a model on one split."""
+
+    accuracy: float  # 0-1
+    top5: float | None  # None with fewer than 5 classes
+    n: int
+    loss: float
+    per_class: dict[str, float]  # class name -> accuracy, for the classes present in the split
+    confusion: list[list[int]]  # rows: true class, columns: predicted, over the model's classes
+    classes: list[str]
+    images_per_sec: float
+
+
 @torch.no_grad()
 def evaluate_batches(model: nn.Module, batches: Batches, device: torch.device, precision: str,
-                     num_classes: int, tta: str = "none") -> dict[str, Any]:
-    """Mean loss, top-1/top-5 accuracy and the confusion matrix (rows: true class, columns: predicted).
+                     num_classes: int, tta: str = "none") -> Scores:
+    """Mean loss, top-1/top-5 accuracy and the confusion matrix of ``model`` on ``batches``.
 
     Under torchrun each rank scores its own shard and the sums are added over ranks: exact, nothing padded.
     """
@@ -65,8 +92,8 @@ def evaluate_batches(model: nn.Module, batches: Batches, device: torch.device, p
         confusion += torch.bincount(y * num_classes + pred, minlength=num_classes**2).view(num_classes, -1)
     loss_sum, correct5, confusion = all_sum(loss_sum, correct5, confusion)
     n = confusion.sum().item()
-    return {"loss": loss_sum.item() / n, "accuracy": confusion.trace().item() / n,
-            "top5": correct5.item() / n if num_classes >= 5 else None, "n": n, "confusion": confusion.cpu()}
+    return Scores(loss_sum.item() / n, confusion.trace().item() / n,
+                  correct5.item() / n if num_classes >= 5 else None, n, confusion.cpu())
 
 
 def _log(msg: str) -> None:
@@ -81,7 +108,7 @@ def _load(model: str | Path | nn.Module, arch: str | None, device: torch.device)
 
 def evaluate(model: str | Path, data: str, *, split: str = "test", arch: str | None = None, device: str = "auto",
              precision: str = "auto", batch_size: int = 256, samples: int | None = None,
-             data_dir: str | None = None, tta: str | None = None) -> dict[str, Any]:
+             data_dir: str | None = None, tta: str | None = None) -> EvalResult:
     """Accuracy of a saved model on a split of ``data``.
 
     Args:
@@ -93,8 +120,7 @@ def evaluate(model: str | Path, data: str, *, split: str = "test", arch: str | N
         tta: test-time augmentation ``none``, ``flip`` or ``flip_shift`` (default: what the model was trained with).
 
     Returns:
-        ``accuracy`` (0-1), ``top5``, ``n``, ``loss``, ``per_class`` (name -> accuracy), ``confusion``
-        (rows: true class, columns: predicted, over the model's classes), ``classes``, ``images_per_sec``.
+        Accuracy, top-5, loss, per-class accuracy and the confusion matrix.
     """
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
@@ -119,11 +145,10 @@ def evaluate(model: str | Path, data: str, *, split: str = "test", arch: str | N
     t0 = time.perf_counter()
     r = evaluate_batches(net, batches, dev, prec, len(classes), tta or meta.get("tta") or "none")
     seconds = time.perf_counter() - t0
-    conf = r["confusion"]
+    conf = r.confusion
     present = sorted(set(s.labels.tolist()))
     per_class = {classes[c]: conf[c, c].item() / conf[c].sum().item() for c in present}
-    return {"accuracy": r["accuracy"], "top5": r["top5"], "n": r["n"], "loss": r["loss"], "per_class": per_class,
-            "confusion": conf.tolist(), "classes": classes, "images_per_sec": round(r["n"] / seconds, 1)}
+    return EvalResult(r.accuracy, r.top5, r.n, r.loss, per_class, conf.tolist(), classes, round(r.n / seconds, 1))
 
 
 def _image_files(inputs: list[str | Path]) -> list[Path]:

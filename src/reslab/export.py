@@ -8,19 +8,30 @@ from __future__ import annotations
 import contextlib
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from .checkpoint import load_model
-from .runtime import UserError
+from .errors import UserError
 
 TOLERANCE = 1e-4  # max |difference| of logits against PyTorch in eval mode
 
 
+@dataclass
+class ExportResult:
+    """The exported file and its parity with PyTorch."""
+
+    out: Path
+    format: str
+    max_abs_diff: float  # largest |logit difference| against PyTorch on a batch of random inputs
+    ok: bool  # max_abs_diff <= TOLERANCE
+    input_shape: list  # ["batch", 3, size, size]: the batch dimension is dynamic
+
+
 def export(model: str | Path, format: str = "onnx", out: str | Path | None = None, *, arch: str | None = None,
-           check_batch: int = 3) -> dict[str, Any]:
+           check_batch: int = 3) -> ExportResult:
     """Export a saved model and check it against PyTorch on random inputs.
 
     Args:
@@ -31,7 +42,7 @@ def export(model: str | Path, format: str = "onnx", out: str | Path | None = Non
         check_batch: batch size of the parity check (differs from the export's, to prove the batch is dynamic).
 
     Returns:
-        ``out``, ``format``, ``max_abs_diff``, ``ok`` (difference within 1e-4), ``input_shape``.
+        The file written and its largest difference from PyTorch (``ok`` when within ``TOLERANCE``).
     """
     if format not in ("onnx", "torchscript"):
         raise UserError(f"--format must be onnx or torchscript, got {format!r}")
@@ -54,8 +65,7 @@ def export(model: str | Path, format: str = "onnx", out: str | Path | None = Non
         else:
             got = torch.from_numpy(_export_onnx(net, example, out, check.numpy()))
     diff = (got - expected).abs().max().item()
-    return {"out": str(out), "format": format, "max_abs_diff": diff, "ok": diff <= TOLERANCE,
-            "input_shape": ["batch", 3, size, size]}
+    return ExportResult(out, format, diff, diff <= TOLERANCE, ["batch", 3, size, size])
 
 
 def _export_onnx(net: torch.nn.Module, example: torch.Tensor, out: Path, check):

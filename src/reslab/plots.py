@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .runtime import UserError
+from . import rundir
+from .errors import UserError
 
 
 def _pyplot():
@@ -56,11 +57,9 @@ def plot_runs(runs: list[str | Path], out: str | Path, metric: str = "error", la
         labels: legend names (default: the run directory names).
         split_plain: put plain nets in a left panel and residual nets in a right one (Fig. 6).
     """
-    from .compare import read_metrics
-
     plt = _pyplot()
     labels = labels or [Path(r).name for r in runs]
-    data = [(label, read_metrics(r), _is_plain(r)) for label, r in zip(labels, runs)]
+    data = [(label, rundir.read_metrics(r), _is_plain(r)) for label, r in zip(labels, runs)]
     panels = [("plain networks", [d for d in data if d[2]]), ("residual networks", [d for d in data if not d[2]])]
     panels = [p for p in panels if p[1]] if split_plain else [("", data)]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.6), sharey=True, squeeze=False)
@@ -112,14 +111,10 @@ def plot_depth(rows: list[dict], out: str | Path) -> Path:
 
 
 def _is_plain(run: str | Path) -> bool:
-    import yaml
-
     from .models import model_info
 
-    cfg = Path(run) / "config.yaml"
-    if not cfg.is_file():
-        return False
-    return not model_info(yaml.safe_load(cfg.read_text())["arch"]).residual
+    cfg = rundir.read_config(run)
+    return cfg is not None and not model_info(cfg["arch"]).residual
 
 
 def _finish_line_plot(fig, ax, xlabel: str, ylabel: str, title: str, out: str | Path) -> Path:

@@ -7,13 +7,7 @@ import os
 
 import torch
 
-
-class UserError(Exception):
-    """A problem the user can fix (bad option, missing file); the CLI prints it as one line, no traceback."""
-
-
-class Interrupted(UserError):
-    """SIGINT/SIGTERM arrived: the current step finished and a checkpoint was saved (exit status 130)."""
+from .errors import ConfigError, UserError
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -23,7 +17,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
+        raise ConfigError(f"--device {name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
     return device
@@ -46,9 +40,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "bf16" if cpu_has_bf16() else "fp32"
     if precision == "fp16" and device.type != "cuda":
-        raise UserError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+        raise ConfigError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
     if precision not in ("fp32", "bf16", "fp16"):
-        raise UserError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+        raise ConfigError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     return precision
 
 
@@ -67,6 +61,7 @@ def default_channels_last(device: torch.device, precision: str) -> bool:
 
 
 def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one: Linux; else all cores)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 

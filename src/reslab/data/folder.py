@@ -16,13 +16,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..errors import DataError
+from ..runtime import usable_cores
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 # Refuse decompression bombs: no image of ours needs more pixels than this.
 Image.MAX_IMAGE_PIXELS = 64_000_000
-
-
-class DataError(Exception):
-    """A user-facing problem with the data (missing folder, no images, no download)."""
 
 
 def scan_folder(root: str | Path) -> tuple[list[Path], list[str], list[str]]:
@@ -131,7 +130,7 @@ def decode_images(paths: list[Path], size: int | None, *, workers: int | None = 
         except Exception:
             pass  # a damaged cache is rebuilt below, never used
     jobs = [(str(p), size) for p in paths]
-    n_workers = workers or len(os.sched_getaffinity(0))
+    n_workers = workers or usable_cores()
     if len(jobs) < 2000 or n_workers <= 1:
         results = [_decode_one(j) for j in jobs]
     else:

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import ConfigError, DataError
+
 from .augment import BatchTransform, pil_transform
 from .datasets import Split
 from .folder import load_rgb
@@ -38,14 +40,14 @@ class Batches:
     def __init__(self, split: Split, transform: BatchTransform, batch_size: int, *, shuffle: bool, drop_last: bool,
                  seed: int, device: torch.device, workers: int = 2, rank: int = 0, world: int = 1) -> None:
         if batch_size % world:
-            raise ValueError(f"the global batch size {batch_size} must be divisible by the {world} processes")
+            raise ConfigError(f"the global batch size {batch_size} must be divisible by the {world} processes")
         self.split, self.transform, self.batch_size = split, transform, batch_size
         self.rank, self.world, self.local = rank, world, batch_size // world
         self.shuffle, self.drop_last, self.seed, self.device, self.workers = shuffle, drop_last, seed, device, workers
         if len(split) == 0:
-            raise ValueError("empty split")
+            raise DataError("empty split: no images to make batches of")
         if drop_last and len(split) < batch_size:
-            raise ValueError(f"batch size {batch_size} is larger than the {len(split)} training images")
+            raise ConfigError(f"--batch-size {batch_size} is larger than the {len(split)} training images")
         self.images = split.images
         if self.images is not None and device.type == "cuda":
             self.images = self.images.to(device)  # CIFAR-10 is 150 MB as uint8: keep it on the GPU

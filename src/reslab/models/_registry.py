@@ -11,6 +11,8 @@ from typing import Callable
 
 from torch import nn
 
+from ..errors import ModelError
+
 __all__ = ["ModelInfo", "register_model", "list_models", "create_model", "model_info"]
 
 
@@ -47,11 +49,10 @@ def list_models(pattern: str | None = None) -> list[str]:
 
 
 def model_info(name: str) -> ModelInfo:
-    """The registry entry for ``name``; raises ``KeyError`` with the known names if it is unknown."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"unknown model {name!r}; known: {', '.join(_REGISTRY)}") from None
+    """The registry entry for ``name``; raises ``ModelError`` with the known names if it is unknown."""
+    if name not in _REGISTRY:
+        raise ModelError(f"unknown model {name!r}; known: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
 
 
 def create_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:

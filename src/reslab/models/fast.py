@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..errors import ModelError
 from ._registry import register_model
 from .resnet import BasicBlock, conv3x3
 
@@ -53,7 +54,7 @@ class FastResNet(nn.Module):
                  num_classes: int = 10, logit_scale: float = 1 / 9, in_channels: int = 3) -> None:
         super().__init__()
         if len(widths) != len(blocks):
-            raise ValueError(f"widths {tuple(widths)} and blocks {tuple(blocks)} must have the same length")
+            raise ModelError(f"widths {tuple(widths)} and blocks {tuple(blocks)} must have the same length")
         stem = 2 * in_channels * WHITEN_KERNEL**2  # each whitening filter and its negative
         self.conv1 = nn.Conv2d(in_channels, stem, kernel_size=WHITEN_KERNEL, padding=0, bias=True)
         self.conv1.weight.requires_grad_(False)  # set from the data by init_whitening, never trained

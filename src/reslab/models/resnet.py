@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ModelError
 from ._registry import register_model
 
 Stem = Literal["imagenet", "cifar", "seed"]
@@ -61,7 +62,7 @@ def make_shortcut(kind: Shortcut, in_planes: int, out_planes: int, stride: int) 
     if kind == "B" and not changes:
         return None
     if kind not in ("B", "C"):
-        raise ValueError(f"shortcut must be 'A', 'B' or 'C', got {kind!r}")
+        raise ModelError(f"shortcut must be 'A', 'B' or 'C', got {kind!r}")
     return nn.Sequential(conv1x1(in_planes, out_planes, stride), nn.BatchNorm2d(out_planes))
 
 
@@ -137,9 +138,9 @@ class ResNet(nn.Module):
                  in_channels: int = 3) -> None:
         super().__init__()
         if len(layers) != len(widths):
-            raise ValueError(f"layers {tuple(layers)} and widths {tuple(widths)} must have the same length")
+            raise ModelError(f"layers {tuple(layers)} and widths {tuple(widths)} must have the same length")
         if stem not in ("imagenet", "cifar", "seed"):
-            raise ValueError(f"stem must be 'imagenet', 'cifar' or 'seed', got {stem!r}")
+            raise ModelError(f"stem must be 'imagenet', 'cifar' or 'seed', got {stem!r}")
         self.inplanes = widths[0]
         self.shortcut, self.residual = shortcut, residual
         if stem == "cifar":

@@ -1,0 +1,348 @@
+"""The training loop's stateful features, one small object each.
+
+A hook sees the run at a few points of ``fit`` (``on_fit_start``, ``on_step_end``, ``on_epoch_end``, ``on_fit_end``,
+``close``) and owns whatever it remembers: ``state_dict`` goes into ``last.pt`` under the hook's ``name`` and comes
+back through ``load_state_dict`` on ``--resume``. The shape follows Lightning's and fastai's callbacks and timm's
+``ModelEmaV3``, smaller.
+
+Under torchrun every rank runs every hook. A hook that decides something from a clock or a signal decides it once
+(rank 0's clock, any rank's signal) and shares the decision, so all ranks take the same number of steps.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from . import distributed, rundir
+from .checkpoint import atomic_write, unwrap_model
+from .evaluate import TTA_VIEWS, evaluate_batches
+from .progress import Progress
+
+if TYPE_CHECKING:
+    from .train import Run
+
+
+class Hook:
+    """A training feature with its own state. Every method is optional; the defaults do nothing."""
+
+    name = "hook"
+
+    def on_fit_start(self, run: Run) -> None: ...
+
+    def on_step_end(self, run: Run, loss: torch.Tensor, lr: float) -> None: ...
+
+    def on_epoch_end(self, run: Run, metrics: dict[str, Any]) -> None: ...
+
+    def on_fit_end(self, run: Run, metrics: dict[str, Any]) -> None: ...
+
+    def close(self) -> None:
+        """Release what the hook holds (signal handlers, files), after success or failure."""
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+# --- weights ----------------------------------------------------------------------------------------------------------
+
+class Lookahead(Hook):
+    """Every ``every`` steps, move a running average toward the weights and reset the weights to the average.
+
+    As in the airbench trainers (after Zhang et al. 2019, "Lookahead Optimizer"): the average's decay grows as
+    (step/total)^3, so it does nothing early and smooths the weights late. BatchNorm running statistics are averaged
+    too. Deviation from airbench, which ends on the average: at the last step the average is moved onto the weights
+    (decay 0), so the run ends on the weights of its last step. The fast preset's published numbers used this.
+    """
+
+    name = "lookahead"
+    every = 5
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.tensors = [t for t in unwrap_model(model).state_dict().values() if t.is_floating_point()]
+        self.average = [t.detach().clone() for t in self.tensors]
+
+    @staticmethod
+    def decay(step: int, total: int) -> float:
+        """How much of the average survives an update at ``step`` of ``total``."""
+        return 0.95 ** Lookahead.every * (step / total) ** 3 if step < total else 0.0
+
+    @torch.no_grad()
+    def on_step_end(self, run: Run, loss: torch.Tensor, lr: float) -> None:
+        self.update(run.step, run.total_steps)
+
+    @torch.no_grad()
+    def update(self, step: int, total: int) -> None:
+        if step % self.every == 0 or step >= total:
+            decay = self.decay(step, total)
+            for a, t in zip(self.average, self.tensors):
+                a.lerp_(t, 1 - decay)
+                t.copy_(a)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"average": [a.detach().cpu() for a in self.average]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.average = [a.to(t.device) for a, t in zip(state["average"], self.tensors)]
+
+
+# --- time ---------------------------------------------------------------------------------------------------------------
+
+BUDGET_MEASURE = (3, 8)  # time steps 3..10 (after the first, slow ones) to size a --time-budget run
+BUDGET_RESERVE = 0.03  # keep 3 % of the budget for the unexpected (checkpoint writes, a slower stretch)
+BUDGET_END_SECONDS = 2.0  # saving the model and leaving the process, after the final evaluation
+EVAL_COST = 0.25  # an image's evaluation costs about a quarter of its training step (4.2x measured on the 2-core CPU)
+
+
+def size_to_budget(budget_seconds: float, elapsed: float, step: int, seconds_per_step: float,
+                   eval_seconds: float, min_steps: int = 0) -> int:
+    """Total steps that end a run, its final evaluation included, inside ``budget_seconds``.
+
+    Args:
+        budget_seconds: the whole run's budget.
+        elapsed: seconds spent so far (since process start).
+        step: steps done so far.
+        seconds_per_step: measured training throughput.
+        eval_seconds: expected cost of the final evaluation.
+        min_steps: never fewer (e.g. the end of the warm-up, so the schedule anneals).
+    """
+    left = budget_seconds * (1 - BUDGET_RESERVE) - elapsed - eval_seconds - BUDGET_END_SECONDS
+    return max(step + max(0, int(left / seconds_per_step)), step + 1, min_steps)
+
+
+class TimeBudget(Hook):
+    """Sizes a ``--time-budget`` run: after a measurement window inside the warm-up (so no learning rate used so far
+    depends on the length), then again at every tenth of the run until 70 %, from the mean seconds per step since the
+    window began. A drifting throughput moves the end a little rather than overrunning the budget.
+
+    The clock is rank 0's; the decided length is broadcast, so every rank stops at the same step. A resumed run keeps
+    the length it was sized to.
+    """
+
+    name = "time_budget"
+
+    def __init__(self, minutes: float, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.budget, self.clock = minutes * 60, clock
+        self.total: int | None = None  # the decided length, once sized
+        self.start_step, self.measure_start = 0, 0.0
+
+    def on_fit_start(self, run: Run) -> None:
+        self.start_step = run.step
+        if self.total is not None:
+            run.total_steps = self.total
+
+    def on_step_end(self, run: Run, loss: torch.Tensor, lr: float) -> None:
+        done, first, window = run.step - self.start_step, BUDGET_MEASURE[0], sum(BUDGET_MEASURE)
+        if self.total is not None and done < window:
+            return  # sized before an interruption: keep that length
+        if done == first:
+            distributed.synchronize(run.device)
+            self.measure_start = self.clock()
+            return
+        tenth = max(1, run.total_steps // 10)
+        if done == window or (done > window and run.step % tenth == 0 and run.step < 0.7 * run.total_steps):
+            distributed.synchronize(run.device)
+            per_step = (self.clock() - self.measure_start) / (done - first)
+            eval_images = sum(len(b.split) for b in run.eval_batches.values())
+            eval_seconds = eval_images * TTA_VIEWS[run.cfg.tta] * per_step * EVAL_COST / run.cfg.batch_size
+            warmup_steps = math.ceil(run.cfg.warmup * len(run.train_batches)) + 1
+            total = size_to_budget(self.budget, self.clock() - run.clock, run.step, per_step, eval_seconds,
+                                   warmup_steps)
+            self.total = run.total_steps = distributed.broadcast_int(total, run.device)
+            if done == window and run.dist.main:
+                print(f"time budget {self.budget / 60:g} min: {per_step:.3f} s per step measured, so {self.total} "
+                      f"steps ({self.total / len(run.train_batches):.1f} epochs)", file=sys.stderr)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"total_steps": self.total}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.total = state["total_steps"]
+
+
+class StopOnSignal(Hook):
+    """SIGINT/SIGTERM end the run after the current step (the checkpointer saves it), not in the middle of one.
+
+    Under torchrun the ranks agree every ``every`` steps (any rank's signal stops them all at the same step);
+    alone, the flag is checked after every step, with no device synchronisation.
+    """
+
+    name = "signals"
+
+    def __init__(self, every: int = 10) -> None:
+        self.every, self.received, self.old = every, 0, {}
+
+    def on_fit_start(self, run: Run) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self.old = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handler(self, signum: int, _frame: Any) -> None:
+        self.received = signum
+
+    def on_step_end(self, run: Run, loss: torch.Tensor, lr: float) -> None:
+        received = self.received
+        if run.dist.enabled:
+            if run.step % self.every and run.step < run.total_steps:
+                return
+            received = distributed.max_int(received, run.device)
+        if received:
+            run.stop = signal.Signals(received).name
+
+    def close(self) -> None:
+        for s, h in self.old.items():
+            signal.signal(s, h)
+        self.old = {}
+
+
+# --- records ------------------------------------------------------------------------------------------------------------
+
+class ProgressLog(Hook):
+    """The progress line on stderr (rank 0 only)."""
+
+    name = "progress"
+
+    def __init__(self, every: int) -> None:
+        self.every, self.progress = every, None
+
+    def on_fit_start(self, run: Run) -> None:
+        self.progress = Progress(run.total_steps, every=self.every, start=run.step,
+                                 stream=sys.stderr if run.dist.main else _Null())
+
+    def on_step_end(self, run: Run, loss: torch.Tensor, lr: float) -> None:
+        self.progress.total = run.total_steps  # a time budget may have re-sized the run
+        self.progress.update(run.step, loss, lr, run.meter.images_per_sec())
+
+    def on_epoch_end(self, run: Run, metrics: dict[str, Any]) -> None:
+        self.progress.epoch_done(metrics)
+
+
+class _Null:
+    def write(self, _text: str) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+class MetricsLog(Hook):
+    """One line per epoch in ``metrics.jsonl`` (rank 0), and TensorBoard scalars with ``--tensorboard``."""
+
+    name = "metrics"
+
+    def __init__(self, out: Path, tensorboard: bool) -> None:
+        self.out, self.writer = out, _tensorboard_writer(out) if tensorboard else None
+
+    def on_epoch_end(self, run: Run, metrics: dict[str, Any]) -> None:
+        if not run.dist.main:
+            return
+        rundir.append_metrics(self.out, metrics)
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if key not in ("epoch", "step"):
+                    self.writer.add_scalar(key, value, metrics["step"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _tensorboard_writer(out: Path):
+    from .errors import UserError
+
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install 'reslab[tensorboard]'") from None
+    return SummaryWriter(log_dir=str(out))
+
+
+class Checkpointer(Hook):
+    """Writes ``last.pt`` at every epoch's end, every ``every`` steps, and when the run is asked to stop."""
+
+    name = "checkpointer"
+
+    def __init__(self, every: int = 0) -> None:
+        self.every = every
+
+    def on_step_end(self, run: Run, loss: torch.Tensor, lr: float) -> None:
+        if run.stop or (self.every and run.step % self.every == 0):
+            run.save_checkpoint()
+
+    def on_epoch_end(self, run: Run, metrics: dict[str, Any]) -> None:
+        run.save_checkpoint()
+
+
+class AccuracyMarks(Hook):
+    """When test accuracy first reached each ``--accuracy-marks`` level, without slowing training.
+
+    The weights are snapshotted at every tenth of the run (a file in ``snapshots/``, a few ms) and scored after the
+    model is saved (outside ``--time-budget``), from the last backwards until one is below every mark: accuracy rises
+    as the learning rate anneals, so the time resolution is a tenth of the run. Times count from process start, like
+    the budget. The snapshot list is part of the checkpoint, so marks survive a resume.
+    """
+
+    name = "accuracy_marks"
+
+    def __init__(self, marks: list[float], out: Path) -> None:
+        self.marks, self.folder = sorted(marks), out / "snapshots"
+        self.snapshots: list[tuple[float, int, str]] = []  # (seconds, step, file name)
+
+    def on_step_end(self, run: Run, loss: torch.Tensor, lr: float) -> None:
+        if run.step % max(1, run.total_steps // 10) or run.step >= run.total_steps:
+            return
+        name = f"step-{run.step:07d}.pt"
+        if run.dist.main:
+            self.folder.mkdir(exist_ok=True)
+            weights = {k: v.detach().cpu() for k, v in unwrap_model(run.model).state_dict().items()}
+            atomic_write(self.folder / name, lambda f: torch.save(weights, f))
+        self.snapshots.append((round(run.seconds(), 2), run.step, name))
+
+    @torch.no_grad()
+    def on_fit_end(self, run: Run, metrics: dict[str, Any]) -> None:
+        distributed.barrier()  # rank 0 wrote the snapshot files every rank reads
+        plain = unwrap_model(run.model)
+        current = {k: v.clone() for k, v in plain.state_dict().items()}
+        scored = [(metrics["wall_seconds"], metrics["step"], metrics.get("test_acc"))]
+        t0 = time.perf_counter()
+        test = run.eval_batches.get("test")
+        if test is not None and scored[0][2] is not None and scored[0][2] >= self.marks[0]:
+            for seconds, step, name in reversed(self.snapshots):
+                plain.load_state_dict(torch.load(self.folder / name, map_location=run.device, weights_only=True))
+                acc = evaluate_batches(plain, test, run.device, run.precision, len(run.data.classes),
+                                       run.cfg.tta).accuracy
+                scored.append((seconds, step, acc))
+                if acc < self.marks[0]:
+                    break
+            plain.load_state_dict(current)
+        result = {}
+        for mark in self.marks:
+            reached = [(sec, st, acc) for sec, st, acc in scored if acc is not None and acc >= mark]
+            sec, st, acc = min(reached) if reached else (None, None, None)
+            result[f"{mark:g}"] = {"seconds": sec, "step": st, "test_acc": acc}
+        metrics["accuracy_marks"] = result
+        distributed.barrier()
+        if not run.dist.main:
+            return
+        shutil.rmtree(self.folder, ignore_errors=True)  # scored: the marks are the record
+        seconds = round(time.perf_counter() - t0, 1)
+        rundir.append_metrics(run.out, {"accuracy_marks": result, "snapshots_scored": len(scored) - 1,
+                                        "scoring_seconds": seconds})
+        for mark, r in result.items():
+            when = f"{r['seconds']:.0f} s (step {r['step']}, {r['test_acc']:.4f})" if r["seconds"] else "not reached"
+            print(f"test accuracy {float(mark):.0%}: {when}", file=sys.stderr)
+        print(f"(accuracy marks scored on {len(scored) - 1} weight snapshots after training, {seconds} s)",
+              file=sys.stderr)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"snapshots": [list(s) for s in self.snapshots]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.snapshots = [(float(s), int(st), str(n)) for s, st, n in state["snapshots"]]
