@@ -55,7 +55,7 @@ def test_summary_of_the_seed_network(cli):
 
 
 def test_user_errors_are_one_line_with_nonzero_status(cli, tmp_path):
-    code, out, err = cli("summary", "resnet19")
+    code, _out, err = cli("summary", "resnet19")
     assert code != 0 and "unknown model 'resnet19'" in err and "Traceback" not in err
     code, _, err = cli("eval", str(tmp_path / "missing"), "--data", "digits")
     assert code != 0 and "model not found" in err and len(err.strip().splitlines()) == 1

@@ -114,7 +114,8 @@ def _fake_cifar(root, n=20):
     base.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        d = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": [int(v) for v in rng.integers(0, 10, n)]}
+        d = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+             b"labels": [int(v) for v in rng.integers(0, 10, n)]}
         with open(base / name, "wb") as f:
             pickle.dump(d, f, protocol=2)
     with open(base / "batches.meta", "wb") as f:
@@ -126,7 +127,8 @@ def test_cifar10_reads_the_torchvision_layout(tmp_path):
     base = _fake_cifar(tmp_path)
     images, labels, classes = load_cifar10(tmp_path, train=True)
     assert images.shape == (100, 32, 32, 3) and labels.shape == (100,) and classes[3] == "c3"
-    raw = pickle.load(open(base / "data_batch_1", "rb"), encoding="bytes")[b"data"][0]
+    with open(base / "data_batch_1", "rb") as f:
+        raw = pickle.load(f, encoding="bytes")[b"data"][0]
     assert np.array_equal(images[0], raw.reshape(3, 32, 32).transpose(1, 2, 0))
     s = load_split("cifar10", "test", store_size=32, data_dir=str(tmp_path))
     assert len(s) == 20
@@ -156,7 +158,7 @@ def test_cifar10_offline_fails_fast_with_a_clear_message(tmp_path, monkeypatch):
     monkeypatch.setattr(socket, "create_connection", no_network)
     monkeypatch.setattr(socket.socket, "connect", no_network)
     t0 = time.perf_counter()
-    with pytest.raises(DataError, match="could not be downloaded.*--data"):
+    with pytest.raises(DataError, match=r"could not be downloaded.*--data"):
         load_split("cifar10", "train", store_size=32, data_dir=str(tmp_path / "none"))
     assert time.perf_counter() - t0 < 30
 

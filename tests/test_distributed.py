@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -62,3 +63,46 @@ def test_resume_under_torchrun(tmp_path):
     r = _torchrun("train", "--resume", run)
     assert r.returncode == 0, r.stderr[-3000:]
     assert [m["step"] for m in _metrics(run)] == [2, 4, 6]  # epoch 1 stopped at 2, finished at 4; epoch 2 at 6
+
+
+def _rank_pid(parent: int, rank: int) -> int | None:
+    """The pid of the torchrun worker with RANK=rank among the descendants of ``parent``."""
+    from pathlib import Path
+
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and f"RANK={rank}".encode() in env and b"LOCAL_RANK=" + str(rank).encode() in env:
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker through /proc")
+def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path):
+    import signal
+    import time
+
+    folder = make_folder(tmp_path / "data", per_class=24)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "reslab",
+           "train", "--data", str(folder), "--out", str(run), *RECIPE, "--epochs", "200", "--checkpoint-every", "3"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    pid = _rank_pid(proc.pid, 1)
+    assert pid is not None, "rank 1 not found"
+    os.kill(pid, signal.SIGTERM)  # rank 1 only: rank 0 never sees a signal
+    _, err = proc.communicate(timeout=120)  # a disagreement would hang: the timeout fails the test
+    assert "SIGTERM received: stopped after step" in err
+    step = torch.load(run / "last.pt", weights_only=True)["step"]
+    assert 0 < step < 200 * 4
+    assert err.count(f"stopped after step {step} ") == 2  # both ranks stopped at the step rank 0 saved
+    r = _torchrun("train", "--resume", run, "--steps", str(step + 4))  # the run continues from there
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _metrics(run)[-1]["step"] == step + 4

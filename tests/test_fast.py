@@ -3,6 +3,7 @@ accuracy marks, on tiny generated data."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -41,7 +42,7 @@ def test_linear_schedule_warms_up_then_anneals_to_zero():
     lrs = [lr_at(s, cfg, steps_per_epoch=10, total_steps=100) for s in range(101)]
     assert lrs[0] == pytest.approx(cfg.lr / 10) and max(lrs) == pytest.approx(cfg.lr)
     assert lrs[10] == pytest.approx(cfg.lr) and lrs[100] == 0.0
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
 
 
 def test_fast_augmentation_translates_with_reflection_and_flips():
@@ -90,7 +91,7 @@ def test_time_budget_sizes_the_run_and_marks_are_recorded(folder, tmp_path, cli)
     if final["test_acc"] >= 0.5:
         assert 0 < marks["0.5"]["seconds"] <= final["wall_seconds"] and marks["0.5"]["test_acc"] >= 0.5
     assert (marks["1"]["seconds"] is None) == (final["test_acc"] < 1.0)
-    code, out, err = cli("eval", run, "--data", folder, "--json")  # evaluates with the run's TTA (flip)
+    code, out, _err = cli("eval", run, "--data", folder, "--json")  # evaluates with the run's TTA (flip)
     assert code == 0 and json.loads(out)["accuracy"] == pytest.approx(final["test_acc"], abs=1e-6)
 
 

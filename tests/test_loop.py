@@ -68,7 +68,7 @@ def test_marks_survive_a_crash_at_the_last_step(tmp_path):
     assert load_checkpoint(tmp_path / "part" / "last.pt")["step"] == 30
     resumed = reslab.train(resume=str(tmp_path / "part"))
     assert resumed.step == full.step == 30 and resumed.test_acc == full.test_acc
-    strip = lambda marks: {m: (r["step"], r["test_acc"]) for m, r in marks.items()}  # noqa: E731
+    strip = lambda marks: {m: (r["step"], r["test_acc"]) for m, r in marks.items()}
     assert strip(resumed.accuracy_marks) == strip(full.accuracy_marks)
     assert full.accuracy_marks["0.5"]["step"] is not None
     assert _metrics(tmp_path / "part")[-2]["train_loss"] == pytest.approx(_metrics(tmp_path / "full")[-2]["train_loss"])
@@ -232,3 +232,36 @@ def test_time_budget_under_torchrun_ends_both_ranks_at_the_same_step(tmp_path):
     step = load_checkpoint(run / "last.pt")["step"]
     assert _metrics(run)[-1]["step"] == step < 1000 * 4
     assert "time budget 0.5 min" in r.stderr and r.stderr.count("time budget 0.5 min") == 1  # rank 0 speaks
+
+
+def test_no_import_cycles_between_modules():
+    """Imports inside the package, lazy ones included, form no cycle: dependencies point one way."""
+    import ast
+    from pathlib import Path
+
+    root = Path(reslab.__file__).parent
+    exists = lambda dotted: (root.parent / dotted.replace(".", "/")).with_suffix(".py").exists() or \
+        (root.parent / dotted.replace(".", "/") / "__init__.py").exists()
+    graph = {}
+    for path in root.rglob("*.py"):
+        name = ".".join(path.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__")
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        edges, tree = set(), ast.parse(path.read_text())
+        typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                       and getattr(block.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(block)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level and id(node) not in typing_only:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                target = f"{base}.{node.module}" if node.module else base
+                for alias in node.names:  # a submodule, or a name the (sub)package's __init__ defines
+                    edges.add(f"{target}.{alias.name}" if exists(f"{target}.{alias.name}") else target)
+        graph[name] = edges - {name}
+
+    def visit(node, stack):
+        assert node not in stack, f"import cycle: {' -> '.join([*stack, node])}"
+        for nxt in graph.get(node, ()):
+            visit(nxt, [*stack, node])
+
+    for module in graph:
+        if module != "reslab":  # the package __init__ imports the API; nothing inside imports it back
+            visit(module, [])

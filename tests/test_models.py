@@ -7,7 +7,17 @@ import torch
 import torchvision
 
 import reslab
-from reslab.models import BasicBlock, Bottleneck, ResNet, ShortcutA, count_macs, count_params, create_model, list_models, model_info
+from reslab.models import (
+    BasicBlock,
+    Bottleneck,
+    ResNet,
+    ShortcutA,
+    count_macs,
+    count_params,
+    create_model,
+    list_models,
+    model_info,
+)
 from reslab.models._registry import register_model
 
 ALL = list_models()

@@ -18,11 +18,12 @@ from conftest import COLOURS
 # A step schedule: the lr of a step does not depend on the run length, so a shortened run is a true prefix.
 TINY = dict(arch="resnet20", epochs=3, batch_size=8, lr=0.01, precision="fp32", schedule="step", step_size=1,
             gamma=0.7)
+FLAGS = [x for k, v in TINY.items() for x in (f"--{k}", v)]
 
 
 def test_train_eval_predict_resume_end_to_end(folder, tmp_path, cli):
     run = tmp_path / "run"
-    code, out, err = cli("train", "--data", folder, "--out", run, *sum(([f"--{k}", v] for k, v in TINY.items()), []))
+    code, out, err = cli("train", "--data", folder, "--out", run, *FLAGS)
     assert code == 0, err
     assert {"config.yaml", "metrics.jsonl", "last.pt", "model.safetensors"} <= {p.name for p in run.iterdir()}
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
@@ -53,7 +54,7 @@ def test_train_eval_predict_resume_end_to_end(folder, tmp_path, cli):
 
     # Resume: a run interrupted after epoch 1 and resumed ends with exactly the uninterrupted weights.
     half = tmp_path / "half"
-    assert cli("train", "--data", folder, "--out", half, *sum(([f"--{k}", v] for k, v in TINY.items()), []),
+    assert cli("train", "--data", folder, "--out", half, *FLAGS,
                "--steps", "10")[0] == 0
     cfg_half = yaml.safe_load((half / "config.yaml").read_text())
     cfg_half["steps"] = None

@@ -33,7 +33,7 @@ def test_the_tour_runs_as_written(tmp_path, folder, cli, monkeypatch):
             args += ["--batch-size", "8", "--steps", "2"]
         if args[0] == "predict":
             args[2] = str(folder / "test" / "red")  # the tiny folder has no cat
-        code, out, err = cli(*args)
+        code, _out, err = cli(*args)
         assert code == 0, f"{command}: {err}"
     assert (tmp_path / "runs" / "r20" / "confusion.png").stat().st_size > 1000
     assert (tmp_path / "runs" / "cmp" / "report.md").is_file() and (tmp_path / "runs" / "r20" / "model.onnx").is_file()
@@ -63,7 +63,7 @@ def test_the_fast_preset_commands_run_as_written(tmp_path, folder, cli, monkeypa
         # Seconds instead of minutes, one seed, and batches the 72 tiny images can fill.
         command = re.sub(r"--time-budget \S+", "--time-budget 0.1", command)
         command = command.replace("--budgets 2.5,5,10,20 --seeds 0,1,2", "--budgets 0.1 --seeds 0")
-        code, out, err = cli(*shlex.split(command)[1:], "--batch-size", "16", "--lr", "0.2")
+        code, _out, err = cli(*shlex.split(command)[1:], "--batch-size", "16", "--lr", "0.2")
         assert code == 0, f"{command}: {err}"
     assert (tmp_path / "runs" / "fast5" / "model.safetensors").is_file()
     assert "Accuracy against time budget" in (tmp_path / "runs" / "frontier" / "report.md").read_text()

@@ -172,7 +172,7 @@ def test_checkpoints_from_other_tools_load(tmp_path, wrap):
     obj = {wrap + k: v for k, v in sd.items()} if wrap.endswith(".") else {wrap: sd, "epoch": 3}
     path = tmp_path / "other.pth"
     torch.save(obj, path)
-    loaded, meta = reslab.load_model(path, arch="resnet20")
+    loaded, _meta = reslab.load_model(path, arch="resnet20")
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in sd.items())
     assert set(clean_state_dict({"module._orig_mod.fc.weight": torch.zeros(1)})) == {"fc.weight"}
 

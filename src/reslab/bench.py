@@ -15,12 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from .config import make_config
-from .data import BatchTransform, Batches, Split, load_data, pil_transform
+from .data import Batches, BatchTransform, Split, load_data, pil_transform
 from .data.loader import _FileDataset
-from .models import count_macs, create_model
 from .errors import UserError
-from .runtime import (autocast, default_channels_last, resolve_device, resolve_precision,
-                      set_threads)
+from .models import count_macs, create_model
+from .runtime import autocast, default_channels_last, resolve_device, resolve_precision, set_threads
 
 
 def _sync(device: torch.device) -> None:

@@ -13,14 +13,15 @@ import json
 import os
 import pickle
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from .models import create_model, list_models
 from .errors import CheckpointError, ModelError
+from .models import create_model, list_models
 from .rundir import CHECKPOINT_FILE, MODEL_FILE
 
 __all__ = ["CHECKPOINT_FILE", "MODEL_FILE", "atomic_write", "clean_state_dict", "load_checkpoint", "load_model",
@@ -108,11 +109,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" in str(exc):
             unsupported = next((ln.strip() for ln in str(exc).splitlines() if "Unsupported" in ln), "")
-            raise CheckpointError(f"{path}: refused to load: the file holds objects other than weights, which could run "
-                            f"code ({unsupported[:160]})") from None
+            raise CheckpointError(f"{path}: refused to load: the file holds objects other than weights, which could "
+                                  f"run code ({unsupported[:160]})") from None
         raise CheckpointError(f"{path}: not a readable checkpoint: {_first_line(exc)}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {_first_line(exc)}") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): "
+                              f"{_first_line(exc)}") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -125,7 +127,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("reslab", "{}"))
-            return {k: f.get_tensor(k) for k in f.keys()}, meta
+            return {k: f.get_tensor(k) for k in f.keys()}, meta  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file: {_first_line(exc)}") from None
 

@@ -12,7 +12,8 @@ import json
 import sys
 import time
 from argparse import ArgumentError
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
@@ -47,7 +48,7 @@ def models_cmd(json: bool = False) -> None:
         return
     print(f"{'model':<12}{'family':<10}{'depth':>6}{'residual':>10}{'input':>7}{'params (10 classes)':>22}")
     for r in rows:
-        print(f"{r['name']:<12}{r['family']:<10}{r['depth']:>6}{str(r['residual']):>10}{r['input_size']:>7}"
+        print(f"{r['name']:<12}{r['family']:<10}{r['depth']:>6}{r['residual']!s:>10}{r['input_size']:>7}"
               f"{r['params']:>22,}")
 
 
@@ -189,11 +190,12 @@ def compare_cmd(config: TrainConfig, archs: Optional[str] = None, schedules: Opt
                 compare_out: str = "runs/compare") -> None:
     from .compare import compare
 
-    split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else []  # noqa: E731
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else []
     try:
         numbers = [float(b) for b in split(budgets)], [int(s) for s in split(seeds)]
     except ValueError:
-        raise ConfigError(f"--budgets takes minutes and --seeds integers, comma-separated: {budgets!r}, {seeds!r}")
+        raise ConfigError(f"--budgets takes minutes and --seeds integers, comma-separated: {budgets!r}, "
+                          f"{seeds!r}") from None
     summary = compare(config, archs=split(archs), schedules=split(schedules), budgets=numbers[0], seeds=numbers[1],
                       out=compare_out)
     if budgets:
@@ -258,7 +260,9 @@ def _train_parser(preset: str | None, resume: bool = True) -> ArgumentParser:
                    help=f"start from a preset ({', '.join(PRESETS)}); flags and --config override it")
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file of options (e.g. a run's config.yaml)")
     if resume:
-        p.add_argument("--resume", type=Optional[str], help="continue the run in this directory from its last.pt")
+        p.add_argument("--resume", type=Optional[str],
+                       help="continue the run in this directory from its last.pt; flags given with it may change "
+                            "its length (--epochs, --steps), evaluation, logging and device, nothing else")
     p.add_class_arguments(TrainConfig, nested_key=None)
     if preset:
         p.set_defaults(PRESETS[preset])

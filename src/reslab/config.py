@@ -75,7 +75,8 @@ class TrainConfig:
     bias_lr_scale: float = 1.0
     """Multiply the learning rate of BatchNorm biases by this (their weight decay is divided by it)."""
     lookahead: bool = False
-    """Every 5 steps pull the weights toward their running average, and end on the average (Zhang et al. 2019)."""
+    """Every 5 steps reset the weights to their running average (Zhang et al. 2019); the last step keeps the
+    weights (the average is moved onto them)."""
     label_smoothing: float = 0.0
     """Label smoothing of the cross-entropy loss."""
     schedule: Schedule = "cosine"
@@ -144,7 +145,7 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
         if self.eval_every < 0 or not all(0 < a <= 1 for a in self.accuracy_marks):
             raise ConfigError("--eval-every must not be negative and --accuracy-marks must lie in (0, 1]")
-        if self.val_split < 0 or self.workers < 0 or self.checkpoint_every < 0 or self.weight_decay < 0 or self.warmup < 0:
+        if min(self.val_split, self.workers, self.checkpoint_every, self.weight_decay, self.warmup) < 0:
             raise ConfigError("--val-split, --workers, --checkpoint-every, --weight-decay and --warmup must not be "
                              "negative")
         if not 0 <= self.label_smoothing < 1:
@@ -183,7 +184,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(arch="resnet20", augment="paper", batch_size=128, lr=0.1, momentum=0.9, weight_decay=1e-4,
                   decay_bn_bias=True, schedule="multistep", schedule_unit="step", milestones=[32000, 48000],
                   gamma=0.1, steps=64000, nesterov=False, warmup=0),
-    # Time-to-accuracy on CIFAR-10 (issue 9), after the public fast trainers (airbench, the ResNet-9 DAWNBench
+    # Time-to-accuracy on CIFAR-10, after the public fast trainers (airbench, the ResNet-9 DAWNBench
     # entries): a small residual net with a whitened stem, Nesterov SGD with a short warm-up and a linear decay to
     # zero, label smoothing 0.2, frozen BatchNorm scales with a 64x bias learning rate, lookahead weight averaging,
     # 2-px reflected translations and flips, flip test-time augmentation. Batch 256 / lr 0.75 won 2.5-minute pilot

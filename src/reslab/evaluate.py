@@ -18,12 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import load_model
-from .data import BatchTransform, Batches, DataError, fit_square, load_rgb, load_split, match_classes, store_size
+from .data import Batches, BatchTransform, DataError, fit_square, load_rgb, load_split, match_classes, store_size
 from .data.folder import IMAGE_EXTENSIONS
 from .distributed import all_sum
 from .errors import ConfigError
 from .runtime import autocast, resolve_device, resolve_precision, set_threads
-
 
 TTA_VIEWS = {"none": 1, "flip": 2, "flip_shift": 6}
 

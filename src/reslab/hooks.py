@@ -17,8 +17,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -95,7 +96,7 @@ class Lookahead(Hook):
         self.average = [a.to(t.device) for a, t in zip(state["average"], self.tensors)]
 
 
-# --- time ---------------------------------------------------------------------------------------------------------------
+# --- time -------------------------------------------------------------------------------------------------------------
 
 BUDGET_MEASURE = (3, 8)  # time steps 3..10 (after the first, slow ones) to size a --time-budget run
 BUDGET_RESERVE = 0.03  # keep 3 % of the budget for the unexpected (checkpoint writes, a slower stretch)
@@ -203,7 +204,7 @@ class StopOnSignal(Hook):
         self.old = {}
 
 
-# --- records ------------------------------------------------------------------------------------------------------------
+# --- records ----------------------------------------------------------------------------------------------------------
 
 class ProgressLog(Hook):
     """The progress line on stderr (rank 0 only)."""

@@ -22,11 +22,10 @@ from torch import nn
 from . import distributed, rundir
 from .checkpoint import load_checkpoint, save_checkpoint, save_model, unwrap_model
 from .config import TrainConfig, make_config
-from .data import BatchTransform, Batches, DataBundle, load_data
+from .data import Batches, BatchTransform, DataBundle, load_data
 from .errors import ConfigError, Interrupted, UserError
 from .evaluate import evaluate_batches
-from .hooks import (AccuracyMarks, Checkpointer, Hook, Lookahead, MetricsLog, ProgressLog, StopOnSignal,
-                    TimeBudget)
+from .hooks import AccuracyMarks, Checkpointer, Hook, Lookahead, MetricsLog, ProgressLog, StopOnSignal, TimeBudget
 from .models import create_model, model_info
 from .runtime import autocast, default_channels_last, resolve_device, resolve_precision, set_threads
 
@@ -168,8 +167,9 @@ class Run:
     def raise_if_nonfinite(self) -> None:
         bad = self.meter.first_nonfinite_step()
         if bad is not None:
-            raise UserError(f"the loss became non-finite at step {bad} (epoch {math.ceil(bad / len(self.train_batches))}"
-                            f", lr {self.meter.lr:.3g}); try a lower --lr; the last good checkpoint is "
+            epoch = math.ceil(bad / len(self.train_batches))
+            raise UserError(f"the loss became non-finite at step {bad} (epoch {epoch}, lr {self.meter.lr:.3g}); "
+                            f"try a lower --lr; the last good checkpoint is "
                             f"{self.out / rundir.CHECKPOINT_FILE}")
 
     def checkpoint_state(self) -> dict[str, Any]:
@@ -294,8 +294,8 @@ def _hooks(cfg: TrainConfig, model: nn.Module, out: Path) -> list[Hook]:
         hooks.append(TimeBudget(cfg.time_budget))
     if cfg.accuracy_marks:
         hooks.append(AccuracyMarks(cfg.accuracy_marks, out))
-    return hooks + [ProgressLog(cfg.log_every), StopOnSignal(), MetricsLog(out, cfg.tensorboard),
-                    Checkpointer(cfg.checkpoint_every)]
+    return [*hooks, ProgressLog(cfg.log_every), StopOnSignal(), MetricsLog(out, cfg.tensorboard),
+            Checkpointer(cfg.checkpoint_every)]
 
 
 def _restore(run: Run, state: dict[str, Any]) -> None:

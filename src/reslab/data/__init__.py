@@ -7,9 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import DataError
 from .augment import BatchTransform, channel_stats, pil_transform, store_size
 from .datasets import Split, balanced_indices, load_split
-from .folder import DataError, fit_square, load_rgb
+from .folder import fit_square, load_rgb
 from .loader import Batches, mix_seed
 
 __all__ = ["BatchTransform", "Batches", "DataBundle", "DataError", "Split", "balanced_indices", "channel_stats",

@@ -135,7 +135,7 @@ class BatchTransform:
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         b, dev = x.shape[0], x.device
-        rand = lambda *shape: torch.rand(*shape, generator=generator).to(dev)  # noqa: E731
+        rand = lambda *shape: torch.rand(*shape, generator=generator).to(dev)
         if self.augment in ("paper", "fast") and self.train:
             pad = PAPER_PAD if self.augment == "paper" else FAST_PAD
             dy, dx = (torch.randint(0, 2 * pad + 1, (2, b), generator=generator)).to(dev)
@@ -180,4 +180,4 @@ def pil_transform(augment: str, train: bool, input_size: int, mean, std):
             ops += [T.RandomCrop(input_size, padding=PAPER_PAD), T.RandomHorizontalFlip()]
         elif augment == "fast" and train:
             ops += [T.RandomCrop(input_size, padding=FAST_PAD, padding_mode="reflect"), T.RandomHorizontalFlip()]
-    return T.Compose(ops + [T.ToTensor(), T.Normalize(mean, std)])
+    return T.Compose([*ops, T.ToTensor(), T.Normalize(mean, std)])

@@ -11,12 +11,14 @@ import pickle
 import socket
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .folder import DataError, decode_images, image_sizes, scan_folder
+from ..errors import DataError
+from .folder import decode_images, image_sizes, scan_folder
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 MEMORY_BUDGET_BYTES = 6 * 2**30  # decoded images above this are streamed from files instead
@@ -34,7 +36,7 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, index: torch.Tensor) -> "Split":
+    def subset(self, index: torch.Tensor) -> Split:
         return replace(self, labels=self.labels[index],
                        images=None if self.images is None else self.images[index],
                        paths=None if self.paths is None else [self.paths[i] for i in index.tolist()])
@@ -70,7 +72,7 @@ def fit_array(images: np.ndarray, size: int) -> np.ndarray:
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """CIFAR's python batches are pickles; allow only what a dict of numpy arrays needs, never arbitrary code."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ALLOWED: ClassVar = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
     def find_class(self, module: str, name: str):

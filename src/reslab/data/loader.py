@@ -8,14 +8,13 @@ exactly the batches an uninterrupted one would, with no generator state to save.
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, DataError
-
 from .augment import BatchTransform, pil_transform
 from .datasets import Split
 from .folder import load_rgb

@@ -6,5 +6,18 @@ from .complexity import count_macs, count_params, summarize
 from .fast import FastResNet
 from .resnet import BasicBlock, Bottleneck, ResNet, ShortcutA
 
-__all__ = ["ModelInfo", "create_model", "list_models", "model_info", "register_model", "count_macs",
-           "count_params", "summarize", "BasicBlock", "Bottleneck", "FastResNet", "ResNet", "ShortcutA"]
+__all__ = [
+           "BasicBlock",
+           "Bottleneck",
+           "FastResNet",
+           "ModelInfo",
+           "ResNet",
+           "ShortcutA",
+           "count_macs",
+           "count_params",
+           "create_model",
+           "list_models",
+           "model_info",
+           "register_model",
+           "summarize",
+]

@@ -6,14 +6,14 @@ the input size the model was designed for, so tests and ``reslab summary`` can f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import nn
 
 from ..errors import ModelError
 
-__all__ = ["ModelInfo", "register_model", "list_models", "create_model", "model_info"]
+__all__ = ["ModelInfo", "create_model", "list_models", "model_info", "register_model"]
 
 
 @dataclass(frozen=True)

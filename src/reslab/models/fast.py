@@ -14,7 +14,7 @@ torchvision's ResNet (``conv1``, ``layer1..3``, ``fc``), and the residual units 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn

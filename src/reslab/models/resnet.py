@@ -15,7 +15,8 @@ simply has no max-pool instead of declaring one and never calling it.
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
