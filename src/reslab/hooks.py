@@ -315,7 +315,8 @@ class AccuracyMarks(Hook):
         t0 = time.perf_counter()
         test = run.eval_batches.get("test")
         if test is not None and scored[0][2] is not None and scored[0][2] >= self.marks[0]:
-            for seconds, step, name in reversed(self.snapshots):
+            # Files can be gone when a finished run is resumed after its scoring removed them: score what is left.
+            for seconds, step, name in reversed([s for s in self.snapshots if (self.folder / s[2]).is_file()]):
                 plain.load_state_dict(torch.load(self.folder / name, map_location=run.device, weights_only=True))
                 acc = evaluate_batches(plain, test, run.device, run.precision, len(run.data.classes),
                                        run.cfg.tta).accuracy
