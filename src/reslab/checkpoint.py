@@ -25,7 +25,7 @@ from .models import create_model, list_models
 from .rundir import CHECKPOINT_FILE, MODEL_FILE
 
 __all__ = ["CHECKPOINT_FILE", "MODEL_FILE", "atomic_write", "clean_state_dict", "load_checkpoint", "load_model",
-           "save_checkpoint", "save_model", "unwrap_model"]
+           "read_safetensors", "resolve_model_path", "save_checkpoint", "save_model", "unwrap_model"]
 
 
 def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
@@ -121,7 +121,7 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -160,7 +160,7 @@ def load_model(path: str | Path, arch: str | None = None, num_classes: int | Non
     """
     path = resolve_model_path(path)
     if path.suffix == ".safetensors":
-        state, meta = _read_safetensors(path)
+        state, meta = read_safetensors(path)
     else:
         obj = load_checkpoint(path)
         meta = dict(obj.get("meta", {})) if isinstance(obj, dict) and isinstance(obj.get("meta"), dict) else {}

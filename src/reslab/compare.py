@@ -25,10 +25,12 @@ NOT_RECIPE = frozenset({"out", "device", "threads", "workers", "loader", "log_ev
 
 
 def recipe_differences(saved: dict[str, Any], requested: TrainConfig) -> list[str]:
-    """The options (as flags) on which a saved run's config differs from ``requested``, outside ``NOT_RECIPE``."""
+    """The options (as flags) on which a saved run's config differs from ``requested``, outside ``NOT_RECIPE``.
+
+    Options requested as ``None`` (chosen by reslab, e.g. the augmentation) match what the saved run chose."""
     want = requested.to_dict()
     return [f"--{k.replace('_', '-')} {saved.get(k)!r} (asked {v!r})" for k, v in want.items()
-            if k not in NOT_RECIPE and saved.get(k) != v]
+            if k not in NOT_RECIPE and v is not None and saved.get(k) != v]
 
 
 def _variants(base: TrainConfig, archs: list[str], schedules: list[str], budgets: list[float],
@@ -58,7 +60,8 @@ def _summary_row(name: str, cfg: TrainConfig, run: Path) -> dict[str, Any]:
     test = [r["test_acc"] for r in rows if "test_acc" in r]
     last = rows[-1] if rows else {}
     return {"name": name, "arch": cfg.arch, "schedule": cfg.schedule, "residual": info.residual,
-            "depth": info.depth, "params": count_params(model), "macs": count_macs(model, cfg.input_size),
+            "depth": info.depth, "params": count_params(model),
+            "macs": count_macs(model, (rundir.read_config(run) or {}).get("image_size") or cfg.input_size),
             "epochs": last.get("epoch"), "steps": last.get("step"),
             "final_test_error": 1 - test[-1] if test else None, "best_test_error": 1 - max(test) if test else None,
             "final_train_error": 1 - last["train_acc"] if last else None,

@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional
 
 from .errors import ConfigError
 
-Augment = Literal["seed", "paper", "fast", "none"]
+Augment = Literal["seed", "paper", "fast", "photo", "none"]
 Schedule = Literal["step", "multistep", "cosine", "onecycle", "linear", "constant"]
 TTA = Literal["none", "flip", "flip_shift"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -43,15 +43,28 @@ class TrainConfig:
     """Use a seeded, class-balanced subset of this many test images."""
     val_split: int = 0
     """Hold out this many training images (class-balanced) as a validation set, e.g. 5000 as in the paper."""
-    augment: Augment = "paper"
+    augment: Optional[Augment] = None
     """Augmentation preset: seed (resize 256, flip, crop 64, colour jitter), paper (pad 4, crop, flip),
-    fast (reflect-pad 2, crop, flip), none."""
+    fast (reflect-pad 2, crop, flip), photo (random-resized crop + flip; resize + centre crop to evaluate), none.
+    Default: photo for photos (images over 64 px) with the ImageNet-style nets, else paper."""
     image_size: Optional[int] = None
-    """Network input size in pixels (default: 64 for the seed augmentation, else 32)."""
+    """Network input size in pixels (default: 224 for photo, 64 for seed, else 32)."""
     loader: Literal["auto", "memory", "stream"] = "auto"
     """memory: decode once, augment whole batches on the device; stream: PIL per image in a DataLoader."""
     workers: int = 2
     """DataLoader worker processes for the stream loader."""
+
+    # --- fine-tuning ---
+    pretrained: Optional[str] = None
+    """Start from pretrained weights: 'torchvision' (its ImageNet weights for --arch), a .pth/.pt/.safetensors file
+    (torchvision, timm, reslab, Lightning or DDP layouts) or a reslab run directory. A new head replaces the
+    classifier when the classes differ; the weights' normalisation is used."""
+    freeze: bool = False
+    """Train the new head only (a linear probe): the backbone's weights and BatchNorm statistics stay fixed."""
+    head_lr_scale: float = 1.0
+    """Multiply the learning rate of the classifier (fc) by this, e.g. 10 to train a new head faster."""
+    balance: Literal["none", "loss"] = "none"
+    """loss: weight the cross-entropy by inverse class frequency, for imbalanced folders."""
 
     # --- optimisation ---
     epochs: float = 30
@@ -62,6 +75,8 @@ class TrainConfig:
     """Images per optimizer step (global, across all processes)."""
     lr: float = 0.1
     """Peak learning rate."""
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    """sgd (with --momentum, --nesterov) or adamw (decoupled weight decay, betas 0.9/0.999)."""
     momentum: float = 0.9
     """SGD momentum."""
     nesterov: bool = False
@@ -77,6 +92,11 @@ class TrainConfig:
     lookahead: bool = False
     """Every 5 steps reset the weights to their running average (Zhang et al. 2019); the last step keeps the
     weights (the average is moved onto them)."""
+    ema: Optional[float] = None
+    """Keep an exponential moving average of the weights with this decay (e.g. 0.999); it is what is evaluated and
+    saved (torchvision's --model-ema)."""
+    clip_grad: Optional[float] = None
+    """Clip the gradients' global norm to this."""
     label_smoothing: float = 0.0
     """Label smoothing of the cross-entropy loss."""
     schedule: Schedule = "cosine"
@@ -135,6 +155,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         positive = {"batch_size": self.batch_size, "lr": self.lr, "epochs": self.epochs, "log_every": self.log_every,
                     "step_size": self.step_size, "bias_lr_scale": self.bias_lr_scale,
+                    "head_lr_scale": self.head_lr_scale, "clip_grad": self.clip_grad or 1,
                     "time_budget": self.time_budget or 1}
         for name, value in positive.items():
             if value <= 0:
@@ -148,6 +169,8 @@ class TrainConfig:
         if min(self.val_split, self.workers, self.checkpoint_every, self.weight_decay, self.warmup) < 0:
             raise ConfigError("--val-split, --workers, --checkpoint-every, --weight-decay and --warmup must not be "
                              "negative")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise ConfigError(f"--ema is a decay in (0, 1), e.g. 0.999; got {self.ema}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.schedule == "multistep" and not self.milestones:
@@ -156,7 +179,7 @@ class TrainConfig:
     @property
     def input_size(self) -> int:
         """Network input size in pixels."""
-        return self.image_size or (64 if self.augment == "seed" else 32)
+        return self.image_size or {"seed": 64, "photo": PHOTO_SIZE}.get(self.augment or "", 32)
 
     @property
     def model_kwargs(self) -> dict[str, Any]:
@@ -169,6 +192,32 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+PHOTO_SIZE = 224  # the ImageNet nets' input size (torchvision's recipe), for photos
+PHOTO_MIN_SIDE = 64  # images whose typical shorter side is larger than this are photos, not CIFAR-sized
+
+
+def resolve_inputs(cfg: TrainConfig, family: str, image_wh: tuple[int, int] | None) -> tuple[TrainConfig, str | None]:
+    """Fill in the augmentation and input size that ``cfg`` leaves to reslab (``None``), from the model family and the
+    typical image size (w, h) of the data. Returns the resolved config and a line that says what was chosen.
+
+    CIFAR-sized data (and any explicit --augment) keeps the paper augmentation at 32 px (64 for seed); photos get the
+    photo augmentation at 224 px with the ImageNet-style nets, which were designed for them.
+    """
+    if cfg.augment is not None:
+        return dataclasses.replace(cfg, image_size=cfg.input_size), None
+    photo = image_wh is not None and min(image_wh) > PHOTO_MIN_SIDE
+    seen = f"images ~{image_wh[0]}x{image_wh[1]} px" if image_wh else ""
+    if photo and family == "imagenet":
+        size = cfg.image_size or PHOTO_SIZE
+        return (dataclasses.replace(cfg, augment="photo", image_size=size),
+                f"{seen}: training at {size} px with the photo augmentation; --image-size/--augment to change")
+    resolved = dataclasses.replace(cfg, augment="paper", image_size=cfg.image_size or 32)
+    if photo:
+        return resolved, (f"{seen}: {cfg.arch} is a CIFAR-style net, so they are shrunk to {resolved.image_size} px "
+                          f"(an ImageNet-style net such as --arch resnet18 trains on photos at {PHOTO_SIZE} px)")
+    return resolved, None
 
 
 PRESETS: dict[str, dict[str, Any]] = {

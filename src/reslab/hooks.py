@@ -1,9 +1,9 @@
 """The training loop's stateful features, one small object each.
 
-A hook sees the run at a few points of ``fit`` (``on_fit_start``, ``on_step_end``, ``on_epoch_end``, ``on_fit_end``,
-``close``) and owns whatever it remembers: ``state_dict`` goes into ``last.pt`` under the hook's ``name`` and comes
-back through ``load_state_dict`` on ``--resume``. The shape follows Lightning's and fastai's callbacks and timm's
-``ModelEmaV3``, smaller.
+A hook sees the run at a few points of ``fit`` (``on_fit_start``, ``on_epoch_start``, ``on_step_end``,
+``on_epoch_end``, ``on_fit_end``, ``close``) and owns whatever it remembers: ``state_dict`` goes into ``last.pt``
+under the hook's ``name`` and comes back through ``load_state_dict`` on ``--resume``. The shape follows Lightning's
+and fastai's callbacks and timm's ``ModelEmaV3``, smaller.
 
 Under torchrun every rank runs every hook. A hook that decides something from a clock or a signal decides it once
 (rank 0's clock, any rank's signal) and shares the decision, so all ranks take the same number of steps.
@@ -11,6 +11,7 @@ Under torchrun every rank runs every hook. A hook that decides something from a 
 
 from __future__ import annotations
 
+import copy
 import math
 import shutil
 import signal
@@ -39,6 +40,9 @@ class Hook:
 
     def on_fit_start(self, run: Run) -> None: ...
 
+    def on_epoch_start(self, run: Run) -> None:
+        """After ``model.train()``, before the epoch's first step."""
+
     def on_step_end(self, run: Run, loss: torch.Tensor, lr: float) -> None: ...
 
     def on_epoch_end(self, run: Run, metrics: dict[str, Any]) -> None: ...
@@ -47,6 +51,10 @@ class Hook:
 
     def close(self) -> None:
         """Release what the hook holds (signal handlers, files), after success or failure."""
+
+    def model_for_eval(self) -> torch.nn.Module | None:
+        """The model to evaluate and save instead of the trained one (an average of it), or None."""
+        return None
 
     def state_dict(self) -> dict[str, Any] | None:
         return None
@@ -94,6 +102,54 @@ class Lookahead(Hook):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.average = [a.to(t.device) for a, t in zip(state["average"], self.tensors)]
+
+
+class WeightEma(Hook):
+    """An exponential moving average of the weights (and BatchNorm statistics), evaluated and saved in place of the
+    trained weights, as torchvision's ``--model-ema`` and timm's ``ModelEmaV3``. The decay warms up as
+    min(decay, (1 + step) / (10 + step)) (timm's warm-up), so a short run is not dominated by its initial weights.
+    """
+
+    name = "ema"
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        plain = unwrap_model(model)
+        self.decay, self.module = decay, copy.deepcopy(plain).eval().requires_grad_(False)
+        pairs = list(zip(self.module.state_dict().values(), plain.state_dict().values()))
+        self.average = [a for a, _ in pairs if a.is_floating_point()]
+        self.live = [t for a, t in pairs if a.is_floating_point()]
+        self.counters = [(a, t) for a, t in pairs if not a.is_floating_point()]  # BatchNorm's step counts
+
+    @torch.no_grad()
+    def on_step_end(self, run: Run, loss: torch.Tensor, lr: float) -> None:
+        decay = min(self.decay, (1 + run.step) / (10 + run.step))
+        torch._foreach_lerp_(self.average, self.live, 1 - decay)
+
+    @torch.no_grad()
+    def model_for_eval(self) -> torch.nn.Module:
+        for a, t in self.counters:
+            a.copy_(t)
+        return self.module
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"average": [a.detach().cpu() for a in self.average]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for a, saved in zip(self.average, state["average"]):
+            a.copy_(saved)
+
+
+class FrozenBackbone(Hook):
+    """``--freeze``: only the classifier trains (its parameters alone require gradients, set in ``setup``); the
+    backbone's BatchNorm layers stay in eval mode, so their statistics are the pretrained ones (a linear probe)."""
+
+    name = "freeze"
+
+    def on_epoch_start(self, run: Run) -> None:
+        for m in unwrap_model(run.model).modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
 
 
 # --- time -------------------------------------------------------------------------------------------------------------

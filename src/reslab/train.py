@@ -7,6 +7,7 @@ checkpoints, logs, signals) is a hook in ``hooks.py`` that saves its own state i
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -21,12 +22,24 @@ from torch import nn
 
 from . import distributed, rundir
 from .checkpoint import load_checkpoint, save_checkpoint, save_model, unwrap_model
-from .config import TrainConfig, make_config
-from .data import Batches, BatchTransform, DataBundle, load_data
+from .config import TrainConfig, make_config, resolve_inputs
+from .data import Batches, BatchTransform, DataBundle, load_data, typical_image_size
 from .errors import ConfigError, Interrupted, UserError
 from .evaluate import evaluate_batches
-from .hooks import AccuracyMarks, Checkpointer, Hook, Lookahead, MetricsLog, ProgressLog, StopOnSignal, TimeBudget
+from .hooks import (
+    AccuracyMarks,
+    Checkpointer,
+    FrozenBackbone,
+    Hook,
+    Lookahead,
+    MetricsLog,
+    ProgressLog,
+    StopOnSignal,
+    TimeBudget,
+    WeightEma,
+)
 from .models import create_model, model_info
+from .pretrained import apply_pretrained, load_pretrained
 from .runtime import autocast, default_channels_last, resolve_device, resolve_precision, set_threads
 
 # --- the learning rate: a pure function of the step ---------------------------------------------------------------
@@ -58,28 +71,35 @@ def lr_at(step: int, cfg: TrainConfig, steps_per_epoch: int, total_steps: int) -
     raise ConfigError(f"unknown schedule {cfg.schedule!r}")
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_bn_bias: bool,
-                 bias_lr_scale: float = 1.0) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, decay_bn_bias: bool, bias_lr_scale: float = 1.0,
+                 head_lr_scale: float = 1.0) -> list[dict]:
     """Optimizer groups of the trainable parameters, each with an ``lr_scale`` (its lr over the schedule's).
 
     Weight decay goes on conv/linear weights; BatchNorm parameters and biases are excluded unless ``decay_bn_bias``.
-    BatchNorm biases (not their scales) learn ``bias_lr_scale`` times faster, with their decay per step kept the same.
+    BatchNorm biases (not their scales) learn ``bias_lr_scale`` times faster, with their decay per step kept the same;
+    the classifier (``fc``) learns ``head_lr_scale`` times faster.
     """
     bn_biases = {id(m.bias) for m in model.modules()
                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None}
-    decay, no_decay, fast_biases = [], [], []
+    fc = getattr(model, "fc", None)
+    head = {id(p) for p in fc.parameters()} if isinstance(fc, nn.Module) else set()
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        if id(p) in bn_biases and bias_lr_scale != 1:
-            fast_biases.append(p)
-        else:
-            (decay if p.ndim > 1 or decay_bn_bias else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
-              {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
-              {"params": fast_biases, "lr_scale": bias_lr_scale,
-               "weight_decay": weight_decay / bias_lr_scale if decay_bn_bias else 0.0}]
-    return [g for g in groups if g["params"]]
+        decay = weight_decay if p.ndim > 1 or decay_bn_bias else 0.0
+        scale = bias_lr_scale if id(p) in bn_biases else head_lr_scale if id(p) in head else 1.0
+        if id(p) in bn_biases:
+            decay /= bias_lr_scale
+        groups.setdefault((scale, decay), []).append(p)
+    return [{"params": ps, "lr_scale": scale, "weight_decay": decay} for (scale, decay), ps in groups.items()]
+
+
+def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    """SGD (the paper's, and the presets') or AdamW; each group carries its own weight decay."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
 # --- what the loop carries ----------------------------------------------------------------------------------------
@@ -159,6 +179,12 @@ class Run:
     stop: str | None = None  # set by a hook: end after this step (a signal's name)
     meter: EpochMeter = None  # type: ignore[assignment]
     last_metrics: dict[str, Any] = field(default_factory=dict)
+    loss_weight: torch.Tensor | None = None  # per-class weights of the loss (--balance loss)
+
+    def eval_model(self) -> nn.Module:
+        """What is evaluated and saved: a hook's average of the weights (--ema), else the trained model."""
+        averaged = [m for h in self.hooks if (m := h.model_for_eval()) is not None]
+        return averaged[0] if averaged else unwrap_model(self.model)
 
     def seconds(self) -> float:
         """Seconds since the run's process started (a resumed run counts on from its checkpoint)."""
@@ -231,10 +257,27 @@ def setup(cfg: TrainConfig, resume: dict[str, Any] | None = None, started: float
     if resume is None and (rundir.has_checkpoint(out) or rundir.is_finished(out)):
         raise UserError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out")
     torch.manual_seed(cfg.seed)
+    if resume is None:  # a resumed run's config is already resolved
+        cfg, chosen = resolve_inputs(cfg, info.family, typical_image_size(cfg.data))
+        if chosen and d.main:
+            print(chosen, file=sys.stderr)
 
     data = load_data(cfg.data, augment=cfg.augment, input_size=cfg.input_size, data_dir=cfg.data_dir,
                      loader=cfg.loader, train_samples=cfg.train_samples, test_samples=cfg.test_samples,
                      val_split=cfg.val_split, seed=cfg.seed, strict=cfg.strict)
+    if resume is not None:  # the normalisation the run started with (its pretrained weights', or its data's)
+        data.mean, data.std = tuple(resume["meta"]["mean"]), tuple(resume["meta"]["std"])
+    pretrained = load_pretrained(cfg.pretrained, cfg.arch) if cfg.pretrained and resume is None else None
+    if pretrained is not None:
+        data.mean, data.std = pretrained.mean, pretrained.std
+    if d.main:
+        print(_describe_classes(data.train, cfg.balance), file=sys.stderr)
+    if cfg.drop_last and cfg.batch_size > len(data.train):
+        small = max(d.world, len(data.train) // d.world * d.world)
+        if d.main:
+            print(f"--batch-size {cfg.batch_size} is more than the {len(data.train)} training images: using "
+                  f"{small}", file=sys.stderr)
+        cfg = dataclasses.replace(cfg, batch_size=small)
     train_batches = Batches(data.train, BatchTransform(cfg.augment, True, cfg.input_size, data.mean, data.std),
                             cfg.batch_size, shuffle=cfg.shuffle, drop_last=cfg.drop_last, seed=cfg.seed,
                             device=device, workers=cfg.workers, rank=d.rank, world=d.world)
@@ -245,19 +288,26 @@ def setup(cfg: TrainConfig, resume: dict[str, Any] | None = None, started: float
                     for name, split in (("val", data.val), ("test", data.test)) if split is not None}
 
     model = create_model(cfg.arch, num_classes=len(data.classes), **cfg.model_kwargs).to(device)
+    if pretrained is not None:
+        loaded = apply_pretrained(model, pretrained, data.classes)
+        if d.main:
+            print(loaded, file=sys.stderr)
+    if cfg.freeze:  # a linear probe: only the classifier learns (FrozenBackbone keeps BatchNorm statistics fixed)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("fc."))
     if cfg.freeze_bn_scale:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
                 m.weight.requires_grad_(False)
-    if resume is None and hasattr(model, "init_whitening"):  # the fast nets' stem whitens patches of the data
+    if resume is None and pretrained is None and hasattr(model, "init_whitening"):  # whiten data patches (fast nets)
         sample = Batches(data.train, eval_transform, min(len(data.train), 5000), shuffle=True, drop_last=False,
                          seed=cfg.seed, device=device)
         model.init_whitening(next(iter(sample.epoch(0)))[0])
     channels_last = cfg.channels_last if cfg.channels_last is not None else default_channels_last(device, precision)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay, cfg.decay_bn_bias, cfg.bias_lr_scale),
-                                lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    optimizer = make_optimizer(cfg, param_groups(model, cfg.weight_decay, cfg.decay_bn_bias, cfg.bias_lr_scale,
+                                                 cfg.head_lr_scale))
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -270,13 +320,15 @@ def setup(cfg: TrainConfig, resume: dict[str, Any] | None = None, started: float
     meta = {"arch": cfg.arch, "model_kwargs": cfg.model_kwargs, "classes": data.classes,
             "input_size": cfg.input_size, "augment": cfg.augment, "tta": cfg.tta, "mean": list(data.mean),
             "std": list(data.std), "family": info.family, "reslab_version": rundir.package_version(),
-            "torch_version": str(torch.__version__)}
+            "torch_version": str(torch.__version__),
+            "pretrained": pretrained.source if pretrained else (resume or {}).get("meta", {}).get("pretrained")}
     if d.main:  # only rank 0 writes
         out.mkdir(parents=True, exist_ok=True)
         rundir.write_config(out, cfg.to_dict())
     run = Run(cfg, out, device, precision, d, data, train_batches, eval_batches, model, optimizer, scaler, meta,
               hooks=_hooks(cfg, model, out), clock=clock, meter=EpochMeter(device),
-              total_steps=cfg.steps or max(1, round(cfg.epochs * len(train_batches))))
+              total_steps=cfg.steps or max(1, round(cfg.epochs * len(train_batches))),
+              loss_weight=_class_weights(data.train, len(data.classes), device) if cfg.balance == "loss" else None)
     if resume is not None:
         _restore(run, resume)
     run.model = distributed.wrap(model, d, device, cfg.sync_bn)
@@ -288,14 +340,36 @@ def setup(cfg: TrainConfig, resume: dict[str, Any] | None = None, started: float
 def _hooks(cfg: TrainConfig, model: nn.Module, out: Path) -> list[Hook]:
     """The run's hooks, in the order they act after each step (the checkpointer last, so it saves their state)."""
     hooks: list[Hook] = []
+    if cfg.freeze:
+        hooks.append(FrozenBackbone())
     if cfg.lookahead:
         hooks.append(Lookahead(model))
+    if cfg.ema:
+        hooks.append(WeightEma(model, cfg.ema))
     if cfg.time_budget:
         hooks.append(TimeBudget(cfg.time_budget))
     if cfg.accuracy_marks:
         hooks.append(AccuracyMarks(cfg.accuracy_marks, out))
     return [*hooks, ProgressLog(cfg.log_every), StopOnSignal(), MetricsLog(out, cfg.tensorboard),
             Checkpointer(cfg.checkpoint_every)]
+
+
+def _describe_classes(split, balance: str) -> str:
+    """A line with the class counts of the training split, and a warning when they are far apart."""
+    counts = torch.bincount(split.labels, minlength=len(split.classes)).tolist()
+    pairs = sorted(zip(split.classes, counts), key=lambda p: -p[1])
+    shown = ", ".join(f"{c} {n}" for c, n in pairs[:8]) + (", ..." if len(pairs) > 8 else "")
+    line = f"training on {len(split)} images of {len(counts)} classes ({shown})"
+    if min(counts) * 3 <= max(counts) and balance == "none":
+        line += (f"\nwarning: the classes are imbalanced ({max(counts)} against {min(counts)} images): --balance loss "
+                 f"weights the loss by inverse class frequency")
+    return line
+
+
+def _class_weights(split, num_classes: int, device: torch.device) -> torch.Tensor:
+    """Inverse class frequency, normalised so that a balanced folder gets weight 1 everywhere."""
+    counts = torch.bincount(split.labels, minlength=num_classes).float().clamp_min(1)
+    return (len(split) / (num_classes * counts)).to(device)
 
 
 def _restore(run: Run, state: dict[str, Any]) -> None:
@@ -335,7 +409,7 @@ def fit(run: Run) -> TrainResult:
                 break
             _train_epoch(run)
         if run.dist.main:
-            save_model(run.out / rundir.MODEL_FILE, run.model, run.meta)
+            save_model(run.out / rundir.MODEL_FILE, run.eval_model(), run.meta)
         metrics = dict(run.last_metrics)
         for hook in run.hooks:  # after the model file: work here (scoring marks) is outside a time budget
             hook.on_fit_end(run, metrics)
@@ -353,6 +427,8 @@ def _train_epoch(run: Run) -> None:
     steps_per_epoch = len(run.train_batches)
     epoch, first = divmod(run.step, steps_per_epoch)
     model.train()
+    for hook in run.hooks:
+        hook.on_epoch_start(run)
     run.meter.start()
     for x, y in run.train_batches.epoch(epoch, start=first):
         lr = lr_at(run.step, cfg, steps_per_epoch, run.total_steps)
@@ -360,15 +436,9 @@ def _train_epoch(run: Run) -> None:
             group["lr"] = lr * group["lr_scale"]
         with autocast(run.device, run.precision):
             logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            loss = F.cross_entropy(logits, y, weight=run.loss_weight, label_smoothing=cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
-        if run.scaler is not None:  # fp16: scale the loss so small gradients do not underflow
-            run.scaler.scale(loss).backward()
-            run.scaler.step(opt)
-            run.scaler.update()
-        else:
-            loss.backward()
-            opt.step()
+        _backward_and_step(run, loss)
         run.step += 1
         run.meter.add(loss, logits, y, run.step, lr)
         if run.step % cfg.log_every == 0:  # finiteness costs a device sync: checked here and before checkpoints
@@ -382,6 +452,23 @@ def _train_epoch(run: Run) -> None:
             break
 
 
+def _backward_and_step(run: Run, loss: torch.Tensor) -> None:
+    """Gradients (scaled under fp16, so small ones do not underflow), optional clipping, the optimizer step."""
+    clip = run.cfg.clip_grad
+    if run.scaler is not None:
+        run.scaler.scale(loss).backward()
+        if clip:
+            run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
+            nn.utils.clip_grad_norm_(run.model.parameters(), clip)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        loss.backward()
+        if clip:
+            nn.utils.clip_grad_norm_(run.model.parameters(), clip)
+        run.optimizer.step()
+
+
 def _end_epoch(run: Run) -> None:
     """Summarise the epoch's training, evaluate when due, then the hooks log and checkpoint it."""
     run.raise_if_nonfinite()
@@ -389,7 +476,7 @@ def _end_epoch(run: Run) -> None:
     metrics = {"epoch": epoch, "step": run.step, **run.meter.summary()}
     run.meter.reset()
     if run.step >= run.total_steps or (run.cfg.eval_every and epoch % run.cfg.eval_every == 0):
-        plain = unwrap_model(run.model)  # not the DDP wrapper: ranks score shards of different lengths
+        plain = run.eval_model()  # not the DDP wrapper: ranks score shards of different lengths
         distributed.sync_buffers(plain)
         for name, batches in run.eval_batches.items():
             s = evaluate_batches(plain, batches, run.device, run.precision, len(run.data.classes), run.cfg.tta)

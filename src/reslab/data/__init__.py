@@ -9,13 +9,13 @@ import torch
 
 from ..errors import DataError
 from .augment import BatchTransform, channel_stats, pil_transform, store_size
-from .datasets import Split, balanced_indices, load_split
+from .datasets import Split, balanced_indices, load_split, typical_image_size
 from .folder import fit_square, load_rgb
 from .loader import Batches, mix_seed
 
 __all__ = ["BatchTransform", "Batches", "DataBundle", "DataError", "Split", "balanced_indices", "channel_stats",
            "fit_square", "load_data", "load_rgb", "load_split", "match_classes", "mix_seed", "pil_transform",
-           "store_size"]
+           "store_size", "typical_image_size"]
 
 
 @dataclass

@@ -12,11 +12,16 @@ Presets:
 - ``paper``: He et al. section 4.2: 4 zero pixels of padding, a random 32x32 crop, a random horizontal flip, and
   per-channel mean/std normalisation (statistics of the training images, computed, not copied from elsewhere).
 - ``fast``: the fast trainers' translation by up to 2 pixels (reflection padding) and a random horizontal flip.
+- ``photo``: torchvision's ImageNet recipe. Images are kept as the centre square of the shorter side resized to
+  input/0.875 (256 px for 224), which is exactly what Resize(256) + CenterCrop(224) evaluates; training takes a random
+  resized crop (area 8-100 %, aspect 3/4-4/3) of that square and a random flip. Deviation: the crop is drawn from the
+  stored square, not the whole picture, so the far ends of a wide photo are never seen (memory: one square per image).
 - ``none``: normalisation only.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,14 +29,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 SEED_RESIZE, SEED_CROP = 256, 64
+PHOTO_CROP_RATIO = 0.875  # evaluate the centre 224 of 256 (torchvision's ImageNet protocol)
+PHOTO_SCALE, PHOTO_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # RandomResizedCrop's defaults
 SEED_JITTER = dict(brightness=0.5, contrast=0.5, hue=0.3)
 PAPER_PAD = 4
 FAST_PAD = 2
 
 
 def store_size(augment: str, input_size: int) -> int | None:
-    """Size images are kept at in memory: native for ``seed`` (its resize does the rest), else the input size."""
-    return None if augment == "seed" else input_size
+    """Size images are kept at in memory: native for ``seed`` (its resize does the rest), input/0.875 for ``photo``
+    (room for the crops), else the input size."""
+    if augment == "seed":
+        return None
+    return round(input_size / PHOTO_CROP_RATIO) if augment == "photo" else input_size
 
 
 @torch.no_grad()
@@ -80,6 +90,34 @@ def resize_crop(x: Tensor, resize: int, crop: int, top: Tensor, left: Tensor, fl
     xs = torch.where(flip[:, None], xs.flip(1), xs)
     grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)  # (B, crop, crop, 2) as (x, y)
     return F.grid_sample(x, grid.view(b, crop, crop, 2), mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def random_resized_crop(x: Tensor, size: int, generator: torch.Generator | None, flip: Tensor) -> Tensor:
+    """torchvision's RandomResizedCrop (10 tries, then the whole image) + flip, per sample, on a float NCHW batch.
+
+    Each crop box is mapped onto a ``size`` x ``size`` grid and sampled bilinearly in one ``grid_sample`` call.
+    """
+    b, _, h, w = x.shape
+    tries = 10
+    area = h * w * torch.empty(b, tries).uniform_(*PHOTO_SCALE, generator=generator)
+    log_ratio = torch.empty(b, tries).uniform_(math.log(PHOTO_RATIO[0]), math.log(PHOTO_RATIO[1]),
+                                               generator=generator)
+    cw, ch = (area * log_ratio.exp()).sqrt().round(), (area / log_ratio.exp()).sqrt().round()
+    ok = (cw <= w) & (ch <= h) & (cw > 0) & (ch > 0)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((b,), -1))
+    pick = first.clamp_min(0)[:, None]
+    cw = torch.where(first >= 0, cw.gather(1, pick).squeeze(1), torch.tensor(float(w)))
+    ch = torch.where(first >= 0, ch.gather(1, pick).squeeze(1), torch.tensor(float(h)))
+    u = torch.rand(2, b, generator=generator)
+    x0, y0 = ((w - cw + 1) * u[0]).floor(), ((h - ch + 1) * u[1]).floor()
+    # Output pixel centres at (-1, 1) normalised coordinates -> the crop box in the input's normalised coordinates.
+    sx, sy = cw / w, ch / h
+    tx, ty = (2 * x0 + cw) / w - 1, (2 * y0 + ch) / h - 1
+    sx = torch.where(flip.cpu(), -sx, sx)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, tx, sy, ty
+    grid = F.affine_grid(theta.to(x.device, x.dtype), [b, x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def _grayscale(x: Tensor) -> Tensor:
@@ -157,7 +195,14 @@ class BatchTransform:
                 # torchvision draws the order per image; one order per batch keeps the work batched.
                 order = torch.randperm(3, generator=generator).tolist()
                 x = color_jitter(x, factors, order)
-        elif x.shape[-1] != self.input_size:
+        elif self.augment == "photo":
+            if self.train:
+                x = random_resized_crop(x, self.input_size, generator, rand(b) < 0.5)
+            else:  # the centre crop of the stored square
+                top = (x.shape[-2] - self.input_size) // 2
+                left = (x.shape[-1] - self.input_size) // 2
+                x = x[..., top:top + self.input_size, left:left + self.input_size]
+        if self.augment != "seed" and x.shape[-1] != self.input_size:
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True)
         mean = torch.tensor(self.mean, device=dev).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=dev).view(1, 3, 1, 1)
@@ -174,6 +219,11 @@ def pil_transform(augment: str, train: bool, input_size: int, mean, std):
                    T.ColorJitter(**SEED_JITTER)]
         else:
             ops = [T.Resize(SEED_RESIZE), T.CenterCrop(input_size)]
+    elif augment == "photo":
+        keep = store_size(augment, input_size)
+        ops = [T.Resize(keep), T.CenterCrop(keep)]
+        ops += [T.RandomResizedCrop(input_size, PHOTO_SCALE, PHOTO_RATIO), T.RandomHorizontalFlip()] if train else \
+            [T.CenterCrop(input_size)]
     else:
         ops = [T.Resize(input_size), T.CenterCrop(input_size)]
         if augment == "paper" and train:

@@ -155,6 +155,17 @@ def folder_split_dir(root: str | Path, split: str) -> Path | None:
     return None
 
 
+def typical_image_size(data: str) -> tuple[int, int] | None:
+    """The median (width, height) of the training images, from up to 256 file headers (None: not found)."""
+    if data in ("cifar10", "digits"):
+        return (32, 32) if data == "cifar10" else (8, 8)
+    split_dir = folder_split_dir(data, "train") if Path(data).is_dir() else None
+    if split_dir is None:
+        return None
+    sizes = sorted(image_sizes(scan_folder(split_dir)[0], unique=False), key=lambda wh: min(wh))
+    return sizes[len(sizes) // 2] if sizes else None
+
+
 def load_split(data: str, split: str, *, store_size: int | None, data_dir: str | None = None,
                loader: str = "auto", strict: bool = False) -> Split:
     """Load one split (``train``, ``val`` or ``test``) of ``data``.

@@ -168,14 +168,14 @@ def _write_cache(cache_file: Path, images: np.ndarray, kept: np.ndarray) -> None
         print(f"reslab: could not write the decode cache ({exc}); continuing without it", file=sys.stderr)
 
 
-def image_sizes(paths: list[Path], limit: int = 256) -> set[tuple[int, int]]:
-    """Sizes (w, h) of up to ``limit`` evenly spaced files, read from their headers only."""
+def image_sizes(paths: list[Path], limit: int = 256, unique: bool = True):
+    """Sizes (w, h) of up to ``limit`` evenly spaced files, read from their headers only (a set, or all of them)."""
     step = max(1, len(paths) // limit)
-    sizes = set()
+    sizes = []
     for p in paths[::step]:
         try:
             with Image.open(p) as im:
-                sizes.add(im.size)
+                sizes.append(im.size)
         except Exception:
             continue
-    return sizes
+    return set(sizes) if unique else sizes
