@@ -67,3 +67,30 @@ def test_the_fast_preset_commands_run_as_written(tmp_path, folder, cli, monkeypa
         assert code == 0, f"{command}: {err}"
     assert (tmp_path / "runs" / "fast5" / "model.safetensors").is_file()
     assert "Accuracy against time budget" in (tmp_path / "runs" / "frontier" / "report.md").read_text()
+
+
+def test_the_photo_commands_run_as_written(tmp_path, cli, monkeypatch):
+    """The fine-tuning section on a tiny photo folder, with torchvision's resnet18 weights built into $TORCH_HOME."""
+    import torch
+    import torchvision
+
+    from conftest import make_folder
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "torch" / "hub" / "checkpoints" /
+               Path(weights.url).name)
+    make_folder(tmp_path / "my_photos", per_class=8, size=96, ext="jpg")
+    make_folder(tmp_path / "holiday", per_class=2, size=120, ext="jpg", splits=("x",))
+    commands = [c for line in _block("Your own photos: fine-tuning") for c in line.split(" && ")]
+    assert [shlex.split(c)[1] for c in commands] == ["train", "train", "eval", "predict"]
+    for command in commands:
+        args = [a.replace("runs/big", "runs/mine") for a in shlex.split(command)[1:]]
+        if args[0] == "train":  # a few steps at 64 px
+            args += ["--epochs", "1", "--batch-size", "8", "--image-size", "64", "--precision", "fp32"]
+        code, out, err = cli(*args)
+        assert code == 0, f"{command}: {err}"
+    assert (tmp_path / "runs" / "probe" / "model.safetensors").is_file()
+    assert out.count("holiday") == 6  # predict: one line per image of the folder

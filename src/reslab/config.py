@@ -244,6 +244,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                  weight_decay=2e-3, decay_bn_bias=True, freeze_bn_scale=True, bias_lr_scale=64.0, lookahead=True,
                  label_smoothing=0.2, schedule="linear", schedule_unit="epoch", warmup=0.3, epochs=8,
                  channels_last=True, eval_every=0, tta="flip", accuracy_marks=[0.85, 0.90, 0.91, 0.93]),
+    # Fine-tuning an ImageNet ResNet-18 on a folder of photos (README, "Your own photos"): pretrained weights, all
+    # layers trained, AdamW lr 1e-3 with decoupled weight decay 0.05 and the new head at 10x, one warm-up epoch then
+    # cosine, batch 32, 15 epochs. On a 500-image folder of classes the backbone never saw (two seeds, 112 px):
+    # 70.1 % against 67.7 % for SGD 0.01 (head 1x) and 64.4 % for SGD 0.01 with the head at 10x; SGD at 0.03 was far
+    # worse, label smoothing and EMA within noise. Augmentation and input size are left to the photo defaults.
+    "finetune": dict(arch="resnet18", pretrained="torchvision", optimizer="adamw", lr=0.001, weight_decay=0.05,
+                     head_lr_scale=10.0, schedule="cosine", warmup=1, epochs=15, batch_size=32),
 }
 
 
