@@ -194,3 +194,28 @@ def test_head_lr_scale_groups():
     head = {id(p) for p in m.fc.parameters()}
     assert all(g["lr_scale"] == 10 for g in groups if {id(p) for p in g["params"]} & head)
     assert sum(len(g["params"]) for g in groups if g["lr_scale"] == 10) == 2
+
+
+def test_mixup_cutmix_trivialaugment_and_erasing(photos, tmp_path):
+    """The photo recipes' extras: each a pure function of its seed, so a run with all of them resumes exactly."""
+    from reslab.data.extras import mix_batch
+
+    x = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 8, 8).contiguous()
+    y = torch.tensor([0, 1, 2, 3])
+    mixed, target = mix_batch(x, y, 4, mixup=0.4, cutmix=0.0, generator=torch.Generator().manual_seed(0))
+    lam = target[0, 0].item()
+    assert torch.allclose(target.sum(1), torch.ones(4)) and 0 < lam < 1 and target[0, 3] == pytest.approx(1 - lam)
+    assert torch.allclose(mixed[0], lam * x[0] + (1 - lam) * x[3])
+    cut, target = mix_batch(x, y, 4, mixup=0.0, cutmix=1.0, generator=torch.Generator().manual_seed(1))
+    own = (cut[0] == 0).float().mean().item()  # image 0 is all zeros; pasted pixels come from image 3
+    assert target[0, 0].item() == pytest.approx(own) and target[0, 3].item() == pytest.approx(1 - own)
+
+    kw = dict(arch="resnet20", data=str(photos), batch_size=8, lr=0.002, precision="fp32", threads=1,
+              schedule="constant", augment="photo", image_size=32, auto_augment="trivial", random_erasing=0.5,
+              mixup=0.2, cutmix=1.0)
+    full = reslab.train(out=str(tmp_path / "full"), epochs=2, **kw)
+    reslab.train(out=str(tmp_path / "half"), epochs=1, **kw)
+    resumed = reslab.train(resume=str(tmp_path / "half"), epochs=2)
+    assert resumed.train_loss == full.train_loss
+    a, b = (reslab.load_model(tmp_path / r)[0].state_dict() for r in ("full", "half"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -63,6 +63,14 @@ class TrainConfig:
     """Train the new head only (a linear probe): the backbone's weights and BatchNorm statistics stay fixed."""
     head_lr_scale: float = 1.0
     """Multiply the learning rate of the classifier (fc) by this, e.g. 10 to train a new head faster."""
+    auto_augment: Literal["none", "trivial", "rand"] = "none"
+    """In training: TrivialAugmentWide (trivial) or RandAugment (rand), per image, before the crop."""
+    random_erasing: float = 0.0
+    """In training: erase a random rectangle of each image with this probability (timm's --reprob)."""
+    mixup: float = 0.0
+    """MixUp's Beta(alpha, alpha) (e.g. 0.2; 0: off). With --cutmix too, one of them per batch."""
+    cutmix: float = 0.0
+    """CutMix's Beta(alpha, alpha) (e.g. 1.0; 0: off)."""
     balance: Literal["none", "loss"] = "none"
     """loss: weight the cross-entropy by inverse class frequency, for imbalanced folders."""
 
@@ -169,6 +177,8 @@ class TrainConfig:
         if min(self.val_split, self.workers, self.checkpoint_every, self.weight_decay, self.warmup) < 0:
             raise ConfigError("--val-split, --workers, --checkpoint-every, --weight-decay and --warmup must not be "
                              "negative")
+        if not 0 <= self.random_erasing <= 1 or min(self.mixup, self.cutmix) < 0:
+            raise ConfigError("--random-erasing is a probability in [0, 1]; --mixup and --cutmix are alphas >= 0")
         if self.ema is not None and not 0 < self.ema < 1:
             raise ConfigError(f"--ema is a decay in (0, 1), e.g. 0.999; got {self.ema}")
         if not 0 <= self.label_smoothing < 1:

@@ -23,7 +23,8 @@ from torch import nn
 from . import distributed, rundir
 from .checkpoint import load_checkpoint, save_checkpoint, save_model, unwrap_model
 from .config import TrainConfig, make_config, resolve_inputs
-from .data import Batches, BatchTransform, DataBundle, load_data, typical_image_size
+from .data import Batches, BatchTransform, DataBundle, load_data, mix_seed, typical_image_size
+from .data.extras import mix_batch
 from .errors import ConfigError, Interrupted, UserError
 from .evaluate import evaluate_batches
 from .hooks import (
@@ -278,7 +279,9 @@ def setup(cfg: TrainConfig, resume: dict[str, Any] | None = None, started: float
             print(f"--batch-size {cfg.batch_size} is more than the {len(data.train)} training images: using "
                   f"{small}", file=sys.stderr)
         cfg = dataclasses.replace(cfg, batch_size=small)
-    train_batches = Batches(data.train, BatchTransform(cfg.augment, True, cfg.input_size, data.mean, data.std),
+    train_transform = BatchTransform(cfg.augment, True, cfg.input_size, data.mean, data.std, cfg.auto_augment,
+                                     cfg.random_erasing)
+    train_batches = Batches(data.train, train_transform,
                             cfg.batch_size, shuffle=cfg.shuffle, drop_last=cfg.drop_last, seed=cfg.seed,
                             device=device, workers=cfg.workers, rank=d.rank, world=d.world)
     eval_transform = BatchTransform(cfg.augment, False, cfg.input_size, data.mean, data.std)
@@ -434,9 +437,13 @@ def _train_epoch(run: Run) -> None:
         lr = lr_at(run.step, cfg, steps_per_epoch, run.total_steps)
         for group in opt.param_groups:
             group["lr"] = lr * group["lr_scale"]
+        target = y
+        if cfg.mixup or cfg.cutmix:  # drawn from (seed, step): the same mix on resume
+            g = torch.Generator().manual_seed(mix_seed(cfg.seed, run.step, 2))
+            x, target = mix_batch(x, y, len(run.data.classes), cfg.mixup, cfg.cutmix, g)
         with autocast(run.device, run.precision):
             logits = model(x)
-            loss = F.cross_entropy(logits, y, weight=run.loss_weight, label_smoothing=cfg.label_smoothing)
+            loss = F.cross_entropy(logits, target, weight=run.loss_weight, label_smoothing=cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         _backward_and_step(run, loss)
         run.step += 1

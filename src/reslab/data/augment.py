@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import extras
+
 SEED_RESIZE, SEED_CROP = 256, 64
 PHOTO_CROP_RATIO = 0.875  # evaluate the centre 224 of 256 (torchvision's ImageNet protocol)
 PHOTO_SCALE, PHOTO_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # RandomResizedCrop's defaults
@@ -170,10 +172,14 @@ class BatchTransform:
     input_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    auto_augment: str = "none"  # trivial or rand, in training (see extras.py)
+    erasing: float = 0.0  # probability of random erasing, in training
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         b, dev = x.shape[0], x.device
         rand = lambda *shape: torch.rand(*shape, generator=generator).to(dev)
+        if self.train and self.auto_augment != "none":  # on the stored uint8 images, before the crop
+            x = extras.auto_augment(x, self.auto_augment, generator)
         if self.augment in ("paper", "fast") and self.train:
             pad = PAPER_PAD if self.augment == "paper" else FAST_PAD
             dy, dx = (torch.randint(0, 2 * pad + 1, (2, b), generator=generator)).to(dev)
@@ -206,10 +212,12 @@ class BatchTransform:
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True)
         mean = torch.tensor(self.mean, device=dev).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=dev).view(1, 3, 1, 1)
-        return (x - mean) / std
+        x = (x - mean) / std
+        return extras.random_erasing(x, self.erasing, generator) if self.train and self.erasing else x
 
 
-def pil_transform(augment: str, train: bool, input_size: int, mean, std):
+def pil_transform(augment: str, train: bool, input_size: int, mean, std, auto_augment: str = "none",
+                  erasing: float = 0.0):
     """The same preset as per-image torchvision transforms on PIL images (the seed's pipeline)."""
     import torchvision.transforms as T
 
@@ -230,4 +238,7 @@ def pil_transform(augment: str, train: bool, input_size: int, mean, std):
             ops += [T.RandomCrop(input_size, padding=PAPER_PAD), T.RandomHorizontalFlip()]
         elif augment == "fast" and train:
             ops += [T.RandomCrop(input_size, padding=FAST_PAD, padding_mode="reflect"), T.RandomHorizontalFlip()]
-    return T.Compose([*ops, T.ToTensor(), T.Normalize(mean, std)])
+    if train and auto_augment != "none":
+        ops.insert(0, T.TrivialAugmentWide() if auto_augment == "trivial" else T.RandAugment())
+    post = [T.RandomErasing(p=erasing, value=0)] if train and erasing else []
+    return T.Compose([*ops, T.ToTensor(), T.Normalize(mean, std), *post])

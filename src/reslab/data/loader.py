@@ -80,7 +80,8 @@ class Batches:
 
     def _stream(self, epoch: int, order: Tensor, start: int) -> Iterator[tuple[Tensor, Tensor]]:
         t = self.transform
-        ds = _FileDataset(self.split, pil_transform(t.augment, t.train, t.input_size, t.mean, t.std))
+        ds = _FileDataset(self.split, pil_transform(t.augment, t.train, t.input_size, t.mean, t.std, t.auto_augment,
+                                                    t.erasing))
         indices = [j for i in range(start, len(self))
                    for j in self._mine(order[i * self.batch_size:(i + 1) * self.batch_size]).tolist()]
         # Augmentation seeds follow (seed, epoch, start): exact data order on resume, not the exact same draws.
