@@ -174,3 +174,30 @@ def test_missing_data_is_a_clear_error(tmp_path):
 def test_shared_cifar10_copy_loads_by_name(cifar_dir):
     s = load_split(str(cifar_dir), "test", store_size=32)
     assert len(s) == 10000 and s.classes[0] == "airplane" and s.images.shape == (10000, 32, 32, 3)
+
+
+@pytest.mark.parametrize("size", [256, 73])
+def test_reduced_jpeg_decoding_matches_a_full_decode(tmp_path, size):
+    """A large JPEG decoded at a reduced scale (PIL's draft) and fitted to ``size`` is, within a stated tolerance
+    (mean 1 level of 255, no pixel off by more than 16), the full decode fitted to ``size``."""
+    from PIL import Image, ImageFilter
+
+    from reslab.data.folder import fit_square, load_rgb
+
+    rng = np.random.default_rng(0)
+    # Texture at several scales, as in photos: blurred noise plus sharp-edged blocks.
+    base = Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).filter(ImageFilter.GaussianBlur(2))
+    big = base.resize((2400, 1800), Image.BICUBIC)
+    blocks = np.kron(rng.integers(0, 256, (18, 24, 3)), np.ones((100, 100, 1))).astype(np.uint8)
+    big = Image.blend(big, Image.fromarray(blocks), 0.3)
+    path = tmp_path / "big.jpg"
+    big.save(path, quality=92)
+    full = np.asarray(fit_square(load_rgb(path), size), dtype=np.float64)
+    reduced = np.asarray(fit_square(load_rgb(path, min_side=size), size), dtype=np.float64)
+    diff = np.abs(full - reduced)
+    assert full.shape == reduced.shape == (size, size, 3)
+    print(f"size {size}: mean |diff| {diff.mean():.3f}, max {diff.max():.0f}")
+    assert diff.mean() <= 1.0 and diff.max() <= 16, (diff.mean(), diff.max())
+    with Image.open(path) as im:
+        im.draft(im.mode, (size * 4 // 3 + 1, size + 1))
+        assert min(im.size) >= size  # the draft never goes below the size the network needs

@@ -185,7 +185,7 @@ def predict(model: str | Path, inputs: list[str | Path], *, topk: int = 5, arch:
         xs = []
         for f in chunk:
             try:
-                im = load_rgb(f)
+                im = load_rgb(f, min_side=keep)
             except Exception as exc:
                 raise DataError(f"cannot read image {f}: {exc}") from None
             im = fit_square(im, keep or min(im.size))  # seed: the centre square; its resize does the rest
