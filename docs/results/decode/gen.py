@@ -1,6 +1,7 @@
 """500 phone-photo-sized JPEGs (4000x3000, quality 90): CIFAR-10 JPEG images upscaled (bicubic), 5 classes x 100."""
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
 from PIL import Image
 
 SRC = Path("/work/shared/data/cifar10-jpeg/train")

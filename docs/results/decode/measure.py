@@ -1,7 +1,12 @@
 """Cold decode of a folder into the in-memory array at a given stored size, with an empty cache folder."""
-import os, sys, tempfile, time
+import os
+import sys
+import tempfile
+import time
+
 os.environ["RESLAB_CACHE"] = tempfile.mkdtemp()
 from reslab.data.datasets import load_split
+
 root, split, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
 t = time.perf_counter()
 s = load_split(root, split, store_size=size)

@@ -6,6 +6,7 @@ ft5/:  the other 5 classes, 100 training and 100 test images each, upscaled to p
 """
 import random
 from pathlib import Path
+
 from PIL import Image
 
 src = Path("/work/shared/data/cifar10-jpeg")
