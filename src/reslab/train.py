@@ -259,7 +259,8 @@ def setup(cfg: TrainConfig, resume: dict[str, Any] | None = None, started: float
         raise UserError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out")
     torch.manual_seed(cfg.seed)
     if resume is None:  # a resumed run's config is already resolved
-        cfg, chosen = resolve_inputs(cfg, info.family, typical_image_size(cfg.data))
+        # Only an augmentation left to reslab needs a look at the images (a few hundred file headers).
+        cfg, chosen = resolve_inputs(cfg, info.family, typical_image_size(cfg.data) if cfg.augment is None else None)
         if chosen and d.main:
             print(chosen, file=sys.stderr)
 

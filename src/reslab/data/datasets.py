@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError
-from .folder import decode_images, image_sizes, scan_folder
+from .folder import decode_images, image_sizes, sample_files, scan_folder
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 MEMORY_BUDGET_BYTES = 6 * 2**30  # decoded images above this are streamed from files instead
@@ -162,7 +162,7 @@ def typical_image_size(data: str) -> tuple[int, int] | None:
     split_dir = folder_split_dir(data, "train") if Path(data).is_dir() else None
     if split_dir is None:
         return None
-    sizes = sorted(image_sizes(scan_folder(split_dir)[0], unique=False), key=lambda wh: min(wh))
+    sizes = sorted(image_sizes(sample_files(split_dir), unique=False), key=lambda wh: min(wh))
     return sizes[len(sizes) // 2] if sizes else None
 
 

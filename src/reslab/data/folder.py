@@ -47,6 +47,18 @@ def scan_folder(root: str | Path) -> tuple[list[Path], list[str], list[str]]:
     return paths, names, classes
 
 
+def sample_files(root: Path, limit: int = 256) -> list[Path]:
+    """Up to ``limit`` image files of a split, spread over its classes, without listing and stat-ing every file."""
+    classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    per_class = max(1, limit // max(1, len(classes)))
+    files = []
+    for c in classes:
+        with os.scandir(c) as entries:  # directory entries carry their type: no stat() per file
+            names = sorted(e.name for e in entries if e.is_file() and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS)
+        files += [c / n for n in names[:per_class]]
+    return files
+
+
 def load_rgb(path: str | Path, min_side: int | None = None) -> Image.Image:
     """Open an image as 8-bit RGB, whatever its mode (grayscale, palette, RGBA, CMYK, 16-bit).
 
