@@ -172,6 +172,9 @@ def decode_images(paths: list[Path], size: int | None, *, workers: int | None = 
     if len(shapes) > 1:
         raise DataError(f"images have different sizes {sorted(shapes)[:3]}...; decode them with a fixed size")
     images = np.stack(arrays)
+    if _fingerprint(paths, size) != key:  # a file was replaced or rewritten while it was being read
+        raise DataError(f"image files under {Path(paths[0]).parent.parent} changed while they were decoded; nothing "
+                        f"was kept: run again once the folder is stable")
     if cache:
         _write_cache(cache_file, images, kept)
     return images, kept
