@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import time
 
@@ -201,3 +202,19 @@ def test_reduced_jpeg_decoding_matches_a_full_decode(tmp_path, size):
     with Image.open(path) as im:
         im.draft(im.mode, (size * 4 // 3 + 1, size + 1))
         assert min(im.size) >= size  # the draft never goes below the size the network needs
+
+
+def test_cache_command_lists_and_clears(tmp_path, cli, monkeypatch):
+    from conftest import make_folder
+
+    monkeypatch.setenv("RESLAB_CACHE", str(tmp_path / "cache"))
+    root = make_folder(tmp_path / "d", per_class=3)
+    load_split(str(root), "train", store_size=32)
+    code, out, _ = cli("cache")
+    assert code == 0 and "1 entries" in out and f"9 images at 32 px  {root / 'train'}" in out
+    code, out, _ = cli("cache", "--json")
+    entry = json.loads(out)
+    assert entry["images"] == 9 and entry["source"] == str(root / "train") and entry["bytes"] > 9 * 32 * 32 * 3
+    code, out, _ = cli("cache", "--clear")
+    assert code == 0 and out.startswith("removed 2 files") and not list((tmp_path / "cache").iterdir())
+    assert load_split(str(root), "train", store_size=32).images.shape == (9, 32, 32, 3)  # rebuilt on the next load

@@ -13,6 +13,7 @@ import sys
 import time
 from argparse import ArgumentError
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Optional
 
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
@@ -241,6 +242,30 @@ def export_cmd(model: str, format: str = "onnx", out: Optional[str] = None, arch
         raise UserError(f"exported model differs from PyTorch by {r.max_abs_diff:.2e}")
 
 
+def cache_cmd(clear: bool = False, json: bool = False) -> None:
+    """Show the decoded-image cache ($RESLAB_CACHE, else ~/.cache/reslab): each folder decoded, its size on disk.
+
+    Args:
+        clear: delete every entry (they are rebuilt when a folder is next loaded).
+        json: print one JSON object per entry.
+    """
+    from .data.cache import cache_dir, clear_cache, list_cache
+
+    if clear:
+        files, freed = clear_cache()
+        print(f"removed {files} files ({freed / 2**20:.1f} MiB) from {cache_dir()}")
+        return
+    entries = list_cache()
+    if json:
+        for e in entries:
+            _print_json(e)
+        return
+    print(f"{cache_dir()}: {len(entries)} entries, {sum(e.bytes for e in entries) / 2**20:.1f} MiB")
+    for e in entries:
+        what = f"{e.images} images at {e.store_size or 'native'} px" if e.images is not None else "(no record)"
+        print(f"  {e.modified}  {e.bytes / 2**20:8.1f} MiB  {what}  {e.source or Path(e.file).name}")
+
+
 COMMANDS: dict[str, Callable[..., None]] = {
     "models": models_cmd,
     "summary": summary_cmd,
@@ -251,6 +276,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "compare": compare_cmd,
     "plot": plot_cmd,
     "export": export_cmd,
+    "cache": cache_cmd,
 }
 
 

@@ -19,6 +19,7 @@ from PIL import Image
 
 from ..errors import DataError
 from ..runtime import usable_cores
+from .cache import cache_dir, write_sidecar
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 # Refuse decompression bombs: no image of ours needs more pixels than this.
@@ -110,10 +111,6 @@ def _decode_one(args: tuple[str, int | None]) -> np.ndarray | str:
         return f"{type(exc).__name__}: {exc}"
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("RESLAB_CACHE") or Path.home() / ".cache" / "reslab")
-
-
 def _fingerprint(paths: list[Path], size: int | None) -> str:
     h = hashlib.sha256(f"v2 size={size}\n".encode())  # v2: JPEGs decoded at a reduced scale
     for p in paths:
@@ -137,7 +134,7 @@ def decode_images(paths: list[Path], size: int | None, *, workers: int | None = 
         (images, indices into ``paths`` of the images kept).
     """
     key = _fingerprint(paths, size)
-    cache_file = _cache_dir() / f"{key}.npz"
+    cache_file = cache_dir() / f"{key}.npz"
     if cache and cache_file.is_file():
         try:
             with np.load(cache_file) as z:
@@ -175,22 +172,26 @@ def decode_images(paths: list[Path], size: int | None, *, workers: int | None = 
     if _fingerprint(paths, size) != key:  # a file was replaced or rewritten while it was being read
         raise DataError(f"image files under {Path(paths[0]).parent.parent} changed while they were decoded; nothing "
                         f"was kept: run again once the folder is stable")
-    if cache:
-        _write_cache(cache_file, images, kept)
+    if cache and _write_cache(cache_file, images, kept):
+        write_sidecar(cache_file, str(Path(paths[0]).parent.parent), len(kept), size)
     return images, kept
 
 
-def _write_cache(cache_file: Path, images: np.ndarray, kept: np.ndarray) -> None:
+def _write_cache(cache_file: Path, images: np.ndarray, kept: np.ndarray) -> bool:
+    """Write the entry atomically; False (and one line) when the disk refuses."""
+    tmp = cache_file.with_suffix(f".tmp{os.getpid()}.npz")
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".tmp{os.getpid()}.npz")
         with open(tmp, "wb") as f:
             np.savez(f, images=images, kept=kept)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, cache_file)
+        return True
     except OSError as exc:  # a cache is an optimisation: a full or read-only disk must not stop training
+        tmp.unlink(missing_ok=True)
         print(f"reslab: could not write the decode cache ({exc}); continuing without it", file=sys.stderr)
+        return False
 
 
 def image_sizes(paths: list[Path], limit: int = 256, unique: bool = True):
