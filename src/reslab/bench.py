@@ -17,14 +17,10 @@ import torch.nn.functional as F
 from .config import make_config
 from .data import Batches, BatchTransform, Split, load_data, pil_transform
 from .data.loader import _FileDataset
+from .distributed import synchronize
 from .errors import UserError
 from .models import count_macs, create_model
 from .runtime import autocast, default_channels_last, resolve_device, resolve_precision, set_threads
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def gemm_roof(device: torch.device, precision: str, n: int = 2048, reps: int = 5) -> float:
@@ -33,11 +29,11 @@ def gemm_roof(device: torch.device, precision: str, n: int = 2048, reps: int = 5
     n = 4096 if device.type == "cuda" else n
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(reps):
         a @ b
-    _sync(device)
+    synchronize(device)
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
@@ -46,13 +42,13 @@ def _time_steps(step, batches, warmup: int, steps: int, device: torch.device) ->
     it = _cycle(batches)
     for _ in range(warmup):
         step(*next(it))
-    _sync(device)
+    synchronize(device)
     t0, n = time.perf_counter(), 0
     for _ in range(steps):
         x, y = next(it)
         step(x, y)
         n += len(y)
-    _sync(device)
+    synchronize(device)
     return n / (time.perf_counter() - t0)
 
 

@@ -25,7 +25,7 @@ from .models import create_model, list_models
 from .rundir import CHECKPOINT_FILE, MODEL_FILE
 
 __all__ = ["CHECKPOINT_FILE", "MODEL_FILE", "atomic_write", "clean_state_dict", "load_checkpoint", "load_model",
-           "read_safetensors", "resolve_model_path", "save_checkpoint", "save_model", "unwrap_model"]
+           "read_safetensors", "read_weights", "resolve_model_path", "save_checkpoint", "save_model", "unwrap_model"]
 
 
 def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
@@ -145,6 +145,16 @@ def resolve_model_path(path: str | Path) -> Path:
     return path
 
 
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state_dict and reslab metadata (empty if none) of a run directory, safetensors file or torch file."""
+    path = resolve_model_path(path)
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    obj = load_checkpoint(path)
+    meta = dict(obj["meta"]) if isinstance(obj, dict) and isinstance(obj.get("meta"), dict) else {}
+    return clean_state_dict(obj), meta
+
+
 def load_model(path: str | Path, arch: str | None = None, num_classes: int | None = None,
                device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Load a model from a run directory, ``model.safetensors``, ``last.pt`` or a bare state_dict ``.pth``.
@@ -159,12 +169,7 @@ def load_model(path: str | Path, arch: str | None = None, num_classes: int | Non
         (model in eval mode, metadata: arch, model_kwargs, classes, input_size, augment, mean, std).
     """
     path = resolve_model_path(path)
-    if path.suffix == ".safetensors":
-        state, meta = read_safetensors(path)
-    else:
-        obj = load_checkpoint(path)
-        meta = dict(obj.get("meta", {})) if isinstance(obj, dict) and isinstance(obj.get("meta"), dict) else {}
-        state = clean_state_dict(obj)
+    state, meta = read_weights(path)
     arch = arch or meta.get("arch")
     if arch is None:
         raise ModelError(f"{path} does not record its architecture: pass --arch (one of {', '.join(list_models())})")

@@ -431,8 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command == "train":
             special = {k: args.pop(k, None) for k in ("preset", "resume")}
-            given = frozenset(_given_options(argv) & set(args))
-            if special["resume"] and "config" in _given_options(argv):
+            options = _given_options(argv)
+            given = frozenset(options & set(args))
+            if special["resume"] and "config" in options:
                 raise ConfigError("--resume continues a run with its saved config: no --config with it")
             COMMANDS[command](TrainConfig(**args), given=given, **special)
         elif command == "compare":

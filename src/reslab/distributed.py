@@ -84,22 +84,22 @@ def sync_buffers(model: torch.nn.Module) -> None:
             dist.broadcast(b, src=0)
 
 
-def broadcast_int(value: int, device: torch.device) -> int:
-    """Rank 0's ``value`` on every rank (``value`` itself without a process group): one decision for all."""
+def _agree(value: int, device: torch.device, collective) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return value
     t = torch.tensor([value], dtype=torch.long, device=device)
-    dist.broadcast(t, src=0)
+    collective(t)
     return int(t.item())
+
+
+def broadcast_int(value: int, device: torch.device) -> int:
+    """Rank 0's ``value`` on every rank (``value`` itself without a process group): one decision for all."""
+    return _agree(value, device, lambda t: dist.broadcast(t, src=0))
 
 
 def max_int(value: int, device: torch.device) -> int:
     """The largest ``value`` over all ranks (``value`` itself without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    t = torch.tensor([value], dtype=torch.long, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    return _agree(value, device, lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX))
 
 
 def synchronize(device: torch.device) -> None:

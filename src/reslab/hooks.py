@@ -26,6 +26,7 @@ import torch
 
 from . import distributed, rundir
 from .checkpoint import atomic_write, unwrap_model
+from .errors import UserError
 from .evaluate import TTA_VIEWS, evaluate_batches
 from .progress import Progress
 
@@ -85,7 +86,6 @@ class Lookahead(Hook):
         """How much of the average survives an update at ``step`` of ``total``."""
         return 0.95 ** Lookahead.every * (step / total) ** 3 if step < total else 0.0
 
-    @torch.no_grad()
     def on_step_end(self, run: Run, loss: torch.Tensor, lr: float) -> None:
         self.update(run.step, run.total_steps)
 
@@ -312,8 +312,6 @@ class MetricsLog(Hook):
 
 
 def _tensorboard_writer(out: Path):
-    from .errors import UserError
-
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:

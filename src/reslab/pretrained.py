@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import clean_state_dict, load_checkpoint, read_safetensors, resolve_model_path
+from .checkpoint import read_weights, resolve_model_path
 from .errors import ModelError, UserError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -42,12 +42,7 @@ def load_pretrained(source: str, arch: str) -> Pretrained:
     if not path.exists():
         raise UserError(f"--pretrained {source!r}: not 'torchvision', a weights file or a run directory")
     path = resolve_model_path(path)
-    if path.suffix == ".safetensors":
-        state, meta = read_safetensors(path)
-    else:
-        obj = load_checkpoint(path)
-        meta = obj.get("meta") if isinstance(obj, dict) and isinstance(obj.get("meta"), dict) else {}
-        state = clean_state_dict(obj)
+    state, meta = read_weights(path)
     if meta.get("mean"):  # a reslab file records its normalisation; others were trained the ImageNet way
         return Pretrained(state, str(path), tuple(meta["mean"]), tuple(meta["std"]), meta.get("classes"))
     return Pretrained(state, str(path), IMAGENET_MEAN, IMAGENET_STD, None)
@@ -72,8 +67,7 @@ def _torchvision(arch: str) -> Pretrained:
                             f"{weights.url} at {file}") from None
         finally:
             socket.setdefaulttimeout(old)
-    state = load_checkpoint(file)
-    return Pretrained(clean_state_dict(state), f"torchvision {arch} {weights.name}", IMAGENET_MEAN, IMAGENET_STD,
+    return Pretrained(read_weights(file)[0], f"torchvision {arch} {weights.name}", IMAGENET_MEAN, IMAGENET_STD,
                       list(weights.meta.get("categories") or []) or None)
 
 

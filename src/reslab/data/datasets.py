@@ -162,7 +162,7 @@ def typical_image_size(data: str) -> tuple[int, int] | None:
     split_dir = folder_split_dir(data, "train") if Path(data).is_dir() else None
     if split_dir is None:
         return None
-    sizes = sorted(image_sizes(sample_files(split_dir), unique=False), key=lambda wh: min(wh))
+    sizes = sorted(image_sizes(sample_files(split_dir)), key=lambda wh: min(wh))
     return sizes[len(sizes) // 2] if sizes else None
 
 
@@ -200,7 +200,7 @@ def load_split(data: str, split: str, *, store_size: int | None, data_dir: str |
     labels = torch.tensor([index[n] for n in names])
     size = side = store_size
     if size is None:
-        sizes = image_sizes(paths)
+        sizes = set(image_sizes(paths))
         native = next(iter(sizes)) if len(sizes) == 1 else None
         size = None if native and native[0] == native[1] else 64  # mixed sizes: fit to 64 px squares
         side = size or native[0]

@@ -194,8 +194,8 @@ def _write_cache(cache_file: Path, images: np.ndarray, kept: np.ndarray) -> bool
         return False
 
 
-def image_sizes(paths: list[Path], limit: int = 256, unique: bool = True):
-    """Sizes (w, h) of up to ``limit`` evenly spaced files, read from their headers only (a set, or all of them)."""
+def image_sizes(paths: list[Path], limit: int = 256) -> list[tuple[int, int]]:
+    """Sizes (w, h) of up to ``limit`` evenly spaced files, read from their headers only."""
     step = max(1, len(paths) // limit)
     sizes = []
     for p in paths[::step]:
@@ -204,4 +204,4 @@ def image_sizes(paths: list[Path], limit: int = 256, unique: bool = True):
                 sizes.append(im.size)
         except Exception:
             continue
-    return set(sizes) if unique else sizes
+    return sizes
