@@ -249,7 +249,7 @@ def cache_cmd(clear: bool = False, json: bool = False) -> None:
         clear: delete every entry (they are rebuilt when a folder is next loaded).
         json: print one JSON object per entry.
     """
-    from .data.cache import cache_dir, clear_cache, list_cache
+    from .data.cache import FORMAT, cache_dir, clear_cache, list_cache
 
     if clear:
         files, freed = clear_cache()
@@ -263,6 +263,7 @@ def cache_cmd(clear: bool = False, json: bool = False) -> None:
     print(f"{cache_dir()}: {len(entries)} entries, {sum(e.bytes for e in entries) / 2**20:.1f} MiB")
     for e in entries:
         what = f"{e.images} images at {e.store_size or 'native'} px" if e.images is not None else "(no record)"
+        what += "" if e.format == FORMAT else f" (format {e.format} of an older reslab: never read; --clear frees it)"
         print(f"  {e.modified}  {e.bytes / 2**20:8.1f} MiB  {what}  {e.source or Path(e.file).name}")
 
 

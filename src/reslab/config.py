@@ -49,8 +49,10 @@ class TrainConfig:
     Default: photo for photos (images over 64 px) with the ImageNet-style nets, else paper."""
     image_size: Optional[int] = None
     """Network input size in pixels (default: 224 for photo, 64 for seed, else 32)."""
-    loader: Literal["auto", "memory", "stream"] = "auto"
-    """memory: decode once, augment whole batches on the device; stream: PIL per image in a DataLoader."""
+    loader: Literal["auto", "memory", "disk", "stream"] = "auto"
+    """memory: decode once (cached on disk), keep in memory, augment whole batches on the device; disk: the same,
+    memory-mapped from the decode cache; stream: decode every image again every epoch (PIL, DataLoader). auto: memory
+    up to $RESLAB_MEMORY_BUDGET (default 6G) of decoded pixels, else disk, else (no room for the cache) stream."""
     workers: int = 2
     """DataLoader worker processes for the stream loader."""
 

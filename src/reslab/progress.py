@@ -56,3 +56,39 @@ class Progress:
 
     def close(self) -> None:
         self.stream.flush()
+
+
+class CountProgress:
+    """``label: done/total (pct) rate/s ETA`` for long one-off work (decoding a folder), silent when it is quick.
+
+    Nothing is shown in the first ``quiet`` seconds; then a redrawn line on a terminal, or a line every ~10 % in a log.
+    """
+
+    def __init__(self, total: int, label: str, quiet: float = 2.0, stream=None) -> None:
+        self.total, self.label, self.quiet = total, label, quiet
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.t0 = self.last = time.perf_counter()
+        self.shown, self.next_pct = False, 10
+
+    def update(self, done: int) -> None:
+        now = time.perf_counter()
+        if now - self.t0 < self.quiet:
+            return
+        pct = 100 * done // max(1, self.total)
+        if self.tty and now - self.last < 0.25 and done < self.total:
+            return
+        if not self.tty and pct < self.next_pct and done < self.total:
+            return
+        self.last, self.shown, self.next_pct = now, True, pct // 10 * 10 + 10
+        rate = done / (now - self.t0)
+        eta = (self.total - done) / rate if rate > 0 else 0
+        line = f"{self.label}: {done}/{self.total} ({pct}%) {rate:.0f}/s ETA {_fmt_time(eta)}"
+        self.stream.write(("\r" + line + " " * 4) if self.tty else line + "\n")
+        self.stream.flush()
+
+    def done(self) -> None:
+        """End the redrawn line (if one was shown)."""
+        if self.shown and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -10,7 +10,7 @@ import torch
 from ..errors import DataError
 from .augment import BatchTransform, channel_stats, pil_transform, store_size
 from .datasets import Split, balanced_indices, load_split, typical_image_size
-from .folder import fit_square, load_rgb
+from .folder import channel_histogram, fit_square, load_rgb
 from .loader import Batches, mix_seed
 
 __all__ = ["BatchTransform", "Batches", "DataBundle", "DataError", "Split", "balanced_indices", "channel_stats",
@@ -36,7 +36,7 @@ def match_classes(split: Split, classes: list[str]) -> Split:
     if unknown:
         raise DataError(f"classes {unknown} are not among the model's classes {classes}")
     index = torch.tensor([classes.index(c) for c in split.classes])
-    return Split(index[split.labels], list(classes), images=split.images, paths=split.paths)
+    return replace(split, labels=index[split.labels], classes=list(classes))
 
 
 def load_data(data: str, *, augment: str, input_size: int, data_dir: str | None = None, loader: str = "auto",
@@ -69,14 +69,20 @@ def load_data(data: str, *, augment: str, input_size: int, data_dir: str | None 
     if augment == "seed":
         mean = std = (0.5, 0.5, 0.5)
     else:
-        images = train.images if train.images is not None else _sample_images(train, size)
-        m, s = channel_stats(images)
+        m, s = channel_stats(_histogram(train, size))
         mean, std = tuple(m), tuple(s)
     return DataBundle(train, val, test, classes, mean, std)
 
 
-def _sample_images(split: Split, size: int | None, n: int = 2000) -> torch.Tensor:
-    """Decode an even sample of a streamed split, for normalisation statistics."""
-    step = max(1, len(split.paths) // n)
-    arrays = [np.asarray(fit_square(load_rgb(p), size or 64)) for p in split.paths[::step]]
-    return torch.from_numpy(np.stack(arrays))
+def _histogram(split: Split, size: int | None) -> np.ndarray:
+    """Per-channel value counts of the training images: recorded when they were decoded, else counted (a streamed
+    split: from an even sample of 2,000 files)."""
+    if split.histogram is not None:
+        return split.histogram
+    if split.images is not None:
+        if split.rows is None:
+            return channel_histogram(split.images)
+        return sum(channel_histogram(split.pixels(split.rows.new_tensor(range(i, min(i + 4096, len(split))))))
+                   for i in range(0, len(split), 4096))
+    step = max(1, len(split.paths) // 2000)
+    return channel_histogram(np.stack([np.asarray(fit_square(load_rgb(p), size or 64)) for p in split.paths[::step]]))

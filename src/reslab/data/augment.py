@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -46,19 +47,14 @@ def store_size(augment: str, input_size: int) -> int | None:
     return round(input_size / PHOTO_CROP_RATIO) if augment == "photo" else input_size
 
 
-@torch.no_grad()
-def channel_stats(images: Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
-    """Per-channel mean and standard deviation in [0, 1] of uint8 images (N, H, W, 3)."""
-    total = torch.zeros(3, dtype=torch.float64)
-    total_sq = torch.zeros(3, dtype=torch.float64)
-    for i in range(0, len(images), chunk):
-        x = images[i:i + chunk].to(torch.float64).div_(255).reshape(-1, 3)
-        total += x.sum(0)
-        total_sq += (x * x).sum(0)
-    n = images[..., 0].numel()
-    mean = total / n
-    std = (total_sq / n - mean**2).clamp_min(1e-12).sqrt()
-    return [round(v, 4) for v in mean.tolist()], [round(v, 4) for v in std.tolist()]
+def channel_stats(histogram: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation in [0, 1] (4 decimals) from per-channel uint8 value counts (3, 256)."""
+    counts = np.asarray(histogram, dtype=np.float64)
+    values = np.arange(256, dtype=np.float64) / 255
+    n = counts.sum(1)
+    mean = counts @ values / n
+    std = np.sqrt(np.maximum(counts @ values**2 / n - mean**2, 1e-12))
+    return [round(float(v), 4) for v in mean], [round(float(v), 4) for v in std]
 
 
 def crop_flip(x: Tensor, size: int, pad: int, dy: Tensor, dx: Tensor, flip: Tensor, reflect: bool = False) -> Tensor:

@@ -18,28 +18,53 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError
-from .folder import decode_images, image_sizes, sample_files, scan_folder
+from .folder import CacheUnavailable, decode_images, image_sizes, sample_files, scan_folder
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-MEMORY_BUDGET_BYTES = 6 * 2**30  # decoded images above this are streamed from files instead
+MEMORY_BUDGET_BYTES = 6 * 2**30  # decoded images above this are memory-mapped from the disk cache
+
+
+def memory_budget() -> int:
+    """Bytes of decoded images kept in memory: ``$RESLAB_MEMORY_BUDGET`` (e.g. ``6G``, ``300M``), else 6 GiB."""
+    text = os.environ.get("RESLAB_MEMORY_BUDGET", "").strip().upper()
+    if not text:
+        return MEMORY_BUDGET_BYTES
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    try:
+        return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
+    except ValueError:
+        raise DataError(f"RESLAB_MEMORY_BUDGET={text!r}: give bytes or a size like 300M or 6G") from None
 
 
 @dataclass
 class Split:
-    """One split of a dataset: uint8 images (N, H, W, 3) in memory, or image files to stream."""
+    """One split of a dataset: uint8 images (N, H, W, 3) in memory or memory-mapped, or image files to stream.
+
+    A memory-mapped split is never gathered into memory: its subsets keep ``rows`` into the shared map instead.
+    """
 
     labels: torch.Tensor
     classes: list[str]
     images: torch.Tensor | None = None
-    paths: list[Path] | None = None
+    paths: list[str] | None = None
+    rows: torch.Tensor | None = None  # rows of ``images`` this split uses (memory-mapped subsets); None: all, in order
+    histogram: np.ndarray | None = None  # per-channel value counts (3, 256) of the split's images, where known
+    mapped: bool = False
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def pixels(self, index: torch.Tensor) -> torch.Tensor:
+        """The uint8 images at ``index`` (positions in this split)."""
+        return self.images[index if self.rows is None else self.rows[index]]
+
     def subset(self, index: torch.Tensor) -> Split:
-        return replace(self, labels=self.labels[index],
-                       images=None if self.images is None else self.images[index],
-                       paths=None if self.paths is None else [self.paths[i] for i in index.tolist()])
+        paths = None if self.paths is None else [self.paths[i] for i in index.tolist()]
+        if self.mapped:
+            rows = index if self.rows is None else self.rows[index]
+            return replace(self, labels=self.labels[index], paths=paths, rows=rows, histogram=None)
+        return replace(self, labels=self.labels[index], paths=paths, histogram=None,
+                       images=None if self.images is None else self.images[index])
 
 
 def balanced_indices(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -175,7 +200,9 @@ def load_split(data: str, split: str, *, store_size: int | None, data_dir: str |
         split: which split.
         store_size: square size to keep images at; None keeps the native size when all images share one.
         data_dir: download folder for ``cifar10``.
-        loader: ``memory``, ``stream`` or ``auto`` (memory unless the decoded images exceed the memory budget).
+        loader: ``memory`` (decoded images in memory), ``disk`` (memory-mapped from the decode cache), ``stream``
+            (files decoded by a DataLoader every epoch) or ``auto``: memory up to the memory budget, else disk, else
+            (no room for the cache) stream.
         strict: make an unreadable image an error instead of a warning.
     """
     if data in ("cifar10", "digits"):
@@ -204,8 +231,13 @@ def load_split(data: str, split: str, *, store_size: int | None, data_dir: str |
         native = next(iter(sizes)) if len(sizes) == 1 else None
         size = None if native and native[0] == native[1] else 64  # mixed sizes: fit to 64 px squares
         side = size or native[0]
-    if loader == "stream" or (loader == "auto" and len(paths) * side * side * 3 > MEMORY_BUDGET_BYTES):
+    if loader == "stream":
         return Split(labels, classes, paths=paths)
-    images, kept = decode_images(paths, size, strict=strict)
-    kept_t = torch.from_numpy(kept)
-    return Split(labels[kept_t], classes, images=torch.from_numpy(images), paths=[paths[i] for i in kept])
+    mapped = loader == "disk" or (loader == "auto" and len(paths) * side * side * 3 > memory_budget())
+    try:
+        d = decode_images(paths, size, strict=strict, mapped=mapped)
+    except CacheUnavailable:  # the reason was printed
+        return Split(labels, classes, paths=paths)
+    kept = torch.from_numpy(d.kept)
+    return Split(labels[kept], classes, images=torch.from_numpy(d.images), paths=[paths[i] for i in d.kept.tolist()],
+                 histogram=d.histogram, mapped=d.mapped)

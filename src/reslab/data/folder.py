@@ -6,31 +6,36 @@ The data folder may be read-only (a shared copy), so the decoded array lives und
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
-import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from ..errors import DataError
+from ..progress import CountProgress
+from ..rundir import package_version
 from ..runtime import usable_cores
-from .cache import cache_dir, write_sidecar
+from .cache import EntryWriter, cache_dir, entry_lock, read_entry, say
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 # Refuse decompression bombs: no image of ours needs more pixels than this.
 Image.MAX_IMAGE_PIXELS = 64_000_000
 
 
-def scan_folder(root: str | Path) -> tuple[list[Path], list[str], list[str]]:
+def scan_folder(root: str | Path) -> tuple[list[str], list[str], list[str]]:
     """Files of an image-folder split ``root/<class>/<file>``.
 
     Returns:
-        (paths, class name of each path, sorted class names). Files are sorted, so the order is reproducible.
+        (paths, class name of each path, sorted class names). Files are sorted, so the order is reproducible; paths
+        are strings (60,000 ``Path`` objects would cost 0.2 s of every start).
     """
     root = Path(root)
     if not root.is_dir():
@@ -40,12 +45,27 @@ def scan_folder(root: str | Path) -> tuple[list[Path], list[str], list[str]]:
         raise DataError(f"no class folders in {root} (expected {root}/<class>/<image files>)")
     paths, names = [], []
     for c in classes:
-        files = sorted(p for p in (root / c).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        files = _image_files(str(root / c))
         paths += files
         names += [c] * len(files)
     if not paths:
         raise DataError(f"no images found under {root}")
     return paths, names, classes
+
+
+def _image_files(folder: str) -> list[str]:
+    """Image files under ``folder`` (recursively), sorted as paths sort. Directory entries carry their type, so
+    listing 60,000 files costs no ``stat`` each (0.1 s instead of 0.6 s with ``Path.rglob`` + ``is_file``)."""
+    files, nested = [], False
+    with os.scandir(folder) as entries:
+        for e in entries:
+            if e.is_dir():
+                files += _image_files(e.path)
+                nested = True
+            elif e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
+                files.append(e.path)
+    # Sorted as Paths sort (component by component); for one flat folder that is a plain string sort.
+    return sorted(files, key=lambda f: f.split(os.sep)) if nested else sorted(files)
 
 
 def sample_files(root: Path, limit: int = 256) -> list[Path]:
@@ -111,90 +131,164 @@ def _decode_one(args: tuple[str, int | None]) -> np.ndarray | str:
         return f"{type(exc).__name__}: {exc}"
 
 
-def _fingerprint(paths: list[Path], size: int | None) -> str:
+def _fingerprint(paths: list[str], size: int | None) -> str:
+    """Key of a decoded entry: every file's path, size and modification time (a file rewritten in place changes
+    them), and the decode settings. One ``stat`` per file: ~0.1 s for 60,000 files."""
     h = hashlib.sha256(f"v2 size={size}\n".encode())  # v2: JPEGs decoded at a reduced scale
     for p in paths:
-        st = p.stat()
+        st = os.stat(p)
         h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:24]
 
 
-def decode_images(paths: list[Path], size: int | None, *, workers: int | None = None, cache: bool = True,
-                  strict: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Decode ``paths`` into one uint8 array (N, H, W, 3).
+def channel_histogram(images: np.ndarray | torch.Tensor, chunk: int = 4096) -> np.ndarray:
+    """Counts of each uint8 value per channel, (3, 256), of images (N, H, W, 3): exact normalisation statistics in
+    one pass, also over a memory map (read in chunks)."""
+    hist = np.zeros((3, 256), np.int64)
+    for i in range(0, len(images), chunk):
+        x = torch.as_tensor(np.asarray(images[i:i + chunk])).reshape(-1, 3)
+        for c in range(3):
+            hist[c] += torch.bincount(x[:, c].contiguous(), minlength=256).numpy()
+    return hist
+
+
+@dataclass
+class Decoded:
+    """Images decoded from a list of files: in memory, or memory-mapped from the cache."""
+
+    images: np.ndarray
+    kept: np.ndarray  # indices into the file list of the images (unreadable files are skipped)
+    histogram: np.ndarray  # channel_histogram(images)
+    mapped: bool = False
+
+
+class CacheUnavailable(Exception):
+    """A memory-mapped decode was asked for and the cache cannot hold it (the caller streams instead)."""
+
+
+def decode_images(paths: list[str], size: int | None, *, workers: int | None = None, cache: bool = True,
+                  strict: bool = False, mapped: bool = False) -> Decoded:
+    """Decode ``paths`` into uint8 images (N, H, W, 3), once: later calls read them from the cache.
 
     Args:
         paths: image files.
         size: square size to fit every image to; None keeps the native size, which must then be the same for all.
         workers: decoding processes (default: the usable cores).
-        cache: read/write the decoded array in the user cache folder.
+        cache: read/write the decoded images in the user cache folder.
         strict: raise on the first unreadable file instead of skipping it with a warning.
-
-    Returns:
-        (images, indices into ``paths`` of the images kept).
+        mapped: memory-map the cached images instead of reading them into memory (for folders larger than memory);
+            raises ``CacheUnavailable`` when they cannot be cached.
     """
     key = _fingerprint(paths, size)
-    cache_file = cache_dir() / f"{key}.npz"
-    if cache and cache_file.is_file():
-        try:
-            with np.load(cache_file) as z:
-                images, kept = z["images"], z["kept"]
-            if images.ndim == 4 and len(images) == len(kept) and images.shape[-1] == 3:
-                if strict and len(kept) < len(paths):
-                    first_bad = sorted(set(range(len(paths))) - set(kept.tolist()))[0]
-                    raise DataError(f"cannot read image {paths[first_bad]} (--strict)")
-                return images, kept
-        except DataError:
-            raise
-        except Exception:
-            pass  # a damaged cache is rebuilt below, never used
-    jobs = [(str(p), size) for p in paths]
-    n_workers = workers or usable_cores()
-    if len(jobs) < 2000 or n_workers <= 1:
-        results = [_decode_one(j) for j in jobs]
-    else:
-        with ProcessPoolExecutor(n_workers) as pool:
-            results = list(pool.map(_decode_one, jobs, chunksize=512))
-    bad = [(paths[i], r) for i, r in enumerate(results) if isinstance(r, str)]
-    if bad and strict:
-        raise DataError(f"cannot read image {bad[0][0]}: {bad[0][1]}")
-    if bad:
-        shown = ", ".join(str(p) for p, _ in bad[:5]) + (" ..." if len(bad) > 5 else "")
-        warnings.warn(f"skipped {len(bad)} unreadable image file(s): {shown}", stacklevel=2)
-    kept = np.array([i for i, r in enumerate(results) if not isinstance(r, str)], dtype=np.int64)
-    if len(kept) == 0:
-        raise DataError(f"no usable images among {len(paths)} files (first error: {bad[0][1]})")
-    arrays = [results[i] for i in kept]
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        raise DataError(f"images have different sizes {sorted(shapes)[:3]}...; decode them with a fixed size")
-    images = np.stack(arrays)
-    if _fingerprint(paths, size) != key:  # a file was replaced or rewritten while it was being read
-        raise DataError(f"image files under {Path(paths[0]).parent.parent} changed while they were decoded; nothing "
-                        f"was kept: run again once the folder is stable")
-    if cache and _write_cache(cache_file, images, kept):
-        write_sidecar(cache_file, str(Path(paths[0]).parent.parent), len(kept), size)
-    return images, kept
+    if not cache:
+        return _decode(paths, size, key, None, workers, strict, mapped)
+    hit = read_entry(key, mapped)
+    if hit is None:
+        with entry_lock(key) as locked:
+            hit = read_entry(key, mapped) if locked else None  # another process may have written it meanwhile
+            if hit is None:
+                writer = _open_writer(key, len(paths), size, mapped) if locked else None
+                if mapped and writer is None:
+                    raise CacheUnavailable
+                return _decode(paths, size, key, writer, workers, strict, mapped)
+    skipped = hit.meta.get("skipped", [])
+    if strict and skipped:
+        raise DataError(f"cannot read image {paths[skipped[0]]} (--strict)")
+    kept = np.setdiff1d(np.arange(len(paths)), np.asarray(skipped, dtype=np.int64))
+    return Decoded(hit.images, kept, np.asarray(hit.meta["histogram"], np.int64), mapped)
 
 
-def _write_cache(cache_file: Path, images: np.ndarray, kept: np.ndarray) -> bool:
-    """Write the entry atomically; False (and one line) when the disk refuses."""
-    tmp = cache_file.with_suffix(f".tmp{os.getpid()}.npz")
+def _open_writer(key: str, n: int, size: int | None, mapped: bool) -> EntryWriter | None:
+    side = size or 32  # native sizes are only known after decoding; the up-front space check then assumes CIFAR's
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            np.savez(f, images=images, kept=kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, cache_file)
-        return True
-    except OSError as exc:  # a cache is an optimisation: a full or read-only disk must not stop training
-        tmp.unlink(missing_ok=True)
-        print(f"reslab: could not write the decode cache ({exc}); continuing without it", file=sys.stderr)
-        return False
+        return EntryWriter(key, n * side * side * 3)
+    except OSError as exc:
+        then = "streaming the images from their files instead" if mapped else "continuing without it"
+        say(f"cannot write the decode cache in {cache_dir()} ({exc.strerror or exc}); {then}")
+        return None
 
 
-def image_sizes(paths: list[Path], limit: int = 256) -> list[tuple[int, int]]:
+def _decode(paths: list[str], size: int | None, key: str, writer: EntryWriter | None, workers: int | None,
+            strict: bool, mapped: bool) -> Decoded:
+    """Decode in parallel, in file order, into ``writer`` (and memory, unless ``mapped``); commit the entry."""
+    jobs = [(p, size) for p in paths]
+    n_workers = min(workers or usable_cores(), max(1, len(jobs) // 64))
+    progress = CountProgress(len(jobs), f"decoding {len(jobs)} images of {Path(paths[0]).parent.parent}")
+    arrays, kept, bad, shape, pending = [], [], [], None, []
+    hist = np.zeros((3, 256), np.int64)
+    try:
+        with contextlib.ExitStack() as stack:
+            if n_workers > 1:
+                pool = stack.enter_context(ProcessPoolExecutor(n_workers))
+                results = pool.map(_decode_one, jobs, chunksize=max(1, min(256, len(jobs) // (8 * n_workers))))
+            else:
+                results = map(_decode_one, jobs)
+            for i, r in enumerate(results):
+                progress.update(i + 1)
+                if isinstance(r, str):
+                    if strict:
+                        raise DataError(f"cannot read image {paths[i]}: {r}")
+                    bad.append((i, r))
+                    continue
+                if shape is None:
+                    shape = r.shape
+                elif r.shape != shape:
+                    raise DataError(f"images have different sizes ({shape[:2]} and {r.shape[:2]} at {paths[i]}); "
+                                    "decode them with a fixed size")
+                kept.append(i)
+                if writer is not None:
+                    try:
+                        writer.write(r)
+                    except OSError as exc:
+                        writer = _give_up(writer, exc, mapped)
+                if not mapped:
+                    arrays.append(r)
+                pending.append(r)
+                if len(pending) == 1024:  # histograms in batches: per image they would cost as much as decoding
+                    hist += channel_histogram(np.stack(pending))
+                    pending.clear()
+        if pending:
+            hist += channel_histogram(np.stack(pending))
+        progress.done()
+        if not kept:
+            raise DataError(f"no usable images among {len(paths)} files (first error: {bad[0][1]})")
+        if bad:
+            shown = ", ".join(str(paths[i]) for i, _ in bad[:5]) + (" ..." if len(bad) > 5 else "")
+            warnings.warn(f"skipped {len(bad)} unreadable image file(s): {shown}", stacklevel=3)
+        if _fingerprint(paths, size) != key:  # a file was replaced or rewritten while it was being read
+            raise DataError(f"image files under {Path(paths[0]).parent.parent} changed while they were decoded; "
+                            "nothing was kept: run again once the folder is stable")
+        meta = {"source": str(Path(paths[0]).parent.parent), "files": len(paths), "images": len(kept),
+                "store_size": size, "shape": [len(kept), *shape], "skipped": [i for i, _ in bad],
+                "histogram": hist.tolist(), "reslab": package_version()}
+        if writer is not None:
+            try:
+                writer.commit(meta)
+            except OSError as exc:
+                writer = _give_up(writer, exc, mapped)
+            else:
+                writer = None
+    finally:
+        if writer is not None:
+            writer.abort()
+    if mapped:
+        hit = read_entry(key, mapped=True)
+        if hit is None:
+            raise CacheUnavailable
+        return Decoded(hit.images, np.asarray(kept, np.int64), hist, mapped=True)
+    return Decoded(np.stack(arrays), np.asarray(kept, np.int64), hist)
+
+
+def _give_up(writer: EntryWriter, exc: OSError, mapped: bool) -> None:
+    """A cache is an optimisation: a full disk stops the writing (one line), not the training."""
+    writer.abort()
+    if mapped:
+        say(f"could not write the decode cache ({exc.strerror or exc}); streaming the images from their files instead")
+        raise CacheUnavailable from exc
+    say(f"could not write the decode cache ({exc.strerror or exc}); continuing without it")
+
+
+def image_sizes(paths: list[str], limit: int = 256) -> list[tuple[int, int]]:
     """Sizes (w, h) of up to ``limit`` evenly spaced files, read from their headers only."""
     step = max(1, len(paths) // limit)
     sizes = []

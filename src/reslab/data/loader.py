@@ -47,9 +47,10 @@ class Batches:
             raise DataError("empty split: no images to make batches of")
         if drop_last and len(split) < batch_size:
             raise ConfigError(f"--batch-size {batch_size} is larger than the {len(split)} training images")
-        self.images = split.images
-        if self.images is not None and device.type == "cuda":
-            self.images = self.images.to(device)  # CIFAR-10 is 150 MB as uint8: keep it on the GPU
+        self.pixels = split.pixels  # gathers images by position (rows of a memory map stay on disk until read)
+        if split.images is not None and device.type == "cuda" and not split.mapped:
+            on_gpu = split.images.to(device)  # CIFAR-10 is 150 MB as uint8: keep it on the GPU
+            self.pixels = lambda idx: on_gpu[idx] if split.rows is None else on_gpu[split.rows.to(device)[idx]]
         self.labels = split.labels.to(device)
 
     def __len__(self) -> int:
@@ -64,14 +65,14 @@ class Batches:
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """Batches ``start, start+1, ...`` of ``epoch`` as (images, labels) on the device."""
         order = self.order(epoch)
-        if self.images is None:
+        if self.split.images is None:
             yield from self._stream(epoch, order, start)
             return
         for i in range(start, len(self)):
-            idx = self._mine(order[i * self.batch_size:(i + 1) * self.batch_size]).to(self.images.device)
+            idx = self._mine(order[i * self.batch_size:(i + 1) * self.batch_size])
             # Under torchrun each rank augments its own slice of the global batch with its own stream.
             g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, i, *((self.rank,) if self.world > 1 else ())))
-            x = self.images[idx].to(self.device, non_blocking=True)
+            x = self.pixels(idx).to(self.device, non_blocking=True)
             yield self.transform(x, g), self.labels[idx.to(self.device)]
 
     def _mine(self, batch: Tensor) -> Tensor:
