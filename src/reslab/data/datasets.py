@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
@@ -233,7 +234,11 @@ def load_split(data: str, split: str, *, store_size: int | None, data_dir: str |
         side = size or native[0]
     if loader == "stream":
         return Split(labels, classes, paths=paths)
-    mapped = loader == "disk" or (loader == "auto" and len(paths) * side * side * 3 > memory_budget())
+    decoded_bytes = len(paths) * side * side * 3
+    mapped = loader == "disk" or (loader == "auto" and decoded_bytes > memory_budget())
+    if mapped and loader == "auto":
+        print(f"{split_dir}: {decoded_bytes / 2**20:.0f} MiB decoded, over the {memory_budget() / 2**20:.0f} MiB "
+              "memory budget ($RESLAB_MEMORY_BUDGET): read from a memory-mapped cache on disk", file=sys.stderr)
     try:
         d = decode_images(paths, size, strict=strict, mapped=mapped)
     except CacheUnavailable:  # the reason was printed

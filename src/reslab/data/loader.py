@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, DataError
-from .augment import BatchTransform, pil_transform
+from .augment import BatchTransform, pil_transform, store_size
 from .datasets import Split
 from .folder import load_rgb
 
@@ -82,7 +82,7 @@ class Batches:
     def _stream(self, epoch: int, order: Tensor, start: int) -> Iterator[tuple[Tensor, Tensor]]:
         t = self.transform
         ds = _FileDataset(self.split, pil_transform(t.augment, t.train, t.input_size, t.mean, t.std, t.auto_augment,
-                                                    t.erasing))
+                                                    t.erasing), min_side=store_size(t.augment, t.input_size))
         indices = [j for i in range(start, len(self))
                    for j in self._mine(order[i * self.batch_size:(i + 1) * self.batch_size]).tolist()]
         # Augmentation seeds follow (seed, epoch, start): exact data order on resume, not the exact same draws.
@@ -94,11 +94,13 @@ class Batches:
 
 
 class _FileDataset(Dataset):
-    def __init__(self, split: Split, transform) -> None:
-        self.paths, self.labels, self.transform = split.paths, split.labels, transform
+    """Image files through PIL transforms; JPEGs decoded at a reduced scale when ``min_side`` pixels suffice."""
+
+    def __init__(self, split: Split, transform, min_side: int | None = None) -> None:
+        self.paths, self.labels, self.transform, self.min_side = split.paths, split.labels, transform, min_side
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        return self.transform(load_rgb(self.paths[i])), self.labels[i]
+        return self.transform(load_rgb(self.paths[i], self.min_side)), self.labels[i]
