@@ -40,6 +40,6 @@ for tree in $BEFORE $NEW; do
   export RESLAB_CACHE=/tmp/rc-warm-$(basename $tree); rm -rf /tmp/ws-f
   /usr/bin/time -f "$(basename $tree): command %e s" env PYTHONPATH=$tree/src python -m reslab train --preset fast \
     --data $CIFAR --time-budget 2.5 --precision fp32 --seed 0 --out /tmp/ws-f/run 2>&1 | grep -E "budget|epoch [0-9]+ \||command" | tail -3
-  python -c "import json; m=[json.loads(l) for l in open('/tmp/ws-f/run/metrics.jsonl')][-1]; print('steps', m.get('step'), 'test acc', m.get('test_acc'))"
+  python -c "import json; m=[json.loads(l) for l in open('/tmp/ws-f/run/metrics.jsonl') if l.startswith('{\"epoch')][-1]; print('steps', m['step'], 'test acc', m['test_acc'], 'result at', m['wall_seconds'], 's')"
 done
 date
