@@ -51,3 +51,63 @@ def test_compare_schedules_and_plot_command(tmp_path, cli):
     assert code == 0 and png.stat().st_size > 5000
     code, _, err = cli("compare", "--archs", "resnet19", *_args(folder), "--out", tmp_path / "bad")
     assert code != 0 and "unknown model" in err
+
+
+def test_degradation_preset_over_two_seeds(tmp_path, cli):
+    folder = make_folder(tmp_path / "data", per_class=8)
+    out = tmp_path / "deg"
+    code, stdout, err = cli("compare", "--preset", "degradation", "--data", folder, "--epochs", "1", "--batch-size",
+                            "8", "--train-samples", "16", "--test-samples", "9", "--precision", "fp32",
+                            "--seeds", "0,1", "--out", out)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["name"] for r in summary["runs"]] == [f"{a}-seed{s}" for a in ("plain20", "plain56", "resnet20",
+                                                                             "resnet56") for s in (0, 1)]
+    assert summary["recipe"]["zero_init_residual"] and summary["recipe"]["warmup"] == 1 and summary["seeds"] == [0, 1]
+    groups = {g["group"]: g for g in summary["groups"]}
+    runs = [r for r in summary["runs"] if r["group"] == "resnet56"]
+    assert groups["resnet56"]["seeds"] == 2
+    assert groups["resnet56"]["train_error"]["mean"] == sum(r["final_train_error"] for r in runs) / 2
+    plain, residual = summary["lessons"]
+    assert (plain["deep"], plain["shallow"], residual["deep"], residual["shallow"]) == \
+        ("plain56", "plain20", "resnet56", "resnet20")
+    assert plain["seeds"] == 2 and plain["text"] in stdout
+    report = (out / "report.md").read_text()
+    assert "## What this comparison shows" in report and "| resnet56 | 2 |" in report and "ResNet-only" in report
+    for fig in ("curves.png", "depth.png"):
+        assert (out / fig).stat().st_size > 5000
+
+
+def test_the_report_says_whether_fig6_is_shown():
+    from reslab.compare import depth_lessons, group_stats
+
+    def row(arch, seed, train, test, residual, depth):
+        return {"name": f"{arch}-seed{seed}", "group": arch, "arch": arch, "schedule": "cosine", "residual": residual,
+                "depth": depth, "params": 1, "macs": 1, "seed": seed, "final_train_error": train,
+                "final_test_error": test, "final_train_loss": 1.0, "wall_seconds": 1.0}
+
+    fig6 = [row("plain20", 0, 0.30, 0.32, False, 20), row("plain56", 0, 0.40, 0.41, False, 56),
+            row("resnet20", 0, 0.28, 0.30, True, 20), row("resnet56", 0, 0.25, 0.27, True, 56)]
+    plain, residual = depth_lessons(group_stats(fig6), fig6)
+    assert plain["shown"] and residual["shown"] and plain["seeds_shown"] == 1
+    assert residual["text"] == ("resnet56 ends with 3.00 points less training error than resnet20 (test error -3.00 "
+                                "points), in 1 of 1 seeds: deeper residual nets train better, as in He et al. Fig. 6 "
+                                "(middle).")
+    flipped = [*fig6[:2], row("resnet20", 0, 0.25, 0.27, True, 20), row("resnet56", 0, 0.28, 0.30, True, 56)]
+    _, residual = depth_lessons(group_stats(flipped), flipped)
+    assert not residual["shown"] and "NOT SHOWN by this run" in residual["text"] and "0 of 1 seeds" in residual["text"]
+
+
+def test_decay_preset_compares_schedules_and_says_what_the_curves_show(tmp_path, cli):
+    folder = make_folder(tmp_path / "data", per_class=8)
+    out = tmp_path / "decay"
+    code, stdout, err = cli("compare", "--preset", "decay", "--data", folder, "--epochs", "3", "--step-size", "1",
+                            "--batch-size", "8", "--train-samples", "24", "--test-samples", "9", "--precision", "fp32",
+                            "--out", out)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["schedule"] for r in summary["runs"]] == ["step", "cosine", "constant"]
+    assert [x["schedule"] for x in summary["lessons"]] == ["step", "cosine"]
+    for lesson in summary["lessons"]:
+        assert lesson["shown"] == (lesson["train_loss"] < lesson["constant_train_loss"]) and lesson["text"] in stdout
+    assert (out / "loss.png").stat().st_size > 5000

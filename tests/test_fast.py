@@ -108,5 +108,3 @@ def test_compare_budgets_writes_the_frontier(folder, tmp_path, cli):
     report = (out / "report.md").read_text()
     assert "Accuracy against time budget" in report and "| 0.15 | 2 |" in report
     assert (out / "frontier.png").stat().st_size > 0 and "budget min" in stdout
-    code, _, err = cli("compare", "--preset", "fast", "--data", folder, "--seeds", "0,1", "--archs", "resnet9s")
-    assert code == 1 and "--seeds goes with --budgets" in err

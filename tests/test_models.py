@@ -135,3 +135,14 @@ def test_registry_api():
     assert isinstance(m, ResNet) and m.fc.out_features == 100
     m.reset_classifier(5)
     assert m(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+
+
+def test_zero_init_residual_zeroes_resnet_branches_and_leaves_plain_nets_alone():
+    torch.manual_seed(0)
+    plain = create_model("plain20")
+    torch.manual_seed(0)
+    plain_zero = create_model("plain20", zero_init_residual=True)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), plain_zero.state_dict().values()))
+    resnet = create_model("resnet20", zero_init_residual=True)
+    last_bns = [m.bn2.weight for m in resnet.modules() if hasattr(m, "bn2")]
+    assert len(last_bns) == 9 and all(w.abs().sum() == 0 for w in last_bns)

@@ -189,7 +189,7 @@ def bench_cmd(arch: Optional[str] = None, preset: str = "seed", data: Optional[s
 def compare_cmd(config: TrainConfig, archs: Optional[str] = None, schedules: Optional[str] = None,
                 budgets: Optional[str] = None, seeds: Optional[str] = None, preset: Optional[str] = None,
                 compare_out: str = "runs/compare") -> None:
-    from .compare import compare
+    from .compare import COMPARISONS, compare
 
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else []
     try:
@@ -197,8 +197,10 @@ def compare_cmd(config: TrainConfig, archs: Optional[str] = None, schedules: Opt
     except ValueError:
         raise ConfigError(f"--budgets takes minutes and --seeds integers, comma-separated: {budgets!r}, "
                           f"{seeds!r}") from None
-    summary = compare(config, archs=split(archs), schedules=split(schedules), budgets=numbers[0], seeds=numbers[1],
-                      out=compare_out)
+    chosen = dict(archs=split(archs), schedules=split(schedules), budgets=numbers[0])
+    if not any(chosen.values()) and preset in COMPARISONS:  # the preset says what it compares
+        chosen.update(COMPARISONS[preset])
+    summary = compare(config, **chosen, seeds=numbers[1], out=compare_out)
     if budgets:
         print(f"{'budget min':>10}{'seeds':>7}{'test acc % mean':>17}{'std':>7}{'s to result':>13}")
         for t in summary["frontier"]:
@@ -206,10 +208,13 @@ def compare_cmd(config: TrainConfig, archs: Optional[str] = None, schedules: Opt
                   f"{t['mean_seconds_to_result']:>13.0f}")
         print(f"report: {compare_out}/report.md")
         return
-    print(f"{'run':<12}{'depth':>6}{'test err %':>12}{'train err %':>13}{'wall s':>9}")
+    print(f"{'run':<18}{'depth':>6}{'test err %':>12}{'train err %':>13}{'train loss':>12}{'wall s':>9}")
     for r in summary["runs"]:
-        print(f"{r['name']:<12}{r['depth']:>6}{100 * (r['final_test_error'] or 0):>12.2f}"
-              f"{100 * (r['final_train_error'] or 0):>13.2f}{r['wall_seconds']:>9.0f}")
+        print(f"{r['name']:<18}{r['depth']:>6}{100 * (r['final_test_error'] or 0):>12.2f}"
+              f"{100 * (r['final_train_error'] or 0):>13.2f}{r['final_train_loss'] or 0:>12.4f}"
+              f"{r['wall_seconds']:>9.0f}")
+    for lesson in summary.get("lessons", []):
+        print(lesson["text"])
     print(f"report: {compare_out}/report.md")
 
 
@@ -299,11 +304,13 @@ def _train_parser(preset: str | None, resume: bool = True) -> ArgumentParser:
 def _compare_parser(preset: str | None) -> ArgumentParser:
     p = _train_parser(preset, resume=False)
     p.description = ("Train several models (or schedules) with one recipe into OUT/<name>/, then write "
-                     "report.md, summary.json and figures.")
+                     "report.md, summary.json and figures. --preset degradation compares plain20, plain56, resnet20 "
+                     "and resnet56 (He et al. Fig. 6); --preset decay compares step, cosine and constant schedules.")
     p.add_argument("--archs", type=Optional[str], help="models to compare, e.g. plain20,resnet20,plain56,resnet56")
     p.add_argument("--schedules", type=Optional[str], help="schedules to compare on --arch, e.g. step,constant")
     p.add_argument("--budgets", type=Optional[str], help="--time-budget minutes to compare, e.g. 2.5,5,10,20")
-    p.add_argument("--seeds", type=Optional[str], help="with --budgets: seeds to repeat each budget with, e.g. 0,1,2")
+    p.add_argument("--seeds", type=Optional[str], help="repeat every model, schedule or budget with each of these "
+                   "seeds, e.g. 0,1,2 (the report and figures show the mean and spread)")
     return p
 
 

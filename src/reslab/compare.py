@@ -33,33 +33,44 @@ def recipe_differences(saved: dict[str, Any], requested: TrainConfig) -> list[st
             if k not in NOT_RECIPE and v is not None and saved.get(k) != v]
 
 
+# What ``reslab compare --preset NAME`` compares when no --archs/--schedules/--budgets are given.
+COMPARISONS: dict[str, dict[str, list]] = {
+    "degradation": {"archs": ["plain20", "plain56", "resnet20", "resnet56"]},
+    "decay": {"schedules": ["step", "cosine", "constant"]},
+}
+
+
 def _variants(base: TrainConfig, archs: list[str], schedules: list[str], budgets: list[float],
-              seeds: list[int]) -> dict[str, TrainConfig]:
+              seeds: list[int]) -> dict[str, tuple[str, TrainConfig]]:
+    """Run name -> (the group it belongs to, its config). With several seeds each group has one run per seed."""
     if sum(map(bool, (archs, schedules, budgets))) > 1:
         raise ConfigError("give one of --archs, --schedules or --budgets")
-    if seeds and not budgets:
-        raise ConfigError("--seeds goes with --budgets")
     if budgets:
-        return {f"{b:g}min-seed{s}": dataclasses.replace(base, time_budget=b, seed=s)
+        return {f"{b:g}min-seed{s}": (f"{b:g}", dataclasses.replace(base, time_budget=b, seed=s))
                 for b in budgets for s in (seeds or [base.seed])}
     if schedules:
-        return {s: dataclasses.replace(base, schedule=s) for s in schedules}
-    if not archs:
+        groups = {s: dataclasses.replace(base, schedule=s) for s in schedules}
+    elif archs:
+        for a in archs:
+            model_info(a)  # unknown names fail before anything trains
+        groups = {a: dataclasses.replace(base, arch=a) for a in archs}
+    else:
         raise ConfigError("give --archs (e.g. plain20,resnet20,plain56,resnet56), --schedules (e.g. step,constant) "
-                         "or --budgets (minutes, e.g. 2.5,5,10)")
-    for a in archs:
-        model_info(a)  # unknown names fail before anything trains
-    return {a: dataclasses.replace(base, arch=a) for a in archs}
+                          "or --budgets (minutes, e.g. 2.5,5,10), or a --preset with a comparison "
+                          f"({', '.join(COMPARISONS)})")
+    if not seeds:
+        return {g: (g, cfg) for g, cfg in groups.items()}
+    return {f"{g}-seed{s}": (g, dataclasses.replace(cfg, seed=s)) for g, cfg in groups.items() for s in seeds}
 
 
-def _summary_row(name: str, cfg: TrainConfig, run: Path) -> dict[str, Any]:
+def _summary_row(name: str, group: str, cfg: TrainConfig, run: Path) -> dict[str, Any]:
     rows = rundir.read_metrics(run)
     info = model_info(cfg.arch)
     classes = rundir.read_model_meta(run).get("classes") or range(10)
     model = create_model(cfg.arch, num_classes=len(classes), **cfg.model_kwargs)
     test = [r["test_acc"] for r in rows if "test_acc" in r]
     last = rows[-1] if rows else {}
-    return {"name": name, "arch": cfg.arch, "schedule": cfg.schedule, "residual": info.residual,
+    return {"name": name, "group": group, "arch": cfg.arch, "schedule": cfg.schedule, "residual": info.residual,
             "depth": info.depth, "params": count_params(model),
             "macs": count_macs(model, (rundir.read_config(run) or {}).get("image_size") or cfg.input_size),
             "epochs": last.get("epoch"), "steps": last.get("step"),
@@ -93,6 +104,86 @@ def frontier(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return table
 
 
+def _stats(values: list[float]) -> dict[str, float]:
+    import statistics
+
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values)}
+
+
+def group_stats(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per group (a model or schedule, over its seeds): final training/test error and training loss statistics."""
+    table = []
+    for group in dict.fromkeys(r["group"] for r in rows):
+        runs = [r for r in rows if r["group"] == group and r["final_train_error"] is not None]
+        if not runs:
+            continue
+        first = runs[0]
+        entry = {k: first[k] for k in ("group", "arch", "schedule", "residual", "depth", "params", "macs")}
+        entry.update(seeds=len(runs), wall_seconds=sum(r["wall_seconds"] for r in runs) / len(runs),
+                     train_error=_stats([r["final_train_error"] for r in runs]),
+                     train_loss=_stats([r["final_train_loss"] for r in runs]))
+        tests = [r["final_test_error"] for r in runs if r["final_test_error"] is not None]
+        entry["test_error"] = _stats(tests) if tests else None
+        table.append(entry)
+    return table
+
+
+def depth_lessons(groups: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """He et al. Fig. 6, checked: for plain nets and for residual nets, does the deepest end with more (plain) or
+    less (residual) final training and test error than the shallowest? On the means, and seed by seed."""
+    lessons = []
+    for residual in (False, True):
+        family = sorted((g for g in groups if g["residual"] == residual), key=lambda g: g["depth"])
+        if len(family) < 2 or family[0]["depth"] == family[-1]["depth"]:
+            continue
+        shallow, deep = family[0], family[-1]
+        sign = -1 if residual else 1  # residual: deeper should be better; plain: worse
+        d_train = deep["train_error"]["mean"] - shallow["train_error"]["mean"]
+        d_test = (deep["test_error"]["mean"] - shallow["test_error"]["mean"]
+                  if deep["test_error"] and shallow["test_error"] else None)
+        by_seed = {}
+        for r in rows:
+            if r["group"] in (shallow["group"], deep["group"]) and r["final_train_error"] is not None:
+                by_seed.setdefault(r["seed"], {})[r["group"]] = r["final_train_error"]
+        paired = [v for v in by_seed.values() if len(v) == 2]
+        held = sum(sign * (v[deep["group"]] - v[shallow["group"]]) > 0 for v in paired)
+        shown = sign * d_train > 0 and (d_test is None or sign * d_test > 0)
+        word = "less" if d_train < 0 else "more"
+        test = "" if d_test is None else f" (test error {100 * d_test:+.2f} points)"
+        if residual:
+            meaning = ("deeper residual nets train better, as in He et al. Fig. 6 (middle)" if shown else
+                       "NOT SHOWN by this run: He et al. Fig. 6 (middle) has the deeper ResNet ahead")
+        else:
+            meaning = ("the degradation problem of He et al. Fig. 6 (left): the deeper plain net trains worse" if shown
+                       else "NOT SHOWN by this run: He et al. Fig. 6 (left) has the deeper plain net behind")
+        text = (f"{deep['group']} ends with {abs(100 * d_train):.2f} points {word} training error than "
+                f"{shallow['group']}{test}, in {held} of {len(paired)} seeds: {meaning}.")
+        lessons.append({"family": "residual" if residual else "plain", "shallow": shallow["group"],
+                        "deep": deep["group"], "train_delta": d_train, "test_delta": d_test, "shown": shown,
+                        "seeds_shown": held, "seeds": len(paired), "text": text})
+    return lessons
+
+
+def decay_lessons(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The seed's lesson, checked: does each decaying schedule end with a lower training loss than a constant rate?"""
+    constant = next((g for g in groups if g["schedule"] == "constant"), None)
+    if constant is None:
+        return []
+    lessons = []
+    for g in groups:
+        if g is constant:
+            continue
+        ours, theirs = g["train_loss"]["mean"], constant["train_loss"]["mean"]
+        shown = ours < theirs
+        text = (f"with the `{g['schedule']}` schedule the training loss ends at {ours:.3f} against {theirs:.3f} at a "
+                f"constant learning rate" + (f" ({theirs / ours:.1f}x lower): decaying the rate lets the loss fall "
+                f"further, the seed's lesson." if shown else ": NOT SHOWN by this run (the decay did not help here)."))
+        lessons.append({"schedule": g["schedule"], "train_loss": ours, "constant_train_loss": theirs, "shown": shown,
+                        "text": text})
+    return lessons
+
+
 def compare(config: TrainConfig, *, archs: list[str] | None = None, schedules: list[str] | None = None,
             budgets: list[float] | None = None, seeds: list[int] | None = None, out: str | Path = "runs/compare",
             plots: bool = True) -> dict[str, Any]:
@@ -115,7 +206,7 @@ def compare(config: TrainConfig, *, archs: list[str] | None = None, schedules: l
     variants = _variants(config, archs or [], schedules or [], budgets or [], seeds or [])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for name, cfg in variants.items():
+    for name, (_, cfg) in variants.items():
         run = out / name
         saved = rundir.read_config(run) if rundir.has_checkpoint(run) or rundir.is_finished(run) else None
         differences = recipe_differences(saved, dataclasses.replace(cfg, out=str(run))) if saved else []
@@ -130,26 +221,31 @@ def compare(config: TrainConfig, *, archs: list[str] | None = None, schedules: l
         else:
             print(f"compare: {name}: training into {run}", flush=True)
             train(dataclasses.replace(cfg, out=str(run)))
-    rows = [_summary_row(name, cfg, out / name) for name, cfg in variants.items()]
+    rows = [_summary_row(name, group, cfg, out / name) for name, (group, cfg) in variants.items()]
     kind = "budgets" if budgets else "schedules" if schedules else "archs"
-    summary = {"kind": kind, "runs": rows,
-               "recipe": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("arch", "out")}}
+    summary = {"kind": kind, "runs": rows, "groups": group_stats(rows),
+               "recipe": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("arch", "out", "seed")},
+               "seeds": sorted({r["seed"] for r in rows})}
     if budgets:
         summary["frontier"] = frontier(rows)
+    else:
+        summary["lessons"] = depth_lessons(summary["groups"], rows) if kind == "archs" else \
+            decay_lessons(summary["groups"])
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     figures = []
     if plots:
-        from .plots import plot_depth, plot_frontier, plot_runs
+        from .plots import plot_depth, plot_frontier, plot_groups
 
+        groups = {}
+        for name, (group, _) in variants.items():
+            groups.setdefault(group, []).append(out / name)
         if budgets:
             figures.append(plot_frontier(summary["frontier"], rows, out / "frontier.png"))
         elif schedules:
-            figures.append(plot_runs([out / n for n in variants], out / "loss.png", metric="loss",
-                                     labels=list(variants)))
+            figures.append(plot_groups(groups, out / "loss.png", metric="loss"))
         else:
-            figures.append(plot_runs([out / n for n in variants], out / "curves.png", metric="error",
-                                     labels=list(variants), split_plain=True))
-            figures.append(plot_depth(rows, out / "depth.png"))
+            figures.append(plot_groups(groups, out / "curves.png", metric="error", split_plain=True))
+            figures.append(plot_depth(summary["groups"], out / "depth.png"))
     (out / "report.md").write_text(_report(summary, [f.name for f in figures]))
     return summary
 
@@ -163,11 +259,22 @@ def _report(summary: dict[str, Any], figures: list[str]) -> str:
     lines = ["# reslab comparison", "",
              f"Recipe: data `{recipe['data']}`, train samples {recipe['train_samples'] or 'all'}, "
              f"augment `{recipe['augment']}`, batch {recipe['batch_size']}, lr {recipe['lr']}, "
-             f"schedule `{recipe['schedule']}`, epochs {recipe['epochs']}, steps {recipe['steps']}, "
-             f"seed {recipe['seed']}.", "",
-             "| run | depth | params | MACs | final test err % | best test err % | final train err % | "
-             "final train loss | wall s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             f"schedule `{recipe['schedule']}`, warm-up {recipe['warmup']}, epochs {recipe['epochs']}, "
+             f"steps {recipe['steps']}, zero-initialised residual branches {recipe['zero_init_residual']}, "
+             f"seeds {', '.join(map(str, summary['seeds']))}.", ""]
+    if summary.get("lessons"):
+        lines += ["## What this comparison shows", ""] + [f"- {x['text']}" for x in summary["lessons"]] + [""]
+    if summary["kind"] != "budgets" and len(summary["seeds"]) > 1:
+        lines += ["| model / schedule | seeds | final train err % (mean ± std) | final test err % | "
+                  "final train loss | wall s (mean) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for g in summary["groups"]:
+            test = g["test_error"]
+            lines.append(f"| {g['group']} | {g['seeds']} | {_pm(g['train_error'])} | "
+                         f"{_pm(test) if test else '-'} | {g['train_loss']['mean']:.4f} | {g['wall_seconds']:.0f} |")
+        lines += ["", "Every run:", ""]
+    lines += ["| run | depth | params | MACs | final test err % | best test err % | final train err % | "
+              "final train loss | wall s |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in summary["runs"]:
         loss = "-" if r["final_train_loss"] is None else f"{r['final_train_loss']:.4f}"
         lines.append(f"| {r['name']} | {r['depth']} | {r['params'] / 1e6:.2f}M | {r['macs'] / 1e6:.1f}M | "
@@ -176,10 +283,17 @@ def _report(summary: dict[str, Any], figures: list[str]) -> str:
     lines += ["", "Best test error is the minimum over epochs and is shown for reference only: choosing an epoch "
               "on the test set is model selection on the test set. Training error is measured on the augmented "
               "training batches during each epoch, as in He et al. Fig. 6.", ""]
+    if recipe.get("zero_init_residual"):
+        lines += ["Zero-initialised residual branches (Goyal et al. 2017) are a ResNet-only trick: each residual "
+                  "block starts as the identity; plain nets have no branch to zero and start as usual.", ""]
     if summary["kind"] == "budgets":
         lines += _frontier_report(summary["frontier"])
     lines += [f"![{f}]({f})" for f in figures]
     return "\n".join(lines) + "\n"
+
+
+def _pm(stats: dict[str, float]) -> str:
+    return f"{100 * stats['mean']:.2f} ± {100 * stats['std']:.2f}"
 
 
 def _frontier_report(table: list[dict[str, Any]]) -> list[str]:

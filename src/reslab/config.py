@@ -30,7 +30,7 @@ class TrainConfig:
     shortcut: Optional[Literal["A", "B", "C"]] = None
     """Shortcut option of He et al. section 3.3 (default: A for the CIFAR nets, B for the ImageNet nets)."""
     zero_init_residual: bool = False
-    """Start the last BatchNorm of every residual branch at zero."""
+    """Start the last BatchNorm of every residual branch at zero (Goyal et al. 2017); no effect on plain nets."""
 
     # --- data ---
     data: str = "cifar10"
@@ -261,6 +261,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     # cosine, batch 32, 15 epochs. On a 500-image folder of classes the backbone never saw (two seeds, 112 px):
     # 70.1 % against 67.7 % for SGD 0.01 (head 1x) and 64.4 % for SGD 0.01 with the head at 10x; SGD at 0.03 was far
     # worse, label smoothing and EMA within noise. Augmentation and input size are left to the photo defaults.
+    # He et al. Fig. 6 on a laptop CPU (`reslab compare --preset degradation`: plain20, plain56, resnet20, resnet56 with
+    # this one recipe). The paper's nets, option-A shortcuts, paper augmentation and weight decay, on a class-balanced
+    # 10,000-image subset for 10 epochs: one epoch of warm-up and a cosine decay, and residual branches that start at
+    # zero (Goyal et al. 2017; a ResNet-only trick, a no-op for plain nets) so that the deep ResNet is not held back
+    # by its start at lr 0.1 in so few steps. README "Depth" has the pilots that chose it.
+    "degradation": dict(arch="resnet20", augment="paper", train_samples=10000, test_samples=2000, batch_size=128,
+                        lr=0.1, momentum=0.9, weight_decay=1e-4, decay_bn_bias=True, schedule="cosine", warmup=1,
+                        epochs=10, zero_init_residual=True),
+    # The seed's decay lesson (`reslab compare --preset decay`: step, cosine, constant on ResNet-20): the seed's
+    # StepLR(x0.1) shape, every 5 epochs instead of 10 so that two decays fit into 15 epochs of 5,000 images.
+    "decay": dict(arch="resnet20", augment="paper", train_samples=5000, test_samples=1000, batch_size=128, lr=0.1,
+                  momentum=0.9, weight_decay=1e-4, decay_bn_bias=True, schedule="step", schedule_unit="epoch",
+                  step_size=5, gamma=0.1, epochs=15),
     "finetune": dict(arch="resnet18", pretrained="torchvision", optimizer="adamw", lr=0.001, weight_decay=0.05,
                      head_lr_scale=10.0, schedule="cosine", warmup=1, epochs=15, batch_size=32),
 }

@@ -47,39 +47,41 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], out: str | Pa
 
 def plot_runs(runs: list[str | Path], out: str | Path, metric: str = "error", labels: list[str] | None = None,
               split_plain: bool = False) -> Path:
-    """Curves of runs' ``metrics.jsonl`` against epochs, in the style of He et al. Fig. 6.
+    """Curves of runs' ``metrics.jsonl`` against epochs, in the style of He et al. Fig. 6 (see ``plot_groups``)."""
+    labels = labels or [Path(r).name for r in runs]
+    return plot_groups({label: [run] for label, run in zip(labels, runs)}, out, metric, split_plain)
+
+
+def plot_groups(groups: dict[str, list[str | Path]], out: str | Path, metric: str = "error",
+                split_plain: bool = False) -> Path:
+    """Curves against epochs, one per group of runs (e.g. one model over several seeds): the mean over the runs as a
+    line and their range (min to max) as a shaded band.
 
     Args:
-        runs: run directories.
+        groups: legend name -> run directories.
         out: PNG file to write.
-        metric: ``error`` (training error thin, test error bold, in %), ``loss`` (training loss, log scale) or
+        metric: ``error`` (training error dashed, test error bold, in %), ``loss`` (training loss, log scale) or
             ``lr`` (learning rate, log scale).
-        labels: legend names (default: the run directory names).
         split_plain: put plain nets in a left panel and residual nets in a right one (Fig. 6).
     """
     plt = _pyplot()
-    labels = labels or [Path(r).name for r in runs]
-    data = [(label, rundir.read_metrics(r), _is_plain(r)) for label, r in zip(labels, runs)]
+    data = [(label, [rundir.read_metrics(r) for r in runs], _is_plain(runs[0])) for label, runs in groups.items()]
     panels = [("plain networks", [d for d in data if d[2]]), ("residual networks", [d for d in data if not d[2]])]
     panels = [p for p in panels if p[1]] if split_plain else [("", data)]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.6), sharey=True, squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    several = any(len(runs) > 1 for runs in groups.values())
     for ax, (title, items) in zip(axes[0], panels):
-        for i, (label, rows, _) in enumerate(items):
-            if not rows:
-                continue
+        for i, (label, runs, _) in enumerate(items):
             c = colours[i % len(colours)]
-            epochs = [r["epoch"] for r in rows]
             if metric == "error":
-                ax.plot(epochs, [100 * (1 - r["train_acc"]) for r in rows], color=c, lw=0.9, ls="--",
-                        label=f"{label} train")
-                test = [(r["epoch"], 100 * (1 - r["test_acc"])) for r in rows if "test_acc" in r]
-                if test:
-                    ax.plot(*zip(*test), color=c, lw=2.4, label=f"{label} test")
+                _band(ax, runs, lambda r: 100 * (1 - r["train_acc"]), c, "--", 0.9, f"{label} train")
+                _band(ax, runs, lambda r: 100 * (1 - r["test_acc"]) if "test_acc" in r else None, c, "-", 2.4,
+                      f"{label} test")
                 ax.set_ylabel("error (%)")
             else:
                 key = "train_loss" if metric == "loss" else "lr"
-                ax.plot(epochs, [r[key] for r in rows], color=c, lw=1.8, marker="o", ms=3, label=label)
+                _band(ax, runs, lambda r, key=key: r[key], c, "-", 1.8, label, marker="o")
                 ax.set_yscale("log")
                 ax.set_ylabel("training loss (cross-entropy, log scale)" if metric == "loss"
                               else "learning rate (log scale)")
@@ -88,25 +90,49 @@ def plot_runs(runs: list[str | Path], out: str | Path, metric: str = "error", la
         ax.legend(fontsize=8)
         if title:
             ax.set_title(title)
+    spread = " (lines: mean over seeds; bands: min to max)" if several else ""
     if metric == "error":
-        fig.suptitle("training error (dashed) and test error (bold)", fontsize=10)
+        fig.suptitle(f"training error (dashed) and test error (bold){spread}", fontsize=10)
+    elif spread:
+        fig.suptitle(spread.strip(" ()"), fontsize=10)
     fig.tight_layout()
     return _save(fig, out)
 
 
-def plot_depth(rows: list[dict], out: str | Path) -> Path:
-    """Final training and test error against depth, plain and residual nets as two lines."""
+def _band(ax, runs: list[list[dict]], value, colour: str, ls: str, lw: float, label: str, marker=None) -> None:
+    """Mean of ``value(row)`` over runs at each epoch they all reached, with the min-max band when several."""
+    import numpy as np
+
+    per_epoch: dict[int, list[float]] = {}
+    for rows in runs:
+        for r in rows:
+            v = value(r)
+            if v is not None:
+                per_epoch.setdefault(r["epoch"], []).append(v)
+    points = sorted((e, vs) for e, vs in per_epoch.items() if len(vs) == len(runs))
+    if not points:
+        return
+    epochs = [e for e, _ in points]
+    values = [np.asarray(vs) for _, vs in points]
+    ax.plot(epochs, [v.mean() for v in values], color=colour, ls=ls, lw=lw, label=label, marker=marker, ms=3)
+    if len(runs) > 1:
+        ax.fill_between(epochs, [v.min() for v in values], [v.max() for v in values], color=colour, alpha=0.15,
+                        lw=0)
+
+
+def plot_depth(groups: list[dict], out: str | Path) -> Path:
+    """Final training and test error against depth, plain and residual nets as two lines (mean ± std over seeds)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     for residual, colour, name in ((False, "tab:red", "plain"), (True, "tab:blue", "ResNet")):
-        pts = sorted((r["depth"], r) for r in rows if r["residual"] == residual and r["final_test_error"] is not None)
+        pts = sorted((g["depth"], g) for g in groups if g["residual"] == residual and g["test_error"] is not None)
         if not pts:
             continue
         depths = [d for d, _ in pts]
-        ax.plot(depths, [100 * r["final_train_error"] for _, r in pts], color=colour, ls="--", marker="o",
-                label=f"{name} train")
-        ax.plot(depths, [100 * r["final_test_error"] for _, r in pts], color=colour, lw=2.4, marker="s",
-                label=f"{name} test")
+        for key, ls, marker, lw, what in (("train_error", "--", "o", 1.5, "train"), ("test_error", "-", "s", 2.4,
+                                                                                     "test")):
+            ax.errorbar(depths, [100 * g[key]["mean"] for _, g in pts], yerr=[100 * g[key]["std"] for _, g in pts],
+                        color=colour, ls=ls, marker=marker, lw=lw, capsize=3, label=f"{name} {what}")
     return _finish_line_plot(fig, ax, "depth (weighted layers)", "final error (%)", "error against depth", out)
 
 

@@ -129,7 +129,8 @@ class ResNet(nn.Module):
         stem: ``"imagenet"`` 7x7/2 conv + 3x3/2 max-pool; ``"cifar"`` 3x3/1 conv; ``"seed"`` 7x7/2 conv, no pool.
         shortcut: option ``"A"``, ``"B"`` or ``"C"`` of section 3.3 (ignored when ``residual=False``).
         residual: False builds the paper's plain counterpart: identical layers, no shortcuts.
-        zero_init_residual: start the last BN of every branch at zero, so each block starts as the identity.
+        zero_init_residual: start the last BN of every branch at zero, so each block starts as the identity
+            (Goyal et al. 2017). Residual nets only: the same flag leaves a plain net's initialisation unchanged.
         in_channels: input image channels.
     """
 
@@ -178,7 +179,7 @@ class ResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        if zero_init_residual:
+        if zero_init_residual and self.residual:  # a plain net has no branch to start at zero: nothing changes
             for m in self.modules():
                 last_bn = m.bn3 if isinstance(m, Bottleneck) else m.bn2 if isinstance(m, BasicBlock) else None
                 if last_bn is not None:
