@@ -9,7 +9,7 @@ CIFAR=/work/shared/data/cifar10-jpeg
 PHOTOS=/tmp/big/photos
 HERE=$NEW/docs/results/cache
 grep -m1 "model name" /proc/cpuinfo; grep -o -m1 "avx512_bf16" /proc/cpuinfo || echo "no avx512_bf16"; nproc; date
-[ -d $PHOTOS/test ] || python $HERE/gen_test.py
+[ -d $PHOTOS/test ] || python $NEW/docs/results/decode/gen.py test 20
 
 echo "== cold decode (empty cache folder each time)"
 for tree in $ORIG $BEFORE $NEW; do
