@@ -108,3 +108,23 @@ def test_compare_budgets_writes_the_frontier(folder, tmp_path, cli):
     report = (out / "report.md").read_text()
     assert "Accuracy against time budget" in report and "| 0.15 | 2 |" in report
     assert (out / "frontier.png").stat().st_size > 0 and "budget min" in stdout
+
+
+def test_alternating_flips_show_every_image_both_ways_in_two_epochs():
+    from reslab.data import Batches, BatchTransform, Split
+
+    images = torch.zeros(64, 32, 32, 3, dtype=torch.uint8)
+    images[:, :, 16:] = 255  # dark left half, bright right half: a flip is visible
+    split = Split(torch.zeros(64, dtype=torch.long), ["x"], images=images)
+    t = BatchTransform("fast", True, 32, (0.5,) * 3, (0.25,) * 3)
+
+    def flipped(epoch: int, alternate: bool) -> torch.Tensor:
+        b = Batches(split, t, 64, shuffle=False, drop_last=True, seed=0, device=torch.device("cpu"),
+                    alternate_flips=alternate)
+        (x, _), = list(b.epoch(epoch))
+        return x[..., :16].mean(dim=(1, 2, 3)) > x[..., 16:].mean(dim=(1, 2, 3))
+
+    first, second, third = flipped(0, True), flipped(1, True), flipped(2, True)
+    assert 16 < first.sum() < 48 and torch.equal(second, ~first) and torch.equal(third, first)
+    random = [flipped(e, False) for e in range(3)]
+    assert not torch.equal(random[1], ~random[0])  # random flips repeat views

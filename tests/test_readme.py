@@ -94,3 +94,20 @@ def test_the_photo_commands_run_as_written(tmp_path, cli, monkeypatch):
         assert code == 0, f"{command}: {err}"
     assert (tmp_path / "runs" / "probe" / "model.safetensors").is_file()
     assert out.count("holiday") == 6  # predict: one line per image of the folder
+
+
+def test_the_depth_and_decay_commands_run_as_written(tmp_path, folder, cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    commands = _block("Depth: plain against residual")
+    assert [c.split()[1:4] for c in commands] == [["compare", "--preset", "degradation"],
+                                                 ["compare", "--preset", "decay"]]
+    for command in commands:
+        command = command.replace("../shared/data/cifar10-jpeg", str(folder))
+        # One epoch of 16 tiny images instead of 10 of 10,000.
+        args = [*shlex.split(command)[1:], "--epochs", "2", "--step-size", "1", "--batch-size", "8",
+                "--train-samples", "16", "--test-samples", "9"]
+        code, out, err = cli(*args)
+        assert code == 0, f"{command}: {err}"
+        assert "points" in out or "schedule" in out  # the lesson, in words
+    assert (tmp_path / "runs" / "degradation" / "depth.png").is_file()
+    assert (tmp_path / "runs" / "decay" / "loss.png").is_file()

@@ -47,6 +47,9 @@ class TrainConfig:
     """Augmentation preset: seed (resize 256, flip, crop 64, colour jitter), paper (pad 4, crop, flip),
     fast (reflect-pad 2, crop, flip), photo (random-resized crop + flip; resize + centre crop to evaluate), none.
     Default: photo for photos (images over 64 px) with the ImageNet-style nets, else paper."""
+    flip: Literal["random", "alternate"] = "random"
+    """Horizontal flips of the paper and fast augmentations in training: random (p=0.5 per image and epoch) or
+    alternate (a random half first, then every image flipped every other epoch; in-memory and disk loaders)."""
     image_size: Optional[int] = None
     """Network input size in pixels (default: 224 for photo, 64 for seed, else 32)."""
     loader: Literal["auto", "memory", "disk", "stream"] = "auto"

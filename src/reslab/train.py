@@ -288,7 +288,8 @@ def setup(cfg: TrainConfig, resume: dict[str, Any] | None = None, started: float
                                      cfg.random_erasing)
     train_batches = Batches(data.train, train_transform,
                             cfg.batch_size, shuffle=cfg.shuffle, drop_last=cfg.drop_last, seed=cfg.seed,
-                            device=device, workers=cfg.workers, rank=d.rank, world=d.world)
+                            device=device, workers=cfg.workers, rank=d.rank, world=d.world,
+                            alternate_flips=cfg.flip == "alternate")
     eval_transform = BatchTransform(cfg.augment, False, cfg.input_size, data.mean, data.std)
     eval_batches = {name: Batches(split.subset(distributed.shard_for_eval(len(split), d)), eval_transform,
                                   max(cfg.batch_size // d.world, 256), shuffle=False, drop_last=False,

@@ -171,7 +171,8 @@ class BatchTransform:
     auto_augment: str = "none"  # trivial or rand, in training (see extras.py)
     erasing: float = 0.0  # probability of random erasing, in training
 
-    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None, flip: Tensor | None = None) -> Tensor:
+        """``flip`` (bool per image) replaces the random flips of the paper and fast crops (alternating flips)."""
         b, dev = x.shape[0], x.device
         rand = lambda *shape: torch.rand(*shape, generator=generator).to(dev)
         if self.train and self.auto_augment != "none":  # on the stored uint8 images, before the crop
@@ -179,7 +180,9 @@ class BatchTransform:
         if self.augment in ("paper", "fast") and self.train:
             pad = PAPER_PAD if self.augment == "paper" else FAST_PAD
             dy, dx = (torch.randint(0, 2 * pad + 1, (2, b), generator=generator)).to(dev)
-            x = crop_flip(x, self.input_size, pad, dy, dx, rand(b) < 0.5, reflect=self.augment == "fast")
+            random_flip = rand(b) < 0.5  # drawn either way, so the draws after it do not depend on ``flip``
+            x = crop_flip(x, self.input_size, pad, dy, dx, random_flip if flip is None else flip.to(dev),
+                          reflect=self.augment == "fast")
         x = x.permute(0, 3, 1, 2).float().div_(255)  # NCHW view with channels-last strides
         if self.augment == "seed":
             crop, span = self.input_size, SEED_RESIZE - self.input_size

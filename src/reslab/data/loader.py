@@ -37,7 +37,8 @@ class Batches:
     """
 
     def __init__(self, split: Split, transform: BatchTransform, batch_size: int, *, shuffle: bool, drop_last: bool,
-                 seed: int, device: torch.device, workers: int = 2, rank: int = 0, world: int = 1) -> None:
+                 seed: int, device: torch.device, workers: int = 2, rank: int = 0, world: int = 1,
+                 alternate_flips: bool = False) -> None:
         if batch_size % world:
             raise ConfigError(f"the global batch size {batch_size} must be divisible by the {world} processes")
         self.split, self.transform, self.batch_size = split, transform, batch_size
@@ -52,6 +53,11 @@ class Batches:
             on_gpu = split.images.to(device)  # CIFAR-10 is 150 MB as uint8: keep it on the GPU
             self.pixels = lambda idx: on_gpu[idx] if split.rows is None else on_gpu[split.rows.to(device)[idx]]
         self.labels = split.labels.to(device)
+        # Alternating flips (Jordan 2024, airbench): a random half of the images is flipped in even epochs, the other
+        # half in odd ones, so every image is seen both ways in any two consecutive epochs; random flips repeat
+        # a view half the time, which costs accuracy when a run lasts only a few epochs.
+        self.first_flips = (torch.rand(len(split), generator=torch.Generator().manual_seed(mix_seed(seed, 0xF11B)))
+                            < 0.5) if alternate_flips else None
 
     def __len__(self) -> int:
         n = len(self.split) / self.batch_size
@@ -73,7 +79,8 @@ class Batches:
             # Under torchrun each rank augments its own slice of the global batch with its own stream.
             g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, i, *((self.rank,) if self.world > 1 else ())))
             x = self.pixels(idx).to(self.device, non_blocking=True)
-            yield self.transform(x, g), self.labels[idx.to(self.device)]
+            flip = None if self.first_flips is None else self.first_flips[idx] ^ bool(epoch % 2)
+            yield self.transform(x, g, flip), self.labels[idx.to(self.device)]
 
     def _mine(self, batch: Tensor) -> Tensor:
         """This rank's contiguous slice of a global batch (all of it in a single process)."""
