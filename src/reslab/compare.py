@@ -176,9 +176,10 @@ def decay_lessons(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         ours, theirs = g["train_loss"]["mean"], constant["train_loss"]["mean"]
         shown = ours < theirs
+        verdict = (f" ({100 * (1 - ours / theirs):.0f} % lower): decaying the rate lets the loss fall further, the "
+                   "seed's lesson." if shown else ": NOT SHOWN by this run (the decay did not help here).")
         text = (f"with the `{g['schedule']}` schedule the training loss ends at {ours:.3f} against {theirs:.3f} at a "
-                f"constant learning rate" + (f" ({theirs / ours:.1f}x lower): decaying the rate lets the loss fall "
-                f"further, the seed's lesson." if shown else ": NOT SHOWN by this run (the decay did not help here)."))
+                f"constant learning rate{verdict}")
         lessons.append({"schedule": g["schedule"], "train_loss": ours, "constant_train_loss": theirs, "shown": shown,
                         "text": text})
     return lessons
