@@ -128,3 +128,24 @@ def test_alternating_flips_show_every_image_both_ways_in_two_epochs():
     assert 16 < first.sum() < 48 and torch.equal(second, ~first) and torch.equal(third, first)
     random = [flipped(e, False) for e in range(3)]
     assert not torch.equal(random[1], ~random[0])  # random flips repeat views
+
+
+def test_the_whitening_bias_trains_for_its_epochs_then_holds(tmp_path, folder):
+    from reslab.hooks import Hook
+    from reslab.train import fit, setup
+
+    biases = []
+
+    class Record(Hook):
+        def on_epoch_end(self, run, metrics):
+            biases.append(run.model.conv1.bias.detach().clone())
+
+    cfg = make_config("fast", data=str(folder), epochs=3, batch_size=16, whiten_bias_epochs=1, precision="fp32",
+                      accuracy_marks=[], out=str(tmp_path / "run"))
+    run = setup(cfg)
+    run.hooks.insert(0, Record())
+    fit(run)
+    assert biases[0].abs().sum() > 0  # it trained in the first epoch
+    assert torch.equal(biases[0], biases[1]) and torch.equal(biases[0], biases[2])  # and held after it
+    with pytest.raises(Exception, match="whitening stem"):
+        setup(make_config("paper", data=str(folder), whiten_bias_epochs=1, out=str(tmp_path / "r2")))

@@ -102,6 +102,8 @@ class TrainConfig:
     """Keep every BatchNorm scale (gamma) at its initial value."""
     bias_lr_scale: float = 1.0
     """Multiply the learning rate of BatchNorm biases by this (their weight decay is divided by it)."""
+    whiten_bias_epochs: Optional[float] = None
+    """Fast nets: train the whitening stem's bias for this many epochs only, then hold it (airbench: 3)."""
     lookahead: bool = False
     """Every 5 steps reset the weights to their running average (Zhang et al. 2019); the last step keeps the
     weights (the average is moved onto them)."""

@@ -38,6 +38,7 @@ from .hooks import (
     StopOnSignal,
     TimeBudget,
     WeightEma,
+    WhiteningBiasWindow,
 )
 from .models import create_model, model_info
 from .optim import SGD
@@ -353,6 +354,11 @@ def _hooks(cfg: TrainConfig, model: nn.Module, out: Path) -> list[Hook]:
         hooks.append(FrozenBackbone())
     if cfg.lookahead:
         hooks.append(Lookahead(model))
+    if cfg.whiten_bias_epochs is not None:  # after the lookahead, whose averaging would move the held bias
+        if not hasattr(model, "init_whitening"):
+            raise ConfigError(f"--whiten-bias-epochs needs a net with a whitening stem (--arch resnet9s), not "
+                              f"{cfg.arch}")
+        hooks.append(WhiteningBiasWindow(cfg.whiten_bias_epochs))
     if cfg.ema:
         hooks.append(WeightEma(model, cfg.ema))
     if cfg.time_budget:
