@@ -81,6 +81,13 @@ def _summary_row(name: str, group: str, cfg: TrainConfig, run: Path) -> dict[str
             "seconds_to_result": last.get("wall_seconds"), "accuracy_marks": rundir.read_marks(run), "run": str(run)}
 
 
+def _stats(values: list[float]) -> dict[str, float]:
+    import statistics
+
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values)}
+
+
 def frontier(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per time budget: final test accuracy over seeds (mean, sample std, min, max) and the median time to each
     accuracy mark among the seeds that reached it."""
@@ -97,18 +104,10 @@ def frontier(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             times = [r["accuracy_marks"][mark]["seconds"] for r in runs
                      if (r["accuracy_marks"].get(mark) or {}).get("seconds") is not None]
             marks[mark] = {"reached": len(times), "median_seconds": statistics.median(times) if times else None}
-        table.append({"time_budget": budget, "seeds": len(accs), "mean": statistics.fmean(accs),
-                      "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "min": min(accs), "max": max(accs),
+        table.append({"time_budget": budget, "seeds": len(accs), **_stats(accs),
                       "mean_seconds_to_result": statistics.fmean(r["seconds_to_result"] or 0 for r in runs),
                       "marks": marks})
     return table
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    import statistics
-
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values)}
 
 
 def group_stats(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

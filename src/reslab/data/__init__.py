@@ -10,7 +10,7 @@ import torch
 from ..errors import DataError
 from .augment import BatchTransform, channel_stats, pil_transform, store_size
 from .datasets import Split, balanced_indices, load_split, typical_image_size
-from .folder import channel_histogram, fit_square, load_rgb
+from .folder import channel_histogram, fit_square, load_rgb, sample_histogram
 from .loader import Batches, mix_seed
 
 __all__ = ["BatchTransform", "Batches", "DataBundle", "DataError", "Split", "balanced_indices", "channel_stats",
@@ -84,5 +84,4 @@ def _histogram(split: Split, size: int | None) -> np.ndarray:
             return channel_histogram(split.images)
         return sum(channel_histogram(split.pixels(split.rows.new_tensor(range(i, min(i + 4096, len(split))))))
                    for i in range(0, len(split), 4096))
-    step = max(1, len(split.paths) // 2000)
-    return channel_histogram(np.stack([np.asarray(fit_square(load_rgb(p), size or 64)) for p in split.paths[::step]]))
+    return sample_histogram(split.paths, size or 64)

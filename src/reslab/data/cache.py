@@ -131,11 +131,9 @@ class EntryWriter:
             if exc.errno not in (95, 22):  # EOPNOTSUPP / EINVAL: the filesystem cannot preallocate; write anyway
                 self.abort()
                 raise
-        self.rows = 0
 
     def write(self, image: np.ndarray) -> None:
         self.file.write(np.ascontiguousarray(image).data)
-        self.rows += 1
 
     def commit(self, meta: dict) -> None:
         """Flush the rows (to the exact size) and publish them, then the ``.json`` that makes the entry valid."""

@@ -234,10 +234,10 @@ def load_split(data: str, split: str, *, store_size: int | None, data_dir: str |
         side = size or native[0]
     if loader == "stream":
         return Split(labels, classes, paths=paths)
-    decoded_bytes = len(paths) * side * side * 3
-    mapped = loader == "disk" or (loader == "auto" and decoded_bytes > memory_budget())
+    decoded_bytes, budget = len(paths) * side * side * 3, memory_budget()
+    mapped = loader == "disk" or (loader == "auto" and decoded_bytes > budget)
     if mapped and loader == "auto":
-        print(f"{split_dir}: {decoded_bytes / 2**20:.0f} MiB decoded, over the {memory_budget() / 2**20:.0f} MiB "
+        print(f"{split_dir}: {decoded_bytes / 2**20:.0f} MiB decoded, over the {budget / 2**20:.0f} MiB "
               "memory budget ($RESLAB_MEMORY_BUDGET): read from a memory-mapped cache on disk", file=sys.stderr)
     try:
         d = decode_images(paths, size, strict=strict, mapped=mapped)

@@ -72,12 +72,7 @@ def sample_files(root: Path, limit: int = 256) -> list[Path]:
     """Up to ``limit`` image files of a split, spread over its classes, without listing and stat-ing every file."""
     classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     per_class = max(1, limit // max(1, len(classes)))
-    files = []
-    for c in classes:
-        with os.scandir(c) as entries:  # directory entries carry their type: no stat() per file
-            names = sorted(e.name for e in entries if e.is_file() and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS)
-        files += [c / n for n in names[:per_class]]
-    return files
+    return [Path(f) for c in classes for f in _image_files(str(c))[:per_class]]
 
 
 def load_rgb(path: str | Path, min_side: int | None = None) -> Image.Image:
@@ -152,6 +147,13 @@ def channel_histogram(images: np.ndarray | torch.Tensor, chunk: int = 4096) -> n
     return hist
 
 
+def sample_histogram(paths: list[str], size: int, n: int = 2000) -> np.ndarray:
+    """``channel_histogram`` of an even sample of ``n`` files, decoded as the cache decodes them (for a streamed split,
+    whose images are never all decoded at once)."""
+    sample = [_decode_one((p, size)) for p in paths[::max(1, len(paths) // n)]]
+    return channel_histogram(np.stack([a for a in sample if not isinstance(a, str)]))
+
+
 @dataclass
 class Decoded:
     """Images decoded from a list of files: in memory, or memory-mapped from the cache."""
@@ -166,22 +168,19 @@ class CacheUnavailable(Exception):
     """A memory-mapped decode was asked for and the cache cannot hold it (the caller streams instead)."""
 
 
-def decode_images(paths: list[str], size: int | None, *, workers: int | None = None, cache: bool = True,
-                  strict: bool = False, mapped: bool = False) -> Decoded:
+def decode_images(paths: list[str], size: int | None, *, workers: int | None = None, strict: bool = False,
+                  mapped: bool = False) -> Decoded:
     """Decode ``paths`` into uint8 images (N, H, W, 3), once: later calls read them from the cache.
 
     Args:
         paths: image files.
         size: square size to fit every image to; None keeps the native size, which must then be the same for all.
         workers: decoding processes (default: the usable cores).
-        cache: read/write the decoded images in the user cache folder.
         strict: raise on the first unreadable file instead of skipping it with a warning.
         mapped: memory-map the cached images instead of reading them into memory (for folders larger than memory);
             raises ``CacheUnavailable`` when they cannot be cached.
     """
     key = _fingerprint(paths, size)
-    if not cache:
-        return _decode(paths, size, key, None, workers, strict, mapped)
     hit = read_entry(key, mapped)
     if hit is None:
         with entry_lock(key) as locked:
