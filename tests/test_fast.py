@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from reslab import rundir
 from reslab.config import make_config
 from reslab.data.augment import BatchTransform, crop_flip
 from reslab.evaluate import tta_logits
@@ -106,7 +107,7 @@ def test_compare_budgets_writes_the_frontier(folder, tmp_path, cli):
     accs = [r["final_test_acc"] for r in summary["runs"]]
     assert row["seeds"] == 2 and row["mean"] == pytest.approx(sum(accs) / 2) and row["min"] == min(accs)
     report = (out / "report.md").read_text()
-    assert "Accuracy against time budget" in report and "| 0.15 | 2 |" in report
+    assert "Accuracy against time budget" in report and "| 0.15 | resnet9s | flip | 2 |" in report
     assert (out / "frontier.png").stat().st_size > 0 and "budget min" in stdout
 
 
@@ -149,3 +150,51 @@ def test_the_whitening_bias_trains_for_its_epochs_then_holds(tmp_path, folder):
     assert torch.equal(biases[0], biases[1]) and torch.equal(biases[0], biases[2])  # and held after it
     with pytest.raises(Exception, match="whitening stem"):
         setup(make_config("paper", data=str(folder), whiten_bias_epochs=1, out=str(tmp_path / "r2")))
+
+
+def test_the_fast_preset_picks_its_net_and_tta_from_the_budget(folder, tmp_path, cli, monkeypatch):
+    from reslab import config
+
+    # The real rule: small budgets keep the preset's net; every choice is overridden by an explicit option.
+    assert make_config("fast", time_budget=2.5).arch == make_config("fast").arch == "resnet9s"
+    for minutes, values in config.BUDGET_RULES["fast"]:
+        chosen = make_config("fast", time_budget=minutes)
+        assert all(getattr(chosen, k) == v for k, v in values.items())
+        assert make_config("fast", time_budget=minutes, arch="resnet9s", tta="flip").arch == "resnet9s"
+
+    # The mechanism end to end on tiny data, with a rule that starts at 0.1 minutes: the CLI says what it chose and
+    # the run's config records it; a flag wins; `compare --budgets` measures each budget as `train` would run it.
+    monkeypatch.setitem(config.BUDGET_RULES, "fast", [(0.1, {"arch": "resnet9m", "tta": "flip_shift"})])
+    code, _, err = cli("train", *TINY_FAST, "--data", folder, "--time-budget", "0.12", "--out", tmp_path / "a")
+    assert code == 0, err
+    assert "fast preset, 0.12-minute budget: --arch resnet9m, --tta flip_shift" in err
+    saved = rundir.read_config(tmp_path / "a")
+    assert (saved["arch"], saved["tta"]) == ("resnet9m", "flip_shift")
+    code, _, err = cli("train", *TINY_FAST, "--data", folder, "--time-budget", "0.12", "--arch", "resnet9s",
+                       "--out", tmp_path / "b")
+    assert code == 0 and "fast preset, 0.12-minute budget: --tta flip_shift\n" in err
+    assert rundir.read_config(tmp_path / "b")["arch"] == "resnet9s"
+    out = tmp_path / "frontier"
+    code, _, err = cli("compare", *TINY_FAST, "--data", folder, "--budgets", "0.05,0.12", "--out", out)
+    assert code == 0, err
+    runs = {r["name"]: r for r in json.loads((out / "summary.json").read_text())["runs"]}
+    assert runs["0.05min-seed0"]["arch"] == "resnet9s" and runs["0.12min-seed0"]["arch"] == "resnet9m"
+
+
+def test_bn_momentum_sets_how_fast_the_running_statistics_follow(folder, tmp_path, cli):
+    from reslab.train import setup
+
+    cfg = make_config("fast", data=str(folder), epochs=1, batch_size=16, bn_momentum=1.0, precision="fp32",
+                      accuracy_marks=[], out=str(tmp_path / "run"))
+    run = setup(cfg)
+    # With weight 1 the running statistics are exactly the last batch's: a train-mode forward of one batch
+    # leaves the running mean at that batch's mean of the first BatchNorm's input.
+    bn, x = run.model.layer1[0].bn, next(iter(run.train_batches.epoch(0)))[0]
+    seen = []
+    handle = bn.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].mean((0, 2, 3))))
+    run.model.train()
+    run.model(x)
+    handle.remove()
+    assert torch.allclose(bn.running_mean, seen[0], atol=1e-5)
+    code, _, err = cli("train", "--preset", "fast", "--data", folder, "--bn-momentum", "0", "--out", tmp_path / "b")
+    assert code == 1 and "--bn-momentum is a weight in (0, 1]" in err

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
-from .config import PRESETS, TrainConfig
+from .config import PRESETS, TrainConfig, budget_choices
 from .errors import ConfigError, Interrupted, UserError
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -188,7 +188,7 @@ def bench_cmd(arch: Optional[str] = None, preset: str = "seed", data: Optional[s
 
 def compare_cmd(config: TrainConfig, archs: Optional[str] = None, schedules: Optional[str] = None,
                 budgets: Optional[str] = None, seeds: Optional[str] = None, preset: Optional[str] = None,
-                compare_out: str = "runs/compare") -> None:
+                compare_out: str = "runs/compare", fixed: frozenset[str] = frozenset()) -> None:
     from .compare import COMPARISONS, compare
 
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else []
@@ -200,7 +200,7 @@ def compare_cmd(config: TrainConfig, archs: Optional[str] = None, schedules: Opt
     chosen = dict(archs=split(archs), schedules=split(schedules), budgets=numbers[0])
     if not any(chosen.values()) and preset in COMPARISONS:  # the preset says what it compares
         chosen.update(COMPARISONS[preset])
-    summary = compare(config, **chosen, seeds=numbers[1], out=compare_out)
+    summary = compare(config, **chosen, seeds=numbers[1], out=compare_out, preset=preset, fixed=fixed)
     if budgets:
         print(f"{'budget min':>10}{'seeds':>7}{'test acc % mean':>17}{'std':>7}{'s to result':>13}")
         for t in summary["frontier"]:
@@ -402,6 +402,17 @@ def _given_options(argv: list[str]) -> set[str]:
     return {a[2:].split("=", 1)[0] for a in argv if a.startswith("--") and len(a) > 2}
 
 
+def _budget_choices(preset: str | None, minutes: float | None, options: set[str]) -> dict[str, Any]:
+    """The preset's choices for this time budget that no flag (or --config file) overrides, said in one line."""
+    if "config" in options:
+        return {}
+    choices = {k: v for k, v in budget_choices(preset, minutes).items() if k not in options}
+    if choices:
+        said = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in choices.items())
+        print(f"{preset} preset, {minutes:g}-minute budget: {said}", file=sys.stderr)
+    return choices
+
+
 def _preset_in(argv: list[str]) -> str | None:
     for i, a in enumerate(argv):
         if a == "--preset" and i + 1 < len(argv):
@@ -443,11 +454,14 @@ def main(argv: list[str] | None = None) -> int:
             given = frozenset(options & set(args))
             if special["resume"] and "config" in options:
                 raise ConfigError("--resume continues a run with its saved config: no --config with it")
+            if not special["resume"]:
+                args.update(_budget_choices(special["preset"], args["time_budget"], options))
             COMMANDS[command](TrainConfig(**args), given=given, **special)
         elif command == "compare":
             special = {k: args.pop(k, None) for k in ("preset", "archs", "schedules", "budgets", "seeds")}
             out = args.pop("out", None) or "runs/compare"  # --out names the comparison directory
-            COMMANDS[command](TrainConfig(**args), compare_out=out, **special)
+            fixed = frozenset(_given_options(argv) & set(args)) | ({"config"} & _given_options(argv))
+            COMMANDS[command](TrainConfig(**args), compare_out=out, fixed=fixed, **special)
         else:
             COMMANDS[command](**args)
     except Interrupted as exc:

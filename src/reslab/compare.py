@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import rundir
-from .config import TrainConfig
+from .config import TrainConfig, budget_choices
 from .errors import ConfigError
 from .models import count_macs, count_params, create_model, model_info
 
@@ -41,12 +41,17 @@ COMPARISONS: dict[str, dict[str, list]] = {
 
 
 def _variants(base: TrainConfig, archs: list[str], schedules: list[str], budgets: list[float],
-              seeds: list[int]) -> dict[str, tuple[str, TrainConfig]]:
-    """Run name -> (the group it belongs to, its config). With several seeds each group has one run per seed."""
+              seeds: list[int], preset: str | None = None,
+              fixed: frozenset[str] = frozenset()) -> dict[str, tuple[str, TrainConfig]]:
+    """Run name -> (the group it belongs to, its config). With several seeds each group has one run per seed.
+    A budget gets ``preset``'s choices for it (``budget_choices``), except the options in ``fixed``."""
     if sum(map(bool, (archs, schedules, budgets))) > 1:
         raise ConfigError("give one of --archs, --schedules or --budgets")
     if budgets:
-        return {f"{b:g}min-seed{s}": (f"{b:g}", dataclasses.replace(base, time_budget=b, seed=s))
+        def chosen(b: float) -> dict[str, Any]:
+            return {} if "config" in fixed else {k: v for k, v in budget_choices(preset, b).items() if k not in fixed}
+
+        return {f"{b:g}min-seed{s}": (f"{b:g}", dataclasses.replace(base, time_budget=b, seed=s, **chosen(b)))
                 for b in budgets for s in (seeds or [base.seed])}
     if schedules:
         groups = {s: dataclasses.replace(base, schedule=s) for s in schedules}
@@ -77,8 +82,9 @@ def _summary_row(name: str, group: str, cfg: TrainConfig, run: Path) -> dict[str
             "final_test_error": 1 - test[-1] if test else None, "best_test_error": 1 - max(test) if test else None,
             "final_train_error": 1 - last["train_acc"] if last else None,
             "final_train_loss": last.get("train_loss"), "wall_seconds": round(sum(r["seconds"] for r in rows), 1),
-            "time_budget": cfg.time_budget, "seed": cfg.seed, "final_test_acc": test[-1] if test else None,
-            "seconds_to_result": last.get("wall_seconds"), "accuracy_marks": rundir.read_marks(run), "run": str(run)}
+            "time_budget": cfg.time_budget, "tta": cfg.tta, "seed": cfg.seed,
+            "final_test_acc": test[-1] if test else None, "seconds_to_result": last.get("wall_seconds"),
+            "accuracy_marks": rundir.read_marks(run), "run": str(run)}
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -104,7 +110,8 @@ def frontier(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             times = [r["accuracy_marks"][mark]["seconds"] for r in runs
                      if (r["accuracy_marks"].get(mark) or {}).get("seconds") is not None]
             marks[mark] = {"reached": len(times), "median_seconds": statistics.median(times) if times else None}
-        table.append({"time_budget": budget, "seeds": len(accs), **_stats(accs),
+        table.append({"time_budget": budget, "arch": "/".join(sorted({r["arch"] for r in runs})),
+                      "tta": "/".join(sorted({r["tta"] for r in runs})), "seeds": len(accs), **_stats(accs),
                       "mean_seconds_to_result": statistics.fmean(r["seconds_to_result"] or 0 for r in runs),
                       "marks": marks})
     return table
@@ -186,7 +193,7 @@ def decay_lessons(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def compare(config: TrainConfig, *, archs: list[str] | None = None, schedules: list[str] | None = None,
             budgets: list[float] | None = None, seeds: list[int] | None = None, out: str | Path = "runs/compare",
-            plots: bool = True) -> dict[str, Any]:
+            plots: bool = True, preset: str | None = None, fixed: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Train every variant with the same recipe and seed into ``out/<name>/``, then write the report.
 
     Args:
@@ -197,13 +204,15 @@ def compare(config: TrainConfig, *, archs: list[str] | None = None, schedules: l
             the accuracy-against-time frontier of a recipe such as ``--preset fast``.
         out: the comparison directory.
         plots: draw the PNG figures (needs matplotlib).
+        preset: the preset ``config`` came from: each budget gets that preset's choices for it
+            (``config.budget_choices``, e.g. the fast net's width), except the options named in ``fixed``.
 
     Returns:
         The summary: one row per run (also written to ``out/summary.json`` and ``out/report.md``).
     """
     from .train import train
 
-    variants = _variants(config, archs or [], schedules or [], budgets or [], seeds or [])
+    variants = _variants(config, archs or [], schedules or [], budgets or [], seeds or [], preset, fixed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for name, (_, cfg) in variants.items():
@@ -298,11 +307,12 @@ def _pm(stats: dict[str, float]) -> str:
 
 def _frontier_report(table: list[dict[str, Any]]) -> list[str]:
     marks = sorted({m for t in table for m in t["marks"]}, key=float)
-    head = "| budget (min) | seeds | test acc % mean ± std | min | max | s to result |"
+    head = "| budget (min) | model | TTA | seeds | test acc % mean ± std | min | max | s to result |"
     lines = ["## Accuracy against time budget", "", head + "".join(f" s to {float(m):.0%} |" for m in marks),
-             "| ---: " * (6 + len(marks)) + "|"]
+             "| ---: | --- | --- " + "| ---: " * (5 + len(marks)) + "|"]
     for t in table:
-        cells = [f"{t['time_budget']:g}", str(t["seeds"]), f"{100 * t['mean']:.2f} ± {100 * t['std']:.2f}",
+        cells = [f"{t['time_budget']:g}", t["arch"], t["tta"], str(t["seeds"]),
+                 f"{100 * t['mean']:.2f} ± {100 * t['std']:.2f}",
                  _pct(t["min"]), _pct(t["max"]), f"{t['mean_seconds_to_result']:.0f}"]
         for m in marks:
             r = t["marks"].get(m) or {}

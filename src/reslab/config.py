@@ -100,6 +100,8 @@ class TrainConfig:
     """Also apply weight decay to BatchNorm parameters and biases."""
     freeze_bn_scale: bool = False
     """Keep every BatchNorm scale (gamma) at its initial value."""
+    bn_momentum: Optional[float] = None
+    """Weight of each batch in BatchNorm's running statistics (torch's convention; default torch's 0.1)."""
     bias_lr_scale: float = 1.0
     """Multiply the learning rate of BatchNorm biases by this (their weight decay is divided by it)."""
     whiten_bias_epochs: Optional[float] = None
@@ -188,6 +190,8 @@ class TrainConfig:
             raise ConfigError("--random-erasing is a probability in [0, 1]; --mixup and --cutmix are alphas >= 0")
         if self.ema is not None and not 0 < self.ema < 1:
             raise ConfigError(f"--ema is a decay in (0, 1), e.g. 0.999; got {self.ema}")
+        if self.bn_momentum is not None and not 0 < self.bn_momentum <= 1:
+            raise ConfigError(f"--bn-momentum is a weight in (0, 1], e.g. 0.1; got {self.bn_momentum}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.schedule == "multistep" and not self.milestones:
@@ -285,13 +289,31 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Choices of a preset that depend on its --time-budget: (from this many minutes on, these values). Later rows win.
+# The fast net's width and its test-time augmentation (README "Fast", issue 17 pilots): BUDGET_RULE_PLACEHOLDER
+BUDGET_RULES: dict[str, list[tuple[float, dict[str, Any]]]] = {
+    "fast": [],
+}
+
+
+def budget_choices(preset: str | None, minutes: float | None) -> dict[str, Any]:
+    """The values ``preset`` picks for a ``--time-budget`` of ``minutes`` (empty without a budget or a rule)."""
+    choices: dict[str, Any] = {}
+    for at_least, values in BUDGET_RULES.get(preset or "", []):
+        if minutes is not None and minutes >= at_least:
+            choices.update(values)
+    return choices
+
+
 def make_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
-    """A validated config: dataclass defaults, then the ``preset``, then ``overrides``."""
+    """A validated config: dataclass defaults, then the ``preset`` (with its choices for ``time_budget``), then
+    ``overrides``."""
     values: dict[str, Any] = {}
     if preset is not None:
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
         values.update(PRESETS[preset])
+        values.update(budget_choices(preset, overrides.get("time_budget", values.get("time_budget"))))
     values.update(overrides)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(values) - known

@@ -305,10 +305,12 @@ def setup(cfg: TrainConfig, resume: dict[str, Any] | None = None, started: float
     if cfg.freeze:  # a linear probe: only the classifier learns (FrozenBackbone keeps BatchNorm statistics fixed)
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("fc."))
-    if cfg.freeze_bn_scale:
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if cfg.freeze_bn_scale and m.weight is not None:
                 m.weight.requires_grad_(False)
+            if cfg.bn_momentum is not None:
+                m.momentum = cfg.bn_momentum
     if resume is None and pretrained is None and hasattr(model, "init_whitening"):  # whiten data patches (fast nets)
         sample = Batches(data.train, eval_transform, min(len(data.train), 5000), shuffle=True, drop_last=False,
                          seed=cfg.seed, device=device)
