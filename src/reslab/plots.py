@@ -172,7 +172,12 @@ def plot_frontier(table: list[dict], rows: list[dict], out: str | Path) -> Path:
     budgets = [t["time_budget"] for t in table]
     ax.errorbar(budgets, [100 * t["mean"] for t in table], yerr=[100 * t["std"] for t in table], color="tab:blue",
                 lw=2, marker="s", capsize=4, label="mean ± std")
+    for t in table:  # the model (and TTA) each budget ran: the preset picks them by budget
+        ax.annotate(f"{t.get('arch', '')} {t.get('tta', '')}".strip(), (t["time_budget"], 100 * t["min"]),
+                    textcoords="offset points", xytext=(0, -16), ha="center", fontsize=7, color="0.3")
     ax.set_xscale("log")
     ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())  # no "3 x 10^0" labels between the budgets
+    ax.margins(y=0.12)
     return _finish_line_plot(fig, ax, "time budget (minutes, whole run)", "test accuracy (%)", "accuracy against time",
                              out)
