@@ -404,9 +404,7 @@ def _given_options(argv: list[str]) -> set[str]:
 
 def _budget_choices(preset: str | None, minutes: float | None, options: set[str]) -> dict[str, Any]:
     """The preset's choices for this time budget that no flag (or --config file) overrides, said in one line."""
-    if "config" in options:
-        return {}
-    choices = {k: v for k, v in budget_choices(preset, minutes).items() if k not in options}
+    choices = budget_choices(preset, minutes, options)
     if choices:
         said = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in choices.items())
         print(f"{preset} preset, {minutes:g}-minute budget: {said}", file=sys.stderr)

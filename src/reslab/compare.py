@@ -48,10 +48,8 @@ def _variants(base: TrainConfig, archs: list[str], schedules: list[str], budgets
     if sum(map(bool, (archs, schedules, budgets))) > 1:
         raise ConfigError("give one of --archs, --schedules or --budgets")
     if budgets:
-        def chosen(b: float) -> dict[str, Any]:
-            return {} if "config" in fixed else {k: v for k, v in budget_choices(preset, b).items() if k not in fixed}
-
-        return {f"{b:g}min-seed{s}": (f"{b:g}", dataclasses.replace(base, time_budget=b, seed=s, **chosen(b)))
+        return {f"{b:g}min-seed{s}": (f"{b:g}", dataclasses.replace(base, time_budget=b, seed=s,
+                                                                    **budget_choices(preset, b, fixed)))
                 for b in budgets for s in (seeds or [base.seed])}
     if schedules:
         groups = {s: dataclasses.replace(base, schedule=s) for s in schedules}

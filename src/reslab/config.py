@@ -7,6 +7,7 @@ The fully resolved config is written to every run directory as ``config.yaml``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -302,12 +303,13 @@ BUDGET_RULES: dict[str, list[tuple[float, dict[str, Any]]]] = {
 }
 
 
-def budget_choices(preset: str | None, minutes: float | None) -> dict[str, Any]:
-    """The values ``preset`` picks for a ``--time-budget`` of ``minutes`` (empty without a budget or a rule)."""
+def budget_choices(preset: str | None, minutes: float | None, fixed: Collection[str] = ()) -> dict[str, Any]:
+    """The values ``preset`` picks for a ``--time-budget`` of ``minutes`` (empty without a budget or a rule), less
+    the options in ``fixed`` (given explicitly); nothing when ``fixed`` holds ``config`` (a config file decides)."""
     choices: dict[str, Any] = {}
     for at_least, values in BUDGET_RULES.get(preset or "", []):
-        if minutes is not None and minutes >= at_least:
-            choices.update(values)
+        if minutes is not None and minutes >= at_least and "config" not in fixed:
+            choices.update({k: v for k, v in values.items() if k not in fixed})
     return choices
 
 
@@ -319,7 +321,7 @@ def make_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
         values.update(PRESETS[preset])
-        values.update(budget_choices(preset, overrides.get("time_budget", values.get("time_budget"))))
+        values.update(budget_choices(preset, overrides.get("time_budget", values.get("time_budget")), overrides))
     values.update(overrides)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(values) - known
