@@ -124,6 +124,7 @@ FAST_VARIANTS = {
     "resnet9": ((64, 128, 256), (1, 0, 1)),
     "resnet9s": ((32, 64, 128), (1, 0, 1)),
     "resnet9m": ((32, 128, 128), (1, 0, 1)),  # the width of public ablations' 92 %-in-10-epochs net (issue 17)
+    "resnet11m": ((32, 128, 128), (1, 1, 1)),  # and a residual block in the middle stage too (issue 17 pilot)
 }
 
 
