@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         elif command == "compare":
             special = {k: args.pop(k, None) for k in ("preset", "archs", "schedules", "budgets", "seeds")}
             out = args.pop("out", None) or "runs/compare"  # --out names the comparison directory
-            fixed = frozenset(_given_options(argv) & set(args)) | ({"config"} & _given_options(argv))
+            fixed = frozenset(_given_options(argv))  # as for train: flags and --config override the budget rule
             COMMANDS[command](TrainConfig(**args), compare_out=out, fixed=fixed, **special)
         else:
             COMMANDS[command](**args)
