@@ -23,8 +23,13 @@ TINY_FAST = ["--preset", "fast", "--batch-size", "16", "--precision", "fp32", "-
 
 def test_fast_nets_are_registered_residual_and_whitened():
     fast = [n for n in list_models() if model_info(n).family == "fast"]
-    assert {"resnet9", "resnet9s"} <= set(fast) and all(model_info(n).residual for n in fast)
+    assert {"resnet9", "resnet9s"} <= set(fast) and all(model_info(n).residual for n in fast if "resnet" in n)
     assert model_info("resnet9").depth == 9
+    # The airbench layout: two convs per stage, GELU, no shortcut (a plain net), 8 weighted layers.
+    conv8m = create_model("conv8m")
+    assert not model_info("conv8m").residual and model_info("conv8m").depth == 8
+    assert isinstance(conv8m.layer2[0].relu, torch.nn.GELU) and conv8m.layer3[0].conv2.in_channels == 128
+    assert conv8m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     torch.manual_seed(0)
     # Correlated channels and neighbouring pixels, as in natural images.
     base = torch.randn(64, 1, 17, 17).repeat_interleave(2, -1).repeat_interleave(2, -2)[..., :32, :32]
@@ -107,7 +112,8 @@ def test_compare_budgets_writes_the_frontier(folder, tmp_path, cli):
     accs = [r["final_test_acc"] for r in summary["runs"]]
     assert row["seeds"] == 2 and row["mean"] == pytest.approx(sum(accs) / 2) and row["min"] == min(accs)
     report = (out / "report.md").read_text()
-    assert "Accuracy against time budget" in report and "| 0.15 | resnet9s | flip | 2 |" in report
+    chosen = rundir.read_config(out / "0.15min-seed0")  # what the budget rule picked for that many epochs
+    assert "Accuracy against time budget" in report and f"| 0.15 | {chosen['arch']} | {chosen['tta']} | 2 |" in report
     assert (out / "frontier.png").stat().st_size > 0 and "budget min" in stdout
 
 
@@ -152,33 +158,46 @@ def test_the_whitening_bias_trains_for_its_epochs_then_holds(tmp_path, folder):
         setup(make_config("paper", data=str(folder), whiten_bias_epochs=1, out=str(tmp_path / "r2")))
 
 
-def test_the_fast_preset_picks_its_net_and_tta_from_the_budget(folder, tmp_path, cli, monkeypatch):
-    from reslab import config
+def test_the_fast_preset_picks_its_net_and_tta_from_the_epochs_its_budget_buys(folder, tmp_path, cli, monkeypatch):
+    from reslab import config, tune
 
-    # The real rule: small budgets keep the preset's net; every choice is overridden by an explicit option.
-    assert make_config("fast", time_budget=2.5).arch == make_config("fast").arch == "resnet9s"
-    for minutes, values in config.BUDGET_RULES["fast"]:
-        chosen = make_config("fast", time_budget=minutes)
-        assert all(getattr(chosen, k) == v for k, v in values.items())
-        assert make_config("fast", time_budget=minutes, arch="resnet9s", tta="flip").arch == "resnet9s"
+    # The real rule, keyed on epochs of the preset's own net: few epochs keep its choices; more buy the 6-view TTA,
+    # then the wider net; an explicit option always wins; a --config file switches the rule off.
+    assert config.budget_choices("fast", 3.0) == {} and config.budget_choices("fast", None) == {}
+    (tta_at, tta), (arch_at, arch) = config.BUDGET_RULES["fast"]
+    assert config.budget_choices("fast", tta_at) == tta and config.budget_choices("fast", arch_at) == {**tta, **arch}
+    assert config.budget_choices("fast", 100, keep={"arch"}) == tta
+    assert config.budget_choices("fast", 100, keep={"config"}) == {}
+    cfg = make_config("fast", time_budget=5)
+    assert (cfg.arch, cfg.budget_rule, cfg.budget_keep) == ("resnet9s", "fast", [])  # decided when the run starts
+    assert make_config("fast", time_budget=5, arch="resnet9s").budget_keep == ["arch"]
+    assert make_config("fast").budget_rule is None
 
-    # The mechanism end to end on tiny data, with a rule that starts at 0.1 minutes: the CLI says what it chose and
-    # the run's config records it; a flag wins; `compare --budgets` measures each budget as `train` would run it.
-    monkeypatch.setitem(config.BUDGET_RULES, "fast", [(0.1, {"arch": "resnet9m", "tta": "flip_shift"})])
-    code, _, err = cli("train", *TINY_FAST, "--data", folder, "--time-budget", "0.12", "--out", tmp_path / "a")
-    assert code == 0, err
-    assert "fast preset, 0.12-minute budget: --arch resnet9m, --tta flip_shift" in err
+    # The mechanism end to end on tiny data, with a step time fixed at 10 ms so that a 3-second budget buys ~10-20
+    # epochs here and a 7-second one ~100: the line says what was chosen and why, the config records it, a flag
+    # wins, and `compare --budgets` gives each budget its own choice.
+    monkeypatch.setattr(tune, "step_timer", lambda *a, **k: (lambda choice: 0.01))
+    monkeypatch.setitem(config.BUDGET_RULES, "fast", [(50, {"arch": "resnet9m", "tta": "flip_shift"})])
+    import reslab
+
+    reslab.train(preset="fast", data=str(folder), batch_size=16, precision="fp32", time_budget=0.12,
+                 out=str(tmp_path / "a"), accuracy_marks=[])
     saved = rundir.read_config(tmp_path / "a")
     assert (saved["arch"], saved["tta"]) == ("resnet9m", "flip_shift")
-    code, _, err = cli("train", *TINY_FAST, "--data", folder, "--time-budget", "0.12", "--arch", "resnet9s",
-                       "--out", tmp_path / "b")
-    assert code == 0 and "fast preset, 0.12-minute budget: --tta flip_shift\n" in err
-    assert rundir.read_config(tmp_path / "b")["arch"] == "resnet9s"
     out = tmp_path / "frontier"
-    code, _, err = cli("compare", *TINY_FAST, "--data", folder, "--budgets", "0.05,0.12", "--out", out)
+    code, _, err = cli("compare", *TINY_FAST, "--data", folder, "--budgets", "0.05,0.12", "--out", out,
+                       "--accuracy-marks", "[]")
     assert code == 0, err
+    assert "fast preset, 0.12-minute budget: ~" in err and "epochs of resnet9s here, so --arch resnet9m, --tta " \
+        "flip_shift" in err
     runs = {r["name"]: r for r in json.loads((out / "summary.json").read_text())["runs"]}
     assert runs["0.05min-seed0"]["arch"] == "resnet9s" and runs["0.12min-seed0"]["arch"] == "resnet9m"
+    assert runs["0.12min-seed0"]["tta"] == "flip_shift"
+    code, _, err = cli("compare", *TINY_FAST, "--data", folder, "--budgets", "0.12", "--arch", "resnet9s",
+                       "--out", tmp_path / "kept", "--accuracy-marks", "[]")
+    assert code == 0, err
+    assert "so --tta flip_shift\n" in err and rundir.read_config(tmp_path / "kept" / "0.12min-seed0")["arch"] == \
+        "resnet9s"
 
 
 def test_bn_momentum_sets_how_fast_the_running_statistics_follow(folder, tmp_path, cli):

@@ -41,7 +41,8 @@ def _marks(run):
     return {m: (r["step"], r["test_acc"]) for m, r in marks.items()}
 
 
-@pytest.mark.parametrize("args", [ARGS, FAST], ids=["resnet20", "fast-lookahead-marks"])
+@pytest.mark.parametrize("args", [ARGS, FAST, [*FAST, "--optimizer", "muon"]],
+                         ids=["resnet20", "fast-lookahead-marks", "fast-muon"])
 def test_kill_9_then_resume_is_bit_identical(tmp_path, args):
     folder = make_folder(tmp_path / "data", per_class=16)  # 48 images: 6 steps per epoch (3 at batch 16)
     epochs = ["--epochs", "5" if args is ARGS else "10", "--checkpoint-every", "2"]

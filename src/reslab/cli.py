@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
-from .config import PRESETS, TrainConfig, budget_choices
+from .config import PRESETS, TrainConfig, budget_rule_fields
 from .errors import ConfigError, Interrupted, UserError
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -97,7 +97,8 @@ def train_cmd(config: TrainConfig, preset: Optional[str] = None, resume: Optiona
 
 def eval_cmd(model: str, data: str, split: str = "test", arch: Optional[str] = None, device: str = "auto",
              precision: str = "auto", batch_size: int = 256, samples: Optional[int] = None,
-             data_dir: Optional[str] = None, tta: Optional[str] = None, plot: Optional[str] = None,
+             data_dir: Optional[str] = None, tta: Optional[str] = None, tta_fraction: Optional[float] = None,
+             plot: Optional[str] = None,
              json: bool = False) -> None:
     """Evaluate a saved model on an image folder (or cifar10, digits): accuracy, per class, confusion matrix.
 
@@ -112,13 +113,15 @@ def eval_cmd(model: str, data: str, split: str = "test", arch: Optional[str] = N
         samples: evaluate a seeded, class-balanced subset of this many images.
         data_dir: where cifar10 is stored.
         tta: test-time augmentation none, flip or flip_shift (default: as the model was trained).
+        tta_fraction: apply the TTA to this least-confident fraction of the images only (default: as trained).
         plot: also draw the confusion matrix into this PNG file.
         json: print one JSON object on stdout (progress and warnings go to stderr).
     """
     from .evaluate import evaluate
 
     r = evaluate(model, data, split=split, arch=arch, device=device, precision=precision, batch_size=batch_size,
-                 samples=samples, data_dir=data_dir, tta=tta)
+                 samples=samples, data_dir=data_dir, tta=tta,
+                 tta_fraction=tta_fraction)
     if plot:
         from .plots import plot_confusion
         plot_confusion(r.confusion, r.classes, plot)
@@ -402,15 +405,6 @@ def _given_options(argv: list[str]) -> set[str]:
     return {a[2:].split("=", 1)[0] for a in argv if a.startswith("--") and len(a) > 2}
 
 
-def _budget_choices(preset: str | None, minutes: float | None, options: set[str]) -> dict[str, Any]:
-    """The preset's choices for this time budget that no flag (or --config file) overrides, said in one line."""
-    choices = budget_choices(preset, minutes, options)
-    if choices:
-        said = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in choices.items())
-        print(f"{preset} preset, {minutes:g}-minute budget: {said}", file=sys.stderr)
-    return choices
-
-
 def _preset_in(argv: list[str]) -> str | None:
     for i, a in enumerate(argv):
         if a == "--preset" and i + 1 < len(argv):
@@ -453,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
             if special["resume"] and "config" in options:
                 raise ConfigError("--resume continues a run with its saved config: no --config with it")
             if not special["resume"]:
-                args.update(_budget_choices(special["preset"], args["time_budget"], options))
+                args.update(budget_rule_fields(special["preset"], args["time_budget"], options))
             COMMANDS[command](TrainConfig(**args), given=given, **special)
         elif command == "compare":
             special = {k: args.pop(k, None) for k in ("preset", "archs", "schedules", "budgets", "seeds")}

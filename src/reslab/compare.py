@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import rundir
-from .config import TrainConfig, budget_choices
+from .config import BUDGET_RULES, TrainConfig, budget_rule_fields
 from .errors import ConfigError
 from .models import count_macs, count_params, create_model, model_info
 
@@ -29,8 +29,11 @@ def recipe_differences(saved: dict[str, Any], requested: TrainConfig) -> list[st
 
     Options requested as ``None`` (chosen by reslab, e.g. the augmentation) match what the saved run chose."""
     want = requested.to_dict()
+    # What a budget rule chose at the start of the saved run (from the epochs the budget bought there) is its own.
+    chosen = {k for _, values in BUDGET_RULES.get(requested.budget_rule or "", []) for k in values}
+    chosen = chosen - set(requested.budget_keep) if saved.get("budget_rule") == requested.budget_rule else set()
     return [f"--{k.replace('_', '-')} {saved.get(k)!r} (asked {v!r})" for k, v in want.items()
-            if k not in NOT_RECIPE and v is not None and saved.get(k) != v]
+            if k not in NOT_RECIPE | chosen and v not in (None, "auto") and saved.get(k) != v]
 
 
 # What ``reslab compare --preset NAME`` compares when no --archs/--schedules/--budgets are given.
@@ -44,12 +47,13 @@ def _variants(base: TrainConfig, archs: list[str], schedules: list[str], budgets
               seeds: list[int], preset: str | None = None,
               fixed: frozenset[str] = frozenset()) -> dict[str, tuple[str, TrainConfig]]:
     """Run name -> (the group it belongs to, its config). With several seeds each group has one run per seed.
-    A budget gets ``preset``'s choices for it (``budget_choices``), except the options in ``fixed``."""
+    A budget run is handed to ``preset``'s budget rule (``budget_rule_fields``), which keeps the options in
+    ``fixed``."""
     if sum(map(bool, (archs, schedules, budgets))) > 1:
         raise ConfigError("give one of --archs, --schedules or --budgets")
     if budgets:
         return {f"{b:g}min-seed{s}": (f"{b:g}", dataclasses.replace(base, time_budget=b, seed=s,
-                                                                    **budget_choices(preset, b, fixed)))
+                                                                    **budget_rule_fields(preset, b, fixed)))
                 for b in budgets for s in (seeds or [base.seed])}
     if schedules:
         groups = {s: dataclasses.replace(base, schedule=s) for s in schedules}
@@ -68,6 +72,8 @@ def _variants(base: TrainConfig, archs: list[str], schedules: list[str], budgets
 
 def _summary_row(name: str, group: str, cfg: TrainConfig, run: Path) -> dict[str, Any]:
     rows = rundir.read_metrics(run)
+    saved = rundir.read_config(run) or {}
+    cfg = dataclasses.replace(cfg, **{k: saved[k] for k in ("arch", "tta") if k in saved})  # a budget rule's choice
     info = model_info(cfg.arch)
     classes = rundir.read_model_meta(run).get("classes") or range(10)
     model = create_model(cfg.arch, num_classes=len(classes), **cfg.model_kwargs)
@@ -202,8 +208,8 @@ def compare(config: TrainConfig, *, archs: list[str] | None = None, schedules: l
             the accuracy-against-time frontier of a recipe such as ``--preset fast``.
         out: the comparison directory.
         plots: draw the PNG figures (needs matplotlib).
-        preset: the preset ``config`` came from: each budget gets that preset's choices for it
-            (``config.budget_choices``, e.g. the fast net's width), except the options named in ``fixed``.
+        preset: the preset ``config`` came from: each budget run is handed to that preset's budget rule
+            (``config.BUDGET_RULES``, e.g. the fast net's width), except the options named in ``fixed``.
 
     Returns:
         The summary: one row per run (also written to ``out/summary.json`` and ``out/report.md``).

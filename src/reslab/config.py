@@ -89,8 +89,13 @@ class TrainConfig:
     """Images per optimizer step (global, across all processes)."""
     lr: float = 0.1
     """Peak learning rate."""
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    """sgd (with --momentum, --nesterov) or adamw (decoupled weight decay, betas 0.9/0.999)."""
+    optimizer: Literal["sgd", "adamw", "muon"] = "sgd"
+    """sgd (with --momentum, --nesterov), adamw (decoupled weight decay, betas 0.9/0.999) or muon (orthogonalised
+    momentum for the conv filters at --muon-lr, SGD as above for everything else)."""
+    muon_lr: float = 0.24
+    """--optimizer muon: peak learning rate of the conv filters (follows the same schedule as --lr)."""
+    muon_momentum: float = 0.6
+    """--optimizer muon: momentum (Nesterov) of the conv filters."""
     momentum: float = 0.9
     """SGD momentum."""
     nesterov: bool = False
@@ -132,6 +137,11 @@ class TrainConfig:
     time_budget: Optional[float] = None
     """Minutes for the whole run, from process start to the final accuracy: the number of steps is sized from the
     throughput measured during the warm-up so that the schedule ends annealed inside the budget."""
+    budget_rule: Optional[str] = None
+    """The preset whose choices by time budget apply (set by --preset with --time-budget): it picks the net and the
+    TTA from the epochs the budget buys on this machine, measured at the start (see reslab.config.BUDGET_RULES)."""
+    budget_keep: list[str] = field(default_factory=list)
+    """Options the budget rule leaves as they are (those given explicitly)."""
     shuffle: bool = True
     """Reshuffle the training set every epoch."""
     drop_last: bool = True
@@ -164,6 +174,8 @@ class TrainConfig:
     """Evaluate on the test (and validation) set every this many epochs (0: only at the end); the last always is."""
     tta: TTA = "none"
     """Test-time augmentation of the evaluations: none, flip (2 views) or flip_shift (flips and 1-px shifts, 6)."""
+    tta_fraction: float = 1.0
+    """Apply --tta only to this fraction of each evaluation batch whose plain prediction is least confident."""
     accuracy_marks: list[float] = field(default_factory=list)
     """Record the wall time at which test accuracy first reached each of these (e.g. 0.9), from weight snapshots
     taken during training and scored after it (outside --time-budget), so training is not slowed."""
@@ -173,7 +185,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         positive = {"batch_size": self.batch_size, "lr": self.lr, "epochs": self.epochs, "log_every": self.log_every,
                     "step_size": self.step_size, "bias_lr_scale": self.bias_lr_scale,
-                    "head_lr_scale": self.head_lr_scale, "clip_grad": self.clip_grad or 1,
+                    "head_lr_scale": self.head_lr_scale, "muon_lr": self.muon_lr, "clip_grad": self.clip_grad or 1,
                     "time_budget": self.time_budget or 1}
         for name, value in positive.items():
             if value <= 0:
@@ -189,6 +201,8 @@ class TrainConfig:
                              "negative")
         if not 0 <= self.random_erasing <= 1 or min(self.mixup, self.cutmix) < 0:
             raise ConfigError("--random-erasing is a probability in [0, 1]; --mixup and --cutmix are alphas >= 0")
+        if not 0 < self.tta_fraction <= 1:
+            raise ConfigError(f"--tta-fraction is a fraction in (0, 1], got {self.tta_fraction}")
         if self.ema is not None and not 0 < self.ema < 1:
             raise ConfigError(f"--ema is a decay in (0, 1), e.g. 0.999; got {self.ema}")
         if self.bn_momentum is not None and not 0 < self.bn_momentum <= 1:
@@ -291,37 +305,43 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-# Choices of a preset that depend on its --time-budget: (from this many minutes on, these values). Later rows win.
-# The fast preset (README "The fast preset", issue-17 pilots at the 2-core AVX2 machine's rate, one seed each):
-# - 6-view TTA (flips and 1-px shifts) added +0.09 to +0.45 points (mean +0.27) over flips alone on three finished
-#   runs and costs ~20 s more: a net loss at 5 minutes (7 % of the steps, worth ~0.5 points there), a gain from 10.
-# - The wider middle stage (resnet9m, 32/128/128: 1.36x the MACs, 1.5x the time) lost at 10 minutes (85.5/85.7 %
-#   against 86.1-86.4 % for resnet9s, fewer epochs beating width) and won at 20 (87.89 against 87.43 %): the net is
-#   capacity-bound there. Between, the switch at 15 minutes is the midpoint, not a measurement.
+# Choices of a preset that depend on its --time-budget, keyed on the *epochs the budget buys here*: (from this many
+# epochs on, these values; later rows win). The epochs are those of the preset's own net (resnet9s for fast),
+# estimated at the start of the run from the measured step time (``reslab.tune``) and the time left, so a 5-minute
+# run on a fast CPU gets the choices a 20-minute run gets on a slow one. The thresholds and the pilots that chose
+# them are in the README ("The fast preset: accuracy against time").
 BUDGET_RULES: dict[str, list[tuple[float, dict[str, Any]]]] = {
-    "fast": [(10, {"tta": "flip_shift"}), (15, {"arch": "resnet9m"})],
+    "fast": [(7.5, {"tta": "flip_shift"}), (11.0, {"arch": "resnet9m"})],
 }
 
 
-def budget_choices(preset: str | None, minutes: float | None, fixed: Collection[str] = ()) -> dict[str, Any]:
-    """The values ``preset`` picks for a ``--time-budget`` of ``minutes`` (empty without a budget or a rule), less
-    the options in ``fixed`` (given explicitly); nothing when ``fixed`` holds ``config`` (a config file decides)."""
+def budget_choices(preset: str | None, epochs: float | None, keep: Collection[str] = ()) -> dict[str, Any]:
+    """The values ``preset``'s rule picks for a budget that buys ``epochs`` of its own net (empty without a rule),
+    less the options in ``keep`` (given explicitly); nothing when ``keep`` holds ``config`` (a config file decides)."""
     choices: dict[str, Any] = {}
     for at_least, values in BUDGET_RULES.get(preset or "", []):
-        if minutes is not None and minutes >= at_least and "config" not in fixed:
-            choices.update({k: v for k, v in values.items() if k not in fixed})
+        if epochs is not None and epochs >= at_least and "config" not in keep:
+            choices.update({k: v for k, v in values.items() if k not in keep})
     return choices
 
 
+def budget_rule_fields(preset: str | None, minutes: float | None, given: Collection[str]) -> dict[str, Any]:
+    """The config fields that hand a budgeted run to ``preset``'s rule (empty when it has none or no budget)."""
+    if not minutes or preset not in BUDGET_RULES or "config" in given:
+        return {}
+    chosen = {k for _, values in BUDGET_RULES[preset] for k in values}
+    return {"budget_rule": preset, "budget_keep": sorted(chosen & set(given))}
+
+
 def make_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
-    """A validated config: dataclass defaults, then the ``preset`` (with its choices for ``time_budget``), then
-    ``overrides``."""
+    """A validated config: dataclass defaults, then the ``preset`` (handing a ``time_budget`` run to the preset's
+    budget rule, which decides at the start of the run), then ``overrides``."""
     values: dict[str, Any] = {}
     if preset is not None:
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
         values.update(PRESETS[preset])
-        values.update(budget_choices(preset, overrides.get("time_budget", values.get("time_budget")), overrides))
+        values.update(budget_rule_fields(preset, overrides.get("time_budget", values.get("time_budget")), overrides))
     values.update(overrides)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(values) - known

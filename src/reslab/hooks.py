@@ -27,7 +27,7 @@ import torch
 from . import distributed, rundir
 from .checkpoint import atomic_write, unwrap_model
 from .errors import UserError
-from .evaluate import TTA_VIEWS, evaluate_batches
+from .evaluate import evaluate_batches, tta_cost
 from .progress import Progress
 
 if TYPE_CHECKING:
@@ -236,7 +236,8 @@ class TimeBudget(Hook):
             distributed.synchronize(run.device)
             per_step = (self.clock() - self.measure_start) / (done - first)
             eval_images = sum(len(b.split) for b in run.eval_batches.values())
-            eval_seconds = eval_images * TTA_VIEWS[run.cfg.tta] * per_step * EVAL_COST / run.cfg.batch_size
+            views = tta_cost(run.cfg.tta, run.cfg.tta_fraction)
+            eval_seconds = eval_images * views * per_step * EVAL_COST / run.cfg.batch_size
             warmup_steps = math.ceil(run.cfg.warmup * len(run.train_batches)) + 1
             total = size_to_budget(self.budget, self.clock() - run.clock, run.step, per_step, eval_seconds,
                                    warmup_steps)
@@ -250,6 +251,34 @@ class TimeBudget(Hook):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.total = state["total_steps"]
+
+
+class SlowSteps(Hook):
+    """Says once, in one line, when training steps run much slower than the start-up probe measured: most often
+    another process has taken a core, which a run with several threads waits for at every step."""
+
+    name = "slow_steps"
+    window, factor = 20, 2.0  # steps per look; how much slower is worth a word
+
+    def __init__(self, expected_seconds: float, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.expected, self.clock = expected_seconds, clock
+        self.t0, self.count, self.said = 0.0, 0, False
+
+    def on_epoch_start(self, run: Run) -> None:
+        self.t0, self.count = self.clock(), 0  # an epoch's end (evaluation, checkpoint) is not a step
+
+    def on_step_end(self, run: Run, loss: torch.Tensor, lr: float) -> None:
+        self.count += 1
+        if self.said or self.count < self.window:
+            return
+        per_step = (self.clock() - self.t0) / self.count
+        self.t0, self.count = self.clock(), 0
+        if per_step > self.factor * self.expected and run.dist.main:
+            self.said = True
+            hint = ("--threads 1 stops waiting for a busy core" if torch.get_num_threads() > 1 else
+                    "fewer processes on this machine would help")
+            print(f"warning: steps take {per_step:.3f} s, {per_step / self.expected:.1f}x the {self.expected:.3f} s "
+                  f"measured at the start: another process is probably using the cores; {hint}", file=sys.stderr)
 
 
 class StopOnSignal(Hook):
@@ -399,7 +428,7 @@ class AccuracyMarks(Hook):
             for seconds, step, name in reversed([s for s in self.snapshots if (self.folder / s[2]).is_file()]):
                 plain.load_state_dict(torch.load(self.folder / name, map_location=run.device, weights_only=True))
                 acc = evaluate_batches(plain, test, run.device, run.precision, len(run.data.classes),
-                                       run.cfg.tta).accuracy
+                                       run.cfg.tta, run.cfg.tta_fraction).accuracy
                 scored.append((seconds, step, acc))
                 if acc < self.marks[0]:
                     break

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed, rundir
+from . import distributed, rundir, tune
 from .checkpoint import load_checkpoint, save_checkpoint, save_model, unwrap_model
-from .config import TrainConfig, make_config, resolve_inputs
+from .config import TrainConfig, budget_choices, make_config, resolve_inputs
 from .data import Batches, BatchTransform, DataBundle, load_data, mix_seed, typical_image_size
 from .data.extras import mix_batch
 from .errors import ConfigError, Interrupted, UserError
@@ -35,13 +35,14 @@ from .hooks import (
     Lookahead,
     MetricsLog,
     ProgressLog,
+    SlowSteps,
     StopOnSignal,
     TimeBudget,
     WeightEma,
     WhiteningBiasWindow,
 )
 from .models import create_model, model_info
-from .optim import SGD
+from .optim import SGD, Chain, Muon
 from .pretrained import apply_pretrained, load_pretrained
 from .runtime import autocast, default_channels_last, resolve_device, resolve_precision, set_threads
 
@@ -98,13 +99,21 @@ def param_groups(model: nn.Module, weight_decay: float, decay_bn_bias: bool, bia
     return [{"params": ps, "lr_scale": scale, "weight_decay": decay} for (scale, decay), ps in groups.items()]
 
 
-def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer | SGD:
-    """SGD (the paper's, and the presets') or AdamW; each group carries its own weight decay.
+def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer | SGD | Chain:
+    """SGD (the paper's, and the presets') or AdamW; each group carries its own weight decay. ``muon``: the conv
+    filters (4-D weights) on Muon at ``muon_lr`` (its ``lr_scale`` is muon_lr / lr, so one schedule drives both),
+    the rest on SGD.
 
     SGD is reslab's own (``reslab.optim``: torch's arithmetic without importing ``torch._dynamo``, ~1 s of each start).
     """
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
+    if cfg.optimizer == "muon":
+        filters = [p for g in groups for p in g["params"] if p.ndim == 4]
+        rest = [{**g, "params": [p for p in g["params"] if p.ndim != 4]} for g in groups]
+        sgd = SGD([g for g in rest if g["params"]], lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        return Chain(sgd, Muon([{"params": filters, "lr_scale": cfg.muon_lr / cfg.lr}], lr=cfg.muon_lr,
+                               momentum=cfg.muon_momentum))
     return SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
@@ -175,7 +184,7 @@ class Run:
     train_batches: Batches
     eval_batches: dict[str, Batches]
     model: nn.Module  # possibly wrapped (DDP, compile); save ``unwrap_model(model)``
-    optimizer: torch.optim.Optimizer | SGD
+    optimizer: torch.optim.Optimizer | SGD | Chain
     scaler: torch.amp.GradScaler | None
     meta: dict[str, Any]
     hooks: list[Hook]
@@ -256,16 +265,17 @@ def setup(cfg: TrainConfig, resume: dict[str, Any] | None = None, started: float
     if d.enabled and device.type == "cuda":
         device = torch.device("cuda", d.local_rank)  # one process per GPU
         torch.cuda.set_device(device)
-    precision = resolve_precision(cfg.precision, device)
+    resolve_precision(cfg.precision, device)  # an impossible precision fails before anything is loaded
     set_threads(cfg.threads)
-    info = model_info(cfg.arch)  # fails early on an unknown name
+    model_info(cfg.arch)  # fails early on an unknown name
     out = Path(cfg.out or f"runs/{cfg.arch}-{datetime.now():%Y%m%d-%H%M%S}")
     if resume is None and (rundir.has_checkpoint(out) or rundir.is_finished(out)):
         raise UserError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out")
     torch.manual_seed(cfg.seed)
     if resume is None:  # a resumed run's config is already resolved
         # Only an augmentation left to reslab needs a look at the images (a few hundred file headers).
-        cfg, chosen = resolve_inputs(cfg, info.family, typical_image_size(cfg.data) if cfg.augment is None else None)
+        family = model_info(cfg.arch).family
+        cfg, chosen = resolve_inputs(cfg, family, typical_image_size(cfg.data) if cfg.augment is None else None)
         if chosen and d.main:
             print(chosen, file=sys.stderr)
 
@@ -285,6 +295,10 @@ def setup(cfg: TrainConfig, resume: dict[str, Any] | None = None, started: float
             print(f"--batch-size {cfg.batch_size} is more than the {len(data.train)} training images: using "
                   f"{small}", file=sys.stderr)
         cfg = dataclasses.replace(cfg, batch_size=small)
+    cfg, precision, decision = _execution(cfg, device, d, len(data.classes), len(data.train))
+    if cfg.budget_rule and resume is None:
+        cfg, precision, decision = _apply_budget_rule(cfg, device, d, data, decision, clock)
+    info = model_info(cfg.arch)
     train_transform = BatchTransform(cfg.augment, True, cfg.input_size, data.mean, data.std, cfg.auto_augment,
                                      cfg.random_erasing)
     train_batches = Batches(data.train, train_transform,
@@ -315,8 +329,7 @@ def setup(cfg: TrainConfig, resume: dict[str, Any] | None = None, started: float
         sample = Batches(data.train, eval_transform, min(len(data.train), 5000), shuffle=True, drop_last=False,
                          seed=cfg.seed, device=device)
         model.init_whitening(next(iter(sample.epoch(0)))[0])
-    channels_last = cfg.channels_last if cfg.channels_last is not None else default_channels_last(device, precision)
-    if channels_last:
+    if cfg.channels_last if cfg.channels_last is not None else default_channels_last(device, precision):
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, param_groups(model, cfg.weight_decay, cfg.decay_bn_bias, cfg.bias_lr_scale,
                                                  cfg.head_lr_scale))
@@ -330,7 +343,8 @@ def setup(cfg: TrainConfig, resume: dict[str, Any] | None = None, started: float
 
     cfg.out = str(out)
     meta = {"arch": cfg.arch, "model_kwargs": cfg.model_kwargs, "classes": data.classes,
-            "input_size": cfg.input_size, "augment": cfg.augment, "tta": cfg.tta, "mean": list(data.mean),
+            "input_size": cfg.input_size, "augment": cfg.augment, "tta": cfg.tta,
+            "tta_fraction": cfg.tta_fraction, "mean": list(data.mean),
             "std": list(data.std), "family": info.family, "reslab_version": rundir.package_version(),
             "torch_version": str(torch.__version__),
             "pretrained": pretrained.source if pretrained else (resume or {}).get("meta", {}).get("pretrained")}
@@ -338,8 +352,8 @@ def setup(cfg: TrainConfig, resume: dict[str, Any] | None = None, started: float
         out.mkdir(parents=True, exist_ok=True)
         rundir.write_config(out, cfg.to_dict())
     run = Run(cfg, out, device, precision, d, data, train_batches, eval_batches, model, optimizer, scaler, meta,
-              hooks=_hooks(cfg, model, out), clock=clock, meter=EpochMeter(device),
-              total_steps=cfg.steps or max(1, round(cfg.epochs * len(train_batches))),
+              hooks=_hooks(cfg, model, out, decision), clock=clock, meter=EpochMeter(device),
+              total_steps=_total_steps(cfg, len(data.train)),
               loss_weight=_class_weights(data.train, len(data.classes), device) if cfg.balance == "loss" else None)
     if resume is not None:
         _restore(run, resume)
@@ -349,9 +363,85 @@ def setup(cfg: TrainConfig, resume: dict[str, Any] | None = None, started: float
     return run
 
 
-def _hooks(cfg: TrainConfig, model: nn.Module, out: Path) -> list[Hook]:
+def _total_steps(cfg: TrainConfig, train_images: int) -> int:
+    """The run's length in steps as configured (a time budget re-sizes it while training)."""
+    per_epoch = max(1, train_images // cfg.batch_size if cfg.drop_last else math.ceil(train_images / cfg.batch_size))
+    return cfg.steps or max(1, round(cfg.epochs * per_epoch))
+
+
+def _execution(cfg: TrainConfig, device: torch.device, d: distributed.Dist, num_classes: int,
+               train_images: int | None = None) -> tuple[TrainConfig, str, tune.Decision | None]:
+    """Threads, precision and memory format: what the config leaves open (None / auto) is measured on the CPU by a
+    short probe of the training step (``reslab.tune``) when the run is long enough to pay for it, or when a budget
+    rule needs the step time; else the static rules. A measured choice is written into the config (config.yaml), so
+    a resumed run keeps it. Under torchrun rank 0 measures and every rank takes its decision."""
+    open_ = cfg.threads is None or cfg.precision == "auto" or cfg.channels_last is None
+    long = cfg.time_budget or _total_steps(cfg, train_images or 0) >= tune.PROBE_MIN_STEPS
+    if not (cfg.budget_rule or (open_ and long and device.type == "cpu")):
+        return cfg, resolve_precision(cfg.precision, device), None
+    if device.type != "cpu":  # GPUs keep the static rules; a budget rule still needs the step time
+        precision = resolve_precision(cfg.precision, device)
+        channels_last = cfg.channels_last if cfg.channels_last is not None else default_channels_last(device,
+                                                                                                    precision)
+        choice = tune.Choice(torch.get_num_threads(), precision, channels_last)
+        measure = tune.step_timer(cfg.arch, cfg.model_kwargs, num_classes, cfg.batch_size, cfg.input_size, device)
+        return cfg, precision, tune.decide([choice], measure)
+    decision = None
+    if d.main:
+        decision = tune.choose(cfg.arch, cfg.model_kwargs, num_classes, cfg.batch_size, cfg.input_size,
+                               threads=cfg.threads, precision=None if cfg.precision == "auto" else cfg.precision,
+                               channels_last=cfg.channels_last)
+        print(decision.line(cfg.batch_size), file=sys.stderr)
+    chosen = decision.choice if decision else tune.Choice(1, "fp32", False)
+    threads = distributed.broadcast_int(chosen.threads, device)
+    precision = ("fp32", "bf16")[distributed.broadcast_int(int(chosen.precision == "bf16"), device)]
+    channels_last = bool(distributed.broadcast_int(int(chosen.channels_last), device))
+    torch.set_num_threads(threads)
+    cfg = dataclasses.replace(cfg, threads=threads, precision=precision, channels_last=channels_last)
+    return cfg, precision, decision
+
+
+# A training step of the loop costs more than the probe's bare step (augmentation, lookahead, the meter): measured
+# for resnet9s on the 2-core AVX512_BF16 EPYC, bf16, one thread (README, "The fast preset").
+LOOP_STEP_OVERHEAD = 1.1
+
+
+def _apply_budget_rule(cfg: TrainConfig, device: torch.device, d: distributed.Dist, data: DataBundle,
+                       decision: tune.Decision | None, clock: float) -> tuple[TrainConfig, str, tune.Decision | None]:
+    """The preset's choices for the epochs its own net gets in the time left (``config.BUDGET_RULES``), said in one
+    line; a changed net has its execution measured again."""
+    from .evaluate import tta_cost
+    from .hooks import EVAL_COST, size_to_budget
+
+    per_step = decision.seconds_per_step * LOOP_STEP_OVERHEAD if decision else None
+    epochs = None
+    if per_step is not None:
+        per_epoch = max(1, len(data.train) // cfg.batch_size)
+        eval_images = len(data.test) + (len(data.val) if data.val is not None else 0)
+        eval_seconds = eval_images * tta_cost(cfg.tta, cfg.tta_fraction) * per_step * EVAL_COST / cfg.batch_size
+        steps = size_to_budget(cfg.time_budget * 60, time.perf_counter() - clock, 0, per_step, eval_seconds)
+        epochs = distributed.broadcast_int(round(steps / per_epoch * 1000), device) / 1000
+    choices = budget_choices(cfg.budget_rule, epochs, cfg.budget_keep)
+    if d.main and epochs is not None:
+        said = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in choices.items()) or "its own choices"
+        print(f"{cfg.budget_rule} preset, {cfg.time_budget:g}-minute budget: ~{epochs:.1f} epochs of {cfg.arch} "
+              f"here, so {said}", file=sys.stderr)
+    if not choices:
+        return cfg, resolve_precision(cfg.precision, device), decision
+    cfg = dataclasses.replace(cfg, **choices)
+    if "arch" in choices:  # the new net's own execution choices, from what the user left open
+        reopened = dataclasses.replace(cfg, **{k: None for k in ("threads", "channels_last")
+                                               if k not in cfg.budget_keep},
+                                       precision=cfg.precision if "precision" in cfg.budget_keep else "auto")
+        return _execution(reopened, device, d, len(data.classes))
+    return cfg, resolve_precision(cfg.precision, device), decision
+
+
+def _hooks(cfg: TrainConfig, model: nn.Module, out: Path, decision: tune.Decision | None = None) -> list[Hook]:
     """The run's hooks, in the order they act after each step (the checkpointer last, so it saves their state)."""
     hooks: list[Hook] = []
+    if decision is not None:
+        hooks.append(SlowSteps(decision.seconds_per_step * LOOP_STEP_OVERHEAD))
     if cfg.freeze:
         hooks.append(FrozenBackbone())
     if cfg.lookahead:
@@ -500,7 +590,8 @@ def _end_epoch(run: Run) -> None:
         plain = run.eval_model()  # not the DDP wrapper: ranks score shards of different lengths
         distributed.sync_buffers(plain)
         for name, batches in run.eval_batches.items():
-            s = evaluate_batches(plain, batches, run.device, run.precision, len(run.data.classes), run.cfg.tta)
+            s = evaluate_batches(plain, batches, run.device, run.precision, len(run.data.classes), run.cfg.tta,
+                                 run.cfg.tta_fraction)
             metrics.update({f"{name}_loss": s.loss, f"{name}_acc": s.accuracy})
     metrics["wall_seconds"] = round(run.seconds(), 2)  # since process start
     run.last_metrics = metrics
@@ -512,9 +603,9 @@ def _end_epoch(run: Run) -> None:
 
 # Options that may change when a run is resumed: its length, evaluation, logging and where it runs. Everything
 # else (model, data, batch size, optimiser, augmentation, seed) defines the run and is refused.
-RESUME_OVERRIDES = frozenset({"epochs", "steps", "eval_every", "tta", "log_every", "tensorboard", "checkpoint_every",
-                              "device", "precision", "threads", "workers", "loader", "compile", "channels_last",
-                              "strict", "data_dir"})
+RESUME_OVERRIDES = frozenset({"epochs", "steps", "eval_every", "tta", "tta_fraction", "log_every", "tensorboard",
+                              "checkpoint_every", "device", "precision", "threads", "workers", "loader", "compile",
+                              "channels_last", "strict", "data_dir"})
 
 
 def resume_config(saved: dict[str, Any], overrides: dict[str, Any], run_dir: str | Path) -> TrainConfig:

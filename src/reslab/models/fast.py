@@ -6,10 +6,14 @@ named where it is built:
 
 - a 2x2 first convolution initialised to *whiten* image patches (``init_whitening``) and then frozen;
 - conv, then pool, then BatchNorm: the normalisation runs on a quarter of the pixels;
-- a global max-pool head and a fixed 1/9 scale on the logits, which makes large learning rates stable.
+- a global max-pool head and a fixed 1/9 scale on the logits, which makes large learning rates stable;
+- optionally (``stage_convs=2``, ``act="gelu"``) a second conv + BN in each stage instead of residual blocks, the
+  layout of the airbench94 record net (conv, pool, BN, GELU, conv, BN, GELU): the ``conv8`` variants. They are
+  plain nets (no shortcut), registered with ``residual=False``.
 
-Widths are data (``widths``, ``blocks``); the registered variants differ only in them. Layer names follow
-torchvision's ResNet (``conv1``, ``layer1..3``, ``fc``), and the residual units are ``resnet.BasicBlock``.
+Widths are data (``widths``, ``blocks``, ``stage_convs``, ``act``); the registered variants differ only in them.
+Layer names follow torchvision's ResNet (``conv1``, ``layer1..3``, ``fc``), and the residual units are
+``resnet.BasicBlock``.
 """
 
 from __future__ import annotations
@@ -26,18 +30,30 @@ from .resnet import BasicBlock, conv3x3
 WHITEN_KERNEL = 2
 
 
-class ConvPool(nn.Module):
-    """3x3 conv, 2x2 max-pool, BatchNorm, ReLU: one stage's change of width and resolution."""
+ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU}
 
-    def __init__(self, inplanes: int, planes: int) -> None:
+
+class ConvPool(nn.Module):
+    """3x3 conv, 2x2 max-pool, BatchNorm, activation: one stage's change of width and resolution; with ``convs=2``
+    a second 3x3 conv + BatchNorm + activation at the new resolution (``conv2``, ``bn2``)."""
+
+    def __init__(self, inplanes: int, planes: int, convs: int = 1, act: str = "relu") -> None:
         super().__init__()
+        if convs not in (1, 2) or act not in ACTIVATIONS:
+            raise ModelError(f"a stage has 1 or 2 convs and a relu or gelu activation, not {convs}, {act!r}")
         self.conv = conv3x3(inplanes, planes)
         self.pool = nn.MaxPool2d(2)
         self.bn = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = ACTIVATIONS[act]()  # named relu for the layer names of the ReLU variants' weights
+        if convs == 2:
+            self.conv2 = conv3x3(planes, planes)
+            self.bn2 = nn.BatchNorm2d(planes)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.relu(self.bn(self.pool(self.conv(x))))
+        x = self.relu(self.bn(self.pool(self.conv(x))))
+        if hasattr(self, "conv2"):
+            x = self.relu(self.bn2(self.conv2(x)))
+        return x
 
 
 class FastResNet(nn.Module):
@@ -46,22 +62,29 @@ class FastResNet(nn.Module):
     Args:
         widths: channels of each stage.
         blocks: residual blocks (two 3x3 convs each, identity shortcut) after each stage's ConvPool.
+        stage_convs: convolutions of each stage's ConvPool (1, or 2 for the airbench layout).
+        act: the activation of the stem and the ConvPools: relu, or gelu (airbench).
         num_classes: outputs of the final linear layer.
         logit_scale: fixed multiplier on the logits (1/9, as in the airbench trainers).
     """
 
     def __init__(self, widths: Sequence[int] = (64, 128, 256), blocks: Sequence[int] = (1, 0, 1),
-                 num_classes: int = 10, logit_scale: float = 1 / 9, in_channels: int = 3) -> None:
+                 num_classes: int = 10, logit_scale: float = 1 / 9, in_channels: int = 3,
+                 stage_convs: Sequence[int] | None = None, act: str = "relu") -> None:
         super().__init__()
-        if len(widths) != len(blocks):
-            raise ModelError(f"widths {tuple(widths)} and blocks {tuple(blocks)} must have the same length")
+        stage_convs = tuple(stage_convs or (1,) * len(widths))
+        if not len(widths) == len(blocks) == len(stage_convs):
+            raise ModelError(f"widths {tuple(widths)}, blocks {tuple(blocks)} and stage_convs {stage_convs} must "
+                             f"have the same length")
+        if act not in ACTIVATIONS:
+            raise ModelError(f"act must be one of {', '.join(ACTIVATIONS)}, got {act!r}")
         stem = 2 * in_channels * WHITEN_KERNEL**2  # each whitening filter and its negative
         self.conv1 = nn.Conv2d(in_channels, stem, kernel_size=WHITEN_KERNEL, padding=0, bias=True)
         self.conv1.weight.requires_grad_(False)  # set from the data by init_whitening, never trained
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = ACTIVATIONS[act]()
         inplanes = stem
-        for i, (width, n) in enumerate(zip(widths, blocks)):
-            layer = [ConvPool(inplanes, width)] + [BasicBlock(width, width) for _ in range(n)]
+        for i, (width, n, convs) in enumerate(zip(widths, blocks, stage_convs)):
+            layer = [ConvPool(inplanes, width, convs, act)] + [BasicBlock(width, width) for _ in range(n)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*layer))
             inplanes = width
         self.num_stages = len(widths)
@@ -119,23 +142,27 @@ class FastResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-FAST_VARIANTS = {
-    # name: (widths, blocks). Depth counts weighted layers: stem + one conv per stage + two per block + fc.
-    "resnet9": ((64, 128, 256), (1, 0, 1)),
-    "resnet9s": ((32, 64, 128), (1, 0, 1)),
-    "resnet9m": ((32, 128, 128), (1, 0, 1)),  # the width of public ablations' 92 %-in-10-epochs net (issue 17)
-    "resnet11m": ((32, 128, 128), (1, 1, 1)),  # and a residual block in the middle stage too (issue 17 pilot)
+FAST_VARIANTS: dict[str, dict] = {
+    # name: FastResNet's arguments. Depth counts weighted layers: stem + the stages' convs + two per block + fc.
+    "resnet9": dict(widths=(64, 128, 256), blocks=(1, 0, 1)),
+    "resnet9s": dict(widths=(32, 64, 128), blocks=(1, 0, 1)),
+    "resnet9m": dict(widths=(32, 128, 128), blocks=(1, 0, 1)),  # the width of public ablations' 92 %-in-10-epochs net
+    "resnet11m": dict(widths=(32, 128, 128), blocks=(1, 1, 1)),  # ... with a residual block in the middle stage too
+    # Two convs per stage, GELU, no shortcut: airbench94's layout at its half (32/128/128) and full width.
+    "conv8m": dict(widths=(32, 128, 128), blocks=(0, 0, 0), stage_convs=(2, 2, 2), act="gelu"),
+    "conv8": dict(widths=(64, 256, 256), blocks=(0, 0, 0), stage_convs=(2, 2, 2), act="gelu"),
 }
 
 
-def _fast_builder(widths: tuple[int, ...], blocks: tuple[int, ...]):
+def _fast_builder(spec: dict):
     def build(*, num_classes: int = 10, **kwargs) -> FastResNet:
-        return FastResNet(widths, blocks, num_classes=num_classes, **kwargs)
+        return FastResNet(**spec, num_classes=num_classes, **kwargs)
 
-    build.__doc__ = f"Fast residual net (widths {widths}, residual blocks {blocks}) for --preset fast."
+    build.__doc__ = f"Fast net ({', '.join(f'{k} {v}' for k, v in spec.items())}) for --preset fast."
     return build
 
 
-for _name, (_widths, _blocks) in FAST_VARIANTS.items():
-    register_model(_name, input_size=32, family="fast", residual=True, depth=2 + len(_widths) + 2 * sum(_blocks))(
-        _fast_builder(_widths, _blocks))
+for _name, _spec in FAST_VARIANTS.items():
+    _convs = sum(_spec.get("stage_convs", (1,) * len(_spec["widths"])))
+    register_model(_name, input_size=32, family="fast", residual=sum(_spec["blocks"]) > 0,
+                   depth=2 + _convs + 2 * sum(_spec["blocks"]))(_fast_builder(_spec))
