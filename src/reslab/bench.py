@@ -20,6 +20,7 @@ from .data.loader import _FileDataset
 from .distributed import synchronize
 from .errors import UserError
 from .models import count_macs, create_model
+from .optim import SGD
 from .runtime import autocast, default_channels_last, resolve_device, resolve_precision, set_threads
 
 
@@ -76,7 +77,7 @@ def _model(cfg, num_classes: int, device, channels_last: bool, compile: bool):
     model = create_model(cfg.arch, num_classes=num_classes, **cfg.model_kwargs).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    opt = SGD(list(model.parameters()), lr=1e-3, momentum=0.9)  # the optimizer training uses
     return (torch.compile(model) if compile else model), opt
 
 
@@ -197,3 +198,42 @@ def _seed_pipeline(cfg, split: Split, mean, std, warmup: int, steps: int, device
             return to_device(loader)
 
     return _time_steps(step, _Loader(), warmup, steps, device)
+
+
+@dataclass
+class TuneRow:
+    """One execution choice of ``reslab bench --tune``: its training step measured, against its GEMM roof."""
+
+    threads: int
+    precision: str
+    channels_last: bool
+    images_per_sec: float
+    gflops_per_sec: float
+    roof_gflops_per_sec: float
+    roof_fraction: float
+    chosen: bool  # what the start-up probe of a training run picks (its two-stage search, same measurements)
+
+
+def tune_table(arch: str | None = None, preset: str = "fast", batch_size: int = 256) -> list[TuneRow]:
+    """Every execution choice for training ``arch`` on this CPU (threads 1 or all cores, fp32 or native bf16, either
+    layout), measured by ``reslab.tune``'s step timer, fastest first, with the fraction of each one's GEMM roof."""
+    from . import tune
+    from .runtime import cpu_has_bf16, usable_cores
+
+    cfg = make_config(preset, **({"arch": arch} if arch else {}), batch_size=batch_size)
+    measure = tune.step_timer(cfg.arch, cfg.model_kwargs, 10, batch_size, cfg.input_size)
+    options = tune.candidates(usable_cores(), cpu_has_bf16())
+    seconds = {c: measure(c) for c in options}
+    picked = tune.decide(options, seconds.__getitem__).choice
+    macs = count_macs(create_model(cfg.arch, num_classes=10, **cfg.model_kwargs), cfg.input_size)
+    roofs = {}
+    rows = []
+    for c, s in sorted(seconds.items(), key=lambda kv: kv[1]):
+        if (c.threads, c.precision) not in roofs:
+            torch.set_num_threads(c.threads)
+            roofs[c.threads, c.precision] = gemm_roof(torch.device("cpu"), c.precision)
+        gflops = 3 * 2 * macs * batch_size / s / 1e9
+        roof = roofs[c.threads, c.precision]
+        rows.append(TuneRow(c.threads, c.precision, c.channels_last, round(batch_size / s, 1), round(gflops, 1),
+                            round(roof, 1), round(gflops / roof, 3), c == picked))
+    return rows

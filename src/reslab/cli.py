@@ -152,7 +152,7 @@ def predict_cmd(model: str, inputs: list[str], topk: int = 5, arch: Optional[str
 def bench_cmd(arch: Optional[str] = None, preset: str = "seed", data: Optional[str] = None, batch_size: int = 128,
               steps: int = 20, warmup: int = 3, baseline: bool = False, device: str = "auto",
               precision: str = "auto", channels_last: Optional[bool] = None, compile: bool = False,
-              threads: Optional[int] = None, json: bool = False) -> None:
+              threads: Optional[int] = None, tune: bool = False, json: bool = False) -> None:
     """Training images/s of the whole step, achieved GFLOP/s against a measured GEMM roof, and the seed's pipeline.
 
     Args:
@@ -168,9 +168,24 @@ def bench_cmd(arch: Optional[str] = None, preset: str = "seed", data: Optional[s
         channels_last: channels-last memory format (default: by device and precision).
         compile: torch.compile the model.
         threads: CPU threads (default: the usable cores).
+        tune: instead, time the training step under every execution choice on this CPU (threads, precision,
+            layout) as a training run's start-up probe does, and print the table with the probe's pick.
         json: print one JSON object on stdout.
     """
-    from .bench import bench
+    from .bench import bench, tune_table
+
+    if tune:
+        rows = tune_table(arch, preset, batch_size)
+        if json:
+            for row in rows:
+                _print_json(row)
+            return
+        print(f"{'threads':>7} {'precision':>9} {'layout':>13} {'img/s':>9} {'GFLOP/s':>8} {'roof':>7} {'of roof':>7}")
+        for row in rows:
+            print(f"{row.threads:>7} {row.precision:>9} {'channels-last' if row.channels_last else 'NCHW':>13} "
+                  f"{row.images_per_sec:>9,.0f} {row.gflops_per_sec:>8.0f} {row.roof_gflops_per_sec:>7.0f} "
+                  f"{row.roof_fraction:>7.0%}{'  <- the probe picks this' if row.chosen else ''}")
+        return
 
     r = bench(arch=arch, preset=preset, data=data, batch_size=batch_size, steps=steps, warmup=warmup,
               baseline=baseline, device=device, precision=precision, channels_last=channels_last, compile=compile,

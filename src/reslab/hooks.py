@@ -183,7 +183,8 @@ class WhiteningBiasWindow(Hook):
 BUDGET_MEASURE = (3, 8)  # time steps 3..10 (after the first, slow ones) to size a --time-budget run
 BUDGET_RESERVE = 0.03  # keep 3 % of the budget for the unexpected (checkpoint writes, a slower stretch)
 BUDGET_END_SECONDS = 2.0  # saving the model and leaving the process, after the final evaluation
-EVAL_COST = 0.25  # an image's evaluation costs about a quarter of its training step (4.2x measured on the 2-core CPU)
+EVAL_COST = 0.25  # an image's evaluation costs about a quarter of its training step (4.2x measured on the 2-core CPU,
+# fp32); a run whose execution was probed uses the probe's measured ratio instead (higher in bf16: ~0.35 here)
 
 
 def size_to_budget(budget_seconds: float, elapsed: float, step: int, seconds_per_step: float,
@@ -213,8 +214,10 @@ class TimeBudget(Hook):
 
     name = "time_budget"
 
-    def __init__(self, minutes: float, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, minutes: float, clock: Callable[[], float] = time.perf_counter,
+                 eval_cost: float | None = None) -> None:
         self.budget, self.clock = minutes * 60, clock
+        self.eval_cost = eval_cost or EVAL_COST  # an image's evaluation over its training step
         self.total: int | None = None  # the decided length, once sized
         self.start_step, self.measure_start = 0, 0.0
 
@@ -237,7 +240,7 @@ class TimeBudget(Hook):
             per_step = (self.clock() - self.measure_start) / (done - first)
             eval_images = sum(len(b.split) for b in run.eval_batches.values())
             views = tta_cost(run.cfg.tta, run.cfg.tta_fraction)
-            eval_seconds = eval_images * views * per_step * EVAL_COST / run.cfg.batch_size
+            eval_seconds = eval_images * views * per_step * self.eval_cost / run.cfg.batch_size
             warmup_steps = math.ceil(run.cfg.warmup * len(run.train_batches)) + 1
             total = size_to_budget(self.budget, self.clock() - run.clock, run.step, per_step, eval_seconds,
                                    warmup_steps)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from .hooks import (
 from .models import create_model, model_info
 from .optim import SGD, Chain, Muon
 from .pretrained import apply_pretrained, load_pretrained
-from .runtime import autocast, default_channels_last, resolve_device, resolve_precision, set_threads
+from .runtime import autocast, default_channels_last, resolve_device, resolve_precision, set_threads, usable_cores
 
 # --- the learning rate: a pure function of the step ---------------------------------------------------------------
 
@@ -385,12 +386,15 @@ def _execution(cfg: TrainConfig, device: torch.device, d: distributed.Dist, num_
                                                                                                     precision)
         choice = tune.Choice(torch.get_num_threads(), precision, channels_last)
         measure = tune.step_timer(cfg.arch, cfg.model_kwargs, num_classes, cfg.batch_size, cfg.input_size, device)
-        return cfg, precision, tune.decide([choice], measure)
+        decision = tune.decide([choice], measure)
+        decision.eval_cost = measure.eval_costs.get(choice)
+        return cfg, precision, decision
     decision = None
     if d.main:
+        share = max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # torchrun's processes here
         decision = tune.choose(cfg.arch, cfg.model_kwargs, num_classes, cfg.batch_size, cfg.input_size,
                                threads=cfg.threads, precision=None if cfg.precision == "auto" else cfg.precision,
-                               channels_last=cfg.channels_last)
+                               channels_last=cfg.channels_last, cores=share)
         print(decision.line(cfg.batch_size), file=sys.stderr)
     chosen = decision.choice if decision else tune.Choice(1, "fp32", False)
     threads = distributed.broadcast_int(chosen.threads, device)
@@ -418,7 +422,8 @@ def _apply_budget_rule(cfg: TrainConfig, device: torch.device, d: distributed.Di
     if per_step is not None:
         per_epoch = max(1, len(data.train) // cfg.batch_size)
         eval_images = len(data.test) + (len(data.val) if data.val is not None else 0)
-        eval_seconds = eval_images * tta_cost(cfg.tta, cfg.tta_fraction) * per_step * EVAL_COST / cfg.batch_size
+        eval_cost = decision.eval_cost or EVAL_COST
+        eval_seconds = eval_images * tta_cost(cfg.tta, cfg.tta_fraction) * per_step * eval_cost / cfg.batch_size
         steps = size_to_budget(cfg.time_budget * 60, time.perf_counter() - clock, 0, per_step, eval_seconds)
         epochs = distributed.broadcast_int(round(steps / per_epoch * 1000), device) / 1000
     choices = budget_choices(cfg.budget_rule, epochs, cfg.budget_keep)
@@ -453,8 +458,8 @@ def _hooks(cfg: TrainConfig, model: nn.Module, out: Path, decision: tune.Decisio
         hooks.append(WhiteningBiasWindow(cfg.whiten_bias_epochs))
     if cfg.ema:
         hooks.append(WeightEma(model, cfg.ema))
-    if cfg.time_budget:
-        hooks.append(TimeBudget(cfg.time_budget))
+    if cfg.time_budget:  # the evaluation's cost as measured by the probe, where it ran
+        hooks.append(TimeBudget(cfg.time_budget, eval_cost=decision.eval_cost if decision else None))
     if cfg.accuracy_marks:
         hooks.append(AccuracyMarks(cfg.accuracy_marks, out))
     return [*hooks, ProgressLog(cfg.log_every), StopOnSignal(), MetricsLog(out, cfg.tensorboard),

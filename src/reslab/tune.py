@@ -51,6 +51,7 @@ class Decision:
     choice: Choice
     seconds: dict[Choice, float] = field(default_factory=dict)
     source: str = "probe"  # probe | cache (re-checked)
+    eval_cost: float | None = None  # an image's evaluation forward pass over its training step, where measured
 
     @property
     def seconds_per_step(self) -> float:
@@ -113,7 +114,8 @@ def step_timer(arch: str, model_kwargs: dict, num_classes: int, batch_size: int,
                device: torch.device | None = None,
                clock: Callable[[], float] = time.perf_counter) -> Callable[[Choice], float]:
     """A ``measure`` function: seconds per training step (forward, loss, backward, SGD update) of a fresh ``arch``
-    on random data under a candidate choice. Runs under a forked RNG, so the run's own seeds are untouched."""
+    on random data under a candidate choice. Runs under a forked RNG, so the run's own seeds are untouched. It also
+    times one evaluation forward pass of the batch and keeps its ratio to the step in ``measure.eval_costs``."""
     from .distributed import synchronize
     from .models import create_model
     from .optim import SGD
@@ -142,8 +144,18 @@ def step_timer(arch: str, model_kwargs: dict, num_classes: int, batch_size: int,
                 loss.backward()
                 opt.step()
             synchronize(device)
-            return (clock() - t0) / PROBE_STEPS
+            seconds = (clock() - t0) / PROBE_STEPS
+            model.eval()
+            with torch.no_grad(), autocast(device, choice.precision):
+                model(x)  # the first eval-mode pass builds its kernels
+                synchronize(device)
+                t0 = clock()
+                model(x)
+                synchronize(device)
+            measure.eval_costs[choice] = (clock() - t0) / seconds
+            return seconds
 
+    measure.eval_costs = {}  # type: ignore[attr-defined]
     return measure
 
 
@@ -201,10 +213,11 @@ def write_cache(key: str, decision: Decision) -> None:
 
 def choose(arch: str, model_kwargs: dict, num_classes: int, batch_size: int, image_size: int, *,
            threads: int | None, precision: str | None, channels_last: bool | None,
-           measure: Callable[[Choice], float] | None = None) -> Decision:
+           measure: Callable[[Choice], float] | None = None, cores: int | None = None) -> Decision:
     """Decide what ``threads``/``precision``/``channels_last`` leave open (None) for training ``arch`` on this CPU:
-    from the cache, re-checked, or by a full probe; the decision is cached. The chosen thread count is set."""
-    cores = usable_cores()
+    from the cache, re-checked, or by a full probe; the decision is cached. The chosen thread count is set.
+    ``cores``: the cores this process may use (default: all it may run on; under torchrun, its share)."""
+    cores = cores or usable_cores()
     options = candidates(cores, cpu_has_bf16(), threads, precision, channels_last)
     measure = measure or step_timer(arch, model_kwargs, num_classes, batch_size, image_size)
     fixed = (threads, precision, channels_last)
@@ -215,5 +228,6 @@ def choose(arch: str, model_kwargs: dict, num_classes: int, batch_size: int, ima
     else:
         decision = decide(options, measure)
     write_cache(key, decision)
+    decision.eval_cost = getattr(measure, "eval_costs", {}).get(decision.choice)
     torch.set_num_threads(decision.choice.threads)
     return decision
