@@ -113,7 +113,9 @@ def test_compare_budgets_writes_the_frontier(folder, tmp_path, cli):
     assert row["seeds"] == 2 and row["mean"] == pytest.approx(sum(accs) / 2) and row["min"] == min(accs)
     report = (out / "report.md").read_text()
     chosen = rundir.read_config(out / "0.15min-seed0")  # what the budget rule picked for that many epochs
-    assert "Accuracy against time budget" in report and f"| 0.15 | {chosen['arch']} | {chosen['tta']} | 2 |" in report
+    model = chosen["arch"] + (" + Muon" if chosen["optimizer"] == "muon" else "")
+    tta = chosen["tta"] + ("" if chosen["tta_fraction"] == 1 else f"@{chosen['tta_fraction']:g}")
+    assert "Accuracy against time budget" in report and f"| 0.15 | {model} | {tta} | 2 |" in report
     assert (out / "frontier.png").stat().st_size > 0 and "budget min" in stdout
 
 
@@ -161,16 +163,21 @@ def test_the_whitening_bias_trains_for_its_epochs_then_holds(tmp_path, folder):
 def test_the_fast_preset_picks_its_net_and_tta_from_the_epochs_its_budget_buys(folder, tmp_path, cli, monkeypatch):
     from reslab import config, tune
 
-    # The real rule, keyed on epochs of the preset's own net: few epochs keep its choices; more buy the 6-view TTA,
-    # then the wider net; an explicit option always wins; a --config file switches the rule off.
-    assert config.budget_choices("fast", 3.0) == {} and config.budget_choices("fast", None) == {}
-    (tta_at, tta), (arch_at, arch) = config.BUDGET_RULES["fast"]
-    assert config.budget_choices("fast", tta_at) == tta and config.budget_choices("fast", arch_at) == {**tta, **arch}
-    assert config.budget_choices("fast", 100, keep={"arch"}) == tta
+    # The real rule, keyed on epochs of the preset's own net: the fewest epochs keep its choices; more buy the
+    # two-conv net with Muon and partial TTA, then full TTA; an explicit option always wins (with the options that
+    # go with it); a --config file switches the rule off.
+    rules = config.BUDGET_RULES["fast"]
+    assert config.budget_choices("fast", rules[0][0] - 0.01) == {} and config.budget_choices("fast", None) == {}
+    for at_least, values in rules:
+        assert values.items() <= config.budget_choices("fast", at_least).items()
+    assert config.budget_choices("fast", 100)["arch"] == "conv8m"
+    assert "arch" not in config.budget_choices("fast", 100, keep={"arch"})
     assert config.budget_choices("fast", 100, keep={"config"}) == {}
     cfg = make_config("fast", time_budget=5)
     assert (cfg.arch, cfg.budget_rule, cfg.budget_keep) == ("resnet9s", "fast", [])  # decided when the run starts
-    assert make_config("fast", time_budget=5, arch="resnet9s").budget_keep == ["arch"]
+    assert make_config("fast", time_budget=5, arch="resnet9s").budget_keep == ["arch", "optimizer",
+                                                                              "whiten_bias_epochs"]
+    assert make_config("fast", time_budget=5, tta="flip").budget_keep == ["tta", "tta_fraction"]
     assert make_config("fast").budget_rule is None
 
     # The mechanism end to end on tiny data, with a step time fixed at 10 ms so that a 3-second budget buys ~10-20

@@ -73,7 +73,8 @@ def _variants(base: TrainConfig, archs: list[str], schedules: list[str], budgets
 def _summary_row(name: str, group: str, cfg: TrainConfig, run: Path) -> dict[str, Any]:
     rows = rundir.read_metrics(run)
     saved = rundir.read_config(run) or {}
-    cfg = dataclasses.replace(cfg, **{k: saved[k] for k in ("arch", "tta") if k in saved})  # a budget rule's choice
+    # What a budget rule chose for the run, from its saved config.
+    cfg = dataclasses.replace(cfg, **{k: saved[k] for k in ("arch", "tta", "tta_fraction", "optimizer") if k in saved})
     info = model_info(cfg.arch)
     classes = rundir.read_model_meta(run).get("classes") or range(10)
     model = create_model(cfg.arch, num_classes=len(classes), **cfg.model_kwargs)
@@ -86,7 +87,8 @@ def _summary_row(name: str, group: str, cfg: TrainConfig, run: Path) -> dict[str
             "final_test_error": 1 - test[-1] if test else None, "best_test_error": 1 - max(test) if test else None,
             "final_train_error": 1 - last["train_acc"] if last else None,
             "final_train_loss": last.get("train_loss"), "wall_seconds": round(sum(r["seconds"] for r in rows), 1),
-            "time_budget": cfg.time_budget, "tta": cfg.tta, "seed": cfg.seed,
+            "time_budget": cfg.time_budget, "seed": cfg.seed, "optimizer": cfg.optimizer,
+            "tta": cfg.tta if cfg.tta_fraction == 1 else f"{cfg.tta}@{cfg.tta_fraction:g}",
             "final_test_acc": test[-1] if test else None, "seconds_to_result": last.get("wall_seconds"),
             "accuracy_marks": rundir.read_marks(run), "run": str(run)}
 
@@ -114,7 +116,8 @@ def frontier(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             times = [r["accuracy_marks"][mark]["seconds"] for r in runs
                      if (r["accuracy_marks"].get(mark) or {}).get("seconds") is not None]
             marks[mark] = {"reached": len(times), "median_seconds": statistics.median(times) if times else None}
-        table.append({"time_budget": budget, "arch": "/".join(sorted({r["arch"] for r in runs})),
+        models = {r["arch"] + (" + Muon" if r.get("optimizer") == "muon" else "") for r in runs}
+        table.append({"time_budget": budget, "arch": "/".join(sorted(models)),
                       "tta": "/".join(sorted({r["tta"] for r in runs})), "seeds": len(accs), **_stats(accs),
                       "mean_seconds_to_result": statistics.fmean(r["seconds_to_result"] or 0 for r in runs),
                       "marks": marks})

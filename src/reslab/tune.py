@@ -27,6 +27,7 @@ from .runtime import autocast, cpu_has_bf16, usable_cores
 
 PROBE_MIN_STEPS = 200  # a shorter run does not pay for a ~5 s probe: it keeps the static defaults
 PROBE_STEPS, PROBE_WARMUP = 2, 1  # timed and untimed steps per candidate (the first step builds oneDNN kernels)
+PROBE_GIVE_UP = 2.0  # a candidate whose untimed first step is this much slower than the best step so far has lost
 RECHECK_SLOWER = 1.3  # a re-check this much slower than the cached rate probes everything again
 CACHE_FILE = "tune.json"
 
@@ -115,7 +116,9 @@ def step_timer(arch: str, model_kwargs: dict, num_classes: int, batch_size: int,
                clock: Callable[[], float] = time.perf_counter) -> Callable[[Choice], float]:
     """A ``measure`` function: seconds per training step (forward, loss, backward, SGD update) of a fresh ``arch``
     on random data under a candidate choice. Runs under a forked RNG, so the run's own seeds are untouched. It also
-    times one evaluation forward pass of the batch and keeps its ratio to the step in ``measure.eval_costs``."""
+    times one evaluation forward pass of the batch and keeps its ratio to the step in ``measure.eval_costs``. A
+    candidate whose untimed first step is already ``PROBE_GIVE_UP`` times the best step so far is not timed further
+    (the first step's time is returned: it has lost), which keeps a probe on a busy machine short."""
     from .distributed import synchronize
     from .models import create_model
     from .optim import SGD
@@ -133,10 +136,12 @@ def step_timer(arch: str, model_kwargs: dict, num_classes: int, batch_size: int,
             opt = SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
             x = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(memory_format=fmt)
             y = torch.randint(0, num_classes, (batch_size,), device=device)
-            t0 = 0.0
+            t0 = clock()
             for i in range(PROBE_WARMUP + PROBE_STEPS):
                 if i == PROBE_WARMUP:
                     synchronize(device)
+                    if clock() - t0 > PROBE_GIVE_UP * measure.best:  # cannot win: its first step says so
+                        return clock() - t0
                     t0 = clock()
                 with autocast(device, choice.precision):
                     loss = F.cross_entropy(model(x), y)
@@ -145,6 +150,7 @@ def step_timer(arch: str, model_kwargs: dict, num_classes: int, batch_size: int,
                 opt.step()
             synchronize(device)
             seconds = (clock() - t0) / PROBE_STEPS
+            measure.best = min(measure.best, seconds)
             model.eval()
             with torch.no_grad(), autocast(device, choice.precision):
                 model(x)  # the first eval-mode pass builds its kernels
@@ -156,6 +162,7 @@ def step_timer(arch: str, model_kwargs: dict, num_classes: int, batch_size: int,
             return seconds
 
     measure.eval_costs = {}  # type: ignore[attr-defined]
+    measure.best = float("inf")  # type: ignore[attr-defined]
     return measure
 
 
