@@ -184,7 +184,14 @@ BUDGET_MEASURE = (3, 8)  # time steps 3..10 (after the first, slow ones) to size
 BUDGET_RESERVE = 0.03  # keep 3 % of the budget for the unexpected (checkpoint writes, a slower stretch)
 BUDGET_END_SECONDS = 2.0  # saving the model and leaving the process, after the final evaluation
 EVAL_COST = 0.25  # an image's evaluation costs about a quarter of its training step (4.2x measured on the 2-core CPU,
-# fp32); a run whose execution was probed uses the probe's measured ratio instead (higher in bf16: ~0.35 here)
+# fp32); a run whose execution was probed uses the probe's measured ratio instead (~0.18 in bf16 for conv8m here)
+
+
+def eval_seconds(eval_images: int, cfg: Any, seconds_per_step: float, eval_cost: float = EVAL_COST) -> float:
+    """Expected seconds of the final evaluation: every view of every image (``cfg.tta``, ``cfg.tta_fraction``) at
+    ``eval_cost`` of a training image's share of the step."""
+    views = tta_cost(cfg.tta, cfg.tta_fraction)
+    return eval_images * views * seconds_per_step * eval_cost / cfg.batch_size
 
 
 def size_to_budget(budget_seconds: float, elapsed: float, step: int, seconds_per_step: float,
@@ -239,11 +246,9 @@ class TimeBudget(Hook):
             distributed.synchronize(run.device)
             per_step = (self.clock() - self.measure_start) / (done - first)
             eval_images = sum(len(b.split) for b in run.eval_batches.values())
-            views = tta_cost(run.cfg.tta, run.cfg.tta_fraction)
-            eval_seconds = eval_images * views * per_step * self.eval_cost / run.cfg.batch_size
             warmup_steps = math.ceil(run.cfg.warmup * len(run.train_batches)) + 1
-            total = size_to_budget(self.budget, self.clock() - run.clock, run.step, per_step, eval_seconds,
-                                   warmup_steps)
+            total = size_to_budget(self.budget, self.clock() - run.clock, run.step, per_step,
+                                   eval_seconds(eval_images, run.cfg, per_step, self.eval_cost), warmup_steps)
             self.total = run.total_steps = distributed.broadcast_int(total, run.device)
             if done == window and run.dist.main:
                 print(f"time budget {self.budget / 60:g} min: {per_step:.3f} s per step measured, so {self.total} "

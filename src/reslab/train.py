@@ -386,9 +386,7 @@ def _execution(cfg: TrainConfig, device: torch.device, d: distributed.Dist, num_
                                                                                                     precision)
         choice = tune.Choice(torch.get_num_threads(), precision, channels_last)
         measure = tune.step_timer(cfg.arch, cfg.model_kwargs, num_classes, cfg.batch_size, cfg.input_size, device)
-        decision = tune.decide([choice], measure)
-        decision.eval_cost = measure.eval_costs.get(choice)
-        return cfg, precision, decision
+        return cfg, precision, tune.decide([choice], measure)
     decision = None
     if d.main:
         share = max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # torchrun's processes here
@@ -414,17 +412,15 @@ def _apply_budget_rule(cfg: TrainConfig, device: torch.device, d: distributed.Di
                        decision: tune.Decision | None, clock: float) -> tuple[TrainConfig, str, tune.Decision | None]:
     """The preset's choices for the epochs its own net gets in the time left (``config.BUDGET_RULES``), said in one
     line; a changed net has its execution measured again."""
-    from .evaluate import tta_cost
-    from .hooks import EVAL_COST, size_to_budget
+    from .hooks import EVAL_COST, eval_seconds, size_to_budget
 
     per_step = decision.seconds_per_step * LOOP_STEP_OVERHEAD if decision else None
     epochs = None
     if per_step is not None:
         per_epoch = max(1, len(data.train) // cfg.batch_size)
         eval_images = len(data.test) + (len(data.val) if data.val is not None else 0)
-        eval_cost = decision.eval_cost or EVAL_COST
-        eval_seconds = eval_images * tta_cost(cfg.tta, cfg.tta_fraction) * per_step * eval_cost / cfg.batch_size
-        steps = size_to_budget(cfg.time_budget * 60, time.perf_counter() - clock, 0, per_step, eval_seconds)
+        evaluation = eval_seconds(eval_images, cfg, per_step, decision.eval_cost or EVAL_COST)
+        steps = size_to_budget(cfg.time_budget * 60, time.perf_counter() - clock, 0, per_step, evaluation)
         epochs = distributed.broadcast_int(round(steps / per_epoch * 1000), device) / 1000
     choices = budget_choices(cfg.budget_rule, epochs, cfg.budget_keep)
     if d.main and epochs is not None:

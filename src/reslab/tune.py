@@ -95,7 +95,13 @@ def decide(options: Sequence[Choice], measure: Callable[[Choice], float]) -> Dec
     for c in options:
         if c.threads != most and (c.precision, c.channels_last) == (lead.precision, lead.channels_last):
             seconds[c] = measure(c)
-    return Decision(min(seconds, key=seconds.get), seconds)
+    return _decision(seconds, measure, "probe")
+
+
+def _decision(seconds: dict[Choice, float], measure: Callable[[Choice], float], source: str) -> Decision:
+    """The fastest of the timed choices, with its evaluation cost where ``measure`` recorded one."""
+    best = min(seconds, key=seconds.get)
+    return Decision(best, seconds, source, getattr(measure, "eval_costs", {}).get(best))
 
 
 def recheck(cached: Choice, cached_seconds: float, options: Sequence[Choice],
@@ -108,7 +114,7 @@ def recheck(cached: Choice, cached_seconds: float, options: Sequence[Choice],
     for c in options:
         if c.threads != cached.threads and (c.precision, c.channels_last) == (cached.precision, cached.channels_last):
             seconds[c] = measure(c)
-    return Decision(min(seconds, key=seconds.get), seconds, source="cache")
+    return _decision(seconds, measure, "cache")
 
 
 def step_timer(arch: str, model_kwargs: dict, num_classes: int, batch_size: int, image_size: int,
@@ -235,6 +241,5 @@ def choose(arch: str, model_kwargs: dict, num_classes: int, batch_size: int, ima
     else:
         decision = decide(options, measure)
     write_cache(key, decision)
-    decision.eval_cost = getattr(measure, "eval_costs", {}).get(decision.choice)
     torch.set_num_threads(decision.choice.threads)
     return decision
