@@ -275,7 +275,10 @@ def cache_cmd(clear: bool = False, json: bool = False) -> None:
     from .data.cache import FORMAT, cache_dir, clear_cache, list_cache
 
     if clear:
-        files, freed = clear_cache()
+        try:
+            files, freed = clear_cache()
+        except OSError as exc:
+            raise UserError(f"cannot clear the decode cache {cache_dir()}: {exc.strerror or exc}") from None
         print(f"removed {files} files ({freed / 2**20:.1f} MiB) from {cache_dir()}")
         return
     entries = list_cache()
@@ -283,8 +286,16 @@ def cache_cmd(clear: bool = False, json: bool = False) -> None:
         for e in entries:
             _print_json(e)
         return
-    print(f"{cache_dir()}: {len(entries)} entries, {sum(e.bytes for e in entries) / 2**20:.1f} MiB")
+    complete = [e for e in entries if e.writer is None]
+    print(f"{cache_dir()}: {len(complete)} entries, {sum(e.bytes for e in complete) / 2**20:.1f} MiB"
+          + (f"; {len(entries) - len(complete)} partial files, {sum(e.bytes for e in entries if e.writer) / 2**20:.1f}"
+             f" MiB" if len(complete) < len(entries) else ""))
     for e in entries:
+        if e.writer is not None:
+            state = "being written by" if e.writer_alive else "left by a killed writer,"
+            print(f"  {e.modified}  {e.bytes / 2**20:8.1f} MiB  partial: {state} PID {e.writer}"
+                  + ("" if e.writer_alive else " (--clear frees it)") + f"  {Path(e.file).name}")
+            continue
         what = f"{e.images} images at {e.store_size or 'native'} px" if e.images is not None else "(no record)"
         what += "" if e.format == FORMAT else f" (format {e.format} of an older reslab: never read; --clear frees it)"
         print(f"  {e.modified}  {e.bytes / 2**20:8.1f} MiB  {what}  {e.source or Path(e.file).name}")

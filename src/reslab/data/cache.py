@@ -9,17 +9,21 @@ settings:
 
 An entry is written to temporary files, flushed and renamed, the ``.json`` last: an entry with a ``.json`` is
 complete. A reader checks the format and that the ``.u8`` has exactly the size the ``.json`` states, so a truncated
-or foreign file is decoded again, never used. ``<key>.lock`` (an advisory lock, released by the OS when its holder
-dies) makes a second process wait for the first one's decode instead of doing it again.
+or foreign file is decoded again, never used. ``<key>.lock`` (a lock owned by the live process that
+decodes, see ``reslab.locks``) makes a second process wait for the first one's decode instead of doing it again; the
+temporary files of a writer that was killed are removed by the next one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import sys
+import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,13 +31,15 @@ from pathlib import Path
 
 import numpy as np
 
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; concurrent runs may decode twice, atomic renames keep it correct
-    fcntl = None
+from ..locks import ProcessLock, pid_alive
 
-FORMAT = 3  # 1-2: one .npz per entry (reslab 0.1); 3: raw .u8 rows + .json
+FORMAT = 4  # 1-2: one .npz per entry (reslab 0.1); 3: raw .u8 rows + .json; 4: with checksums
+CRC_BLOCK = 64 * 2**20  # bytes of pixels per crc32 (~3 GB/s here: 50 ms for CIFAR-10's training images)
 SPARE_BYTES = 256 * 2**20  # free space to leave on the cache's disk
+# A waiter gives up on a holder whose partial file has not changed for this long (a stopped or hung process): the
+# first images of a folder of large photos arrive after a chunk of them is decoded, well within this.
+STALL_SECONDS = 300.0
+REPORT_SECONDS = 30.0
 
 
 def cache_dir() -> Path:
@@ -52,61 +58,162 @@ class Hit:
     meta: dict
 
 
-def read_entry(key: str, mapped: bool) -> Hit | None:
-    """The entry ``key`` if it is complete and valid (None, with one line when it is damaged or outdated)."""
+def read_entry(key: str, mapped: bool, files: int | None = None, quiet: bool = False) -> Hit | None:
+    """The entry ``key`` if it is complete and valid (None, with one line when it is damaged or outdated).
+
+    Valid means: every field of the record has its type and agrees with the others (and with ``files``, the number of
+    files the caller decodes), the record's own checksum holds (a falsified skipped list or histogram fails it), the
+    ``.u8`` has the size the record states, and its pixels match their checksums: all of them when read into memory;
+    the first, the last and a few random blocks when memory-mapped (a folder larger than memory is not read whole at
+    every start).
+    """
     data, meta_file = cache_dir() / f"{key}.u8", cache_dir() / f"{key}.json"
     try:
         meta = json.loads(meta_file.read_text())
     except (FileNotFoundError, NotADirectoryError):  # no entry (or no cache folder) yet
         return None
     except (OSError, ValueError) as exc:
-        say(f"cache entry {meta_file} is unreadable ({exc}); decoding again")
+        if not quiet:
+            say(f"cache entry {meta_file} is unreadable ({exc}); decoding again")
         return None
-    if meta.get("format") != FORMAT:
-        say(f"cache entry {meta_file} was written by an older reslab (format {meta.get('format', 'unknown')}); "
-            f"decoding again")
+    if quiet and (not isinstance(meta, dict) or meta.get("format") != FORMAT):
         return None
-    shape = tuple(meta["shape"])
-    try:
-        size = data.stat().st_size
-    except OSError:
-        size = -1
-    if size != int(np.prod(shape)):
-        say(f"cache entry {data} has {size} bytes, not the {int(np.prod(shape))} its record states (truncated or "
-            f"damaged); decoding again")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format", "unknown") if isinstance(meta, dict) else "unknown"
+        say(f"cache entry {meta_file} was written by an older reslab (format {found}); decoding again")
         return None
-    # Copy-on-write mapping: pages are read on demand and shared with other runs; nothing is ever written back.
-    images = np.memmap(data, np.uint8, mode="c", shape=shape) if mapped else np.fromfile(data, np.uint8).reshape(shape)
-    return Hit(images, meta)
+    problem = _record_problem(meta, files)
+    if problem is None:
+        shape = tuple(meta["shape"])
+        try:
+            size = data.stat().st_size
+        except OSError:
+            size = -1
+        if size != math.prod(shape):
+            problem = f"{data.name} has {size} bytes, not the {math.prod(shape)} its record states (truncated?)"
+    if problem is None:
+        # Copy-on-write mapping: pages are read on demand and shared with other runs; nothing is ever written back.
+        images = np.memmap(data, np.uint8, mode="c", shape=shape) if mapped else np.fromfile(data, np.uint8)
+        problem = _pixel_problem(images.reshape(-1), meta["crc32"], mapped)
+    if problem is not None:
+        if not quiet:
+            say(f"cache entry {meta_file} is damaged ({problem}); decoding again")
+        return None
+    return Hit(images.reshape(shape), meta)
+
+
+def record_checksum(meta: dict) -> int:
+    """crc32 of a record's fields (all but itself), in a canonical form."""
+    body = {k: v for k, v in meta.items() if k != "record_crc32"}
+    return zlib.crc32(json.dumps(body, sort_keys=True).encode())
+
+
+def _record_problem(meta: dict, files: int | None) -> str | None:
+    """What is wrong with an entry's record, or None."""
+    ints = lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)  # noqa
+    shape, skipped, hist, crcs = meta.get("shape"), meta.get("skipped"), meta.get("histogram"), meta.get("crc32")
+    if not (ints(shape) and len(shape) == 4 and shape[3] == 3 and min(shape) > 0):
+        return f"shape {shape!r} is not [images, height, width, 3]"
+    if meta.get("store_size") is not None and meta["store_size"] != shape[1] or shape[1] != shape[2] and \
+            meta.get("store_size") is not None:
+        return f"shape {shape} does not hold images of {meta['store_size']} px"
+    if not (ints(skipped) and len(set(skipped)) == len(skipped)):
+        return "its list of skipped files is not a list of distinct indices"
+    if not isinstance(meta.get("files"), int) or meta["files"] != shape[0] + len(skipped):
+        return f"{meta.get('files')!r} files do not make {shape[0]} images and {len(skipped)} skipped"
+    if files is not None and meta["files"] != files:
+        return f"it holds {meta['files']} files, not {files}"
+    if skipped and not 0 <= min(skipped) <= max(skipped) < meta["files"]:
+        return "a skipped index is outside the file list"
+    if not (isinstance(hist, list) and len(hist) == 3 and all(ints(h) and len(h) == 256 for h in hist)
+            and all(sum(h) == shape[0] * shape[1] * shape[2] for h in hist)):
+        return "its pixel histogram does not count its pixels"
+    if not (ints(crcs) and len(crcs) == math.ceil(math.prod(shape) / CRC_BLOCK)):
+        return "no pixel checksums"
+    if meta.get("record_crc32") != record_checksum(meta):
+        return "its record does not match its checksum"
+    return None
+
+
+def _pixel_problem(flat: np.ndarray, crcs: list[int], mapped: bool) -> str | None:
+    blocks = range(len(crcs))
+    if mapped and len(crcs) > 6:
+        rng = np.random.default_rng()
+        blocks = sorted({0, len(crcs) - 1, *rng.choice(len(crcs), 4, replace=False).tolist()})
+    for b in blocks:
+        if zlib.crc32(flat[b * CRC_BLOCK:(b + 1) * CRC_BLOCK]) != crcs[b]:
+            return f"the pixels of block {b} do not match their checksum"
+    return None
 
 
 @contextlib.contextmanager
 def entry_lock(key: str) -> Iterator[bool]:
-    """Hold ``<key>.lock`` while deciding and decoding (waits, with one line, if another process holds it).
+    """Hold ``<key>.lock`` while deciding and decoding; waits (one line, then one every 30 s) while another live
+    process holds it.
 
-    Yields False when no lock can be taken (a read-only or missing cache folder): the caller then decodes without
-    writing the cache.
+    Yields False when no lock can be taken (a read-only or missing cache folder) or the holder stopped making progress:
+    the caller then decodes without writing the cache.
     """
-    if fcntl is None:
-        yield True
-        return
     try:
         cache_dir().mkdir(parents=True, exist_ok=True)
-        f = open(cache_dir() / f"{key}.lock", "a+")  # noqa: SIM115 (closed by the with below)
+        lock = ProcessLock(cache_dir() / f"{key}.lock")
+        got = lock.acquire()
     except OSError as exc:
         say(f"cannot use the decode cache in {cache_dir()} ({exc.strerror or exc}); decoding without it")
         yield False
         return
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            say("another reslab process is decoding these images; waiting for it to finish")
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield True
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    if not got and not _wait_for(lock, key):
+        yield False
+        return
+    with lock:
+        if lock.previous is not None and lock.previous.pid != os.getpid():
+            freed = remove_partial(key, lock.previous.pid)
+            say(f"took over the decode lock of {lock.previous}, which ended without releasing it (killed?)"
+                + (f"; removed its partial file ({freed / 2**20:.1f} MiB)" if freed else ""))
+        yield True
+
+
+def _wait_for(lock: ProcessLock, key: str) -> bool:
+    """Wait until ``lock`` is free and take it (True), or give up when its holder's partial file has not changed for
+    ``STALL_SECONDS`` (False: a stopped or hung holder must not hold every later run)."""
+    holder = lock.holder()
+    say(f"another reslab process ({holder or 'PID unknown'}) is decoding these images; waiting for it to finish")
+    start = last_report = last_change = time.monotonic()
+    last_seen = None
+    while not lock.acquire():
+        time.sleep(0.2)
+        holder = lock.holder() or holder
+        seen = _partial_state(key, holder.pid) if holder else None
+        now = time.monotonic()
+        if seen != last_seen:
+            last_seen, last_change = seen, now
+        elif now - last_change > STALL_SECONDS:
+            say(f"{holder} wrote nothing for {STALL_SECONDS:.0f} s; decoding without the cache")
+            return False
+        if now - last_report > REPORT_SECONDS:
+            say(f"still waiting for {holder or 'the other process'} after {now - start:.0f} s "
+                f"(it last wrote {now - last_change:.0f} s ago)")
+            last_report = now
+    return True
+
+
+def _partial_state(key: str, pid: int) -> tuple[int, int] | None:
+    try:
+        st = (cache_dir() / f"{key}.tmp{pid}.u8").stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def remove_partial(key: str, pid: int) -> int:
+    """Delete the temporary files a writer ``pid`` left for ``key``; returns the bytes freed."""
+    freed = 0
+    for f in cache_dir().glob(f"{key}.tmp{pid}.*"):
+        with contextlib.suppress(OSError):
+            size = f.stat().st_size
+            f.unlink()
+            freed += size
+    return freed
 
 
 class EntryWriter:
@@ -123,6 +230,8 @@ class EntryWriter:
         free = shutil.disk_usage(cache_dir()).free
         if free < expected_bytes + SPARE_BYTES:
             raise OSError(f"{expected_bytes / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free")
+        self.crcs: list[int] = []
+        self.crc, self.filled = 0, 0
         self.file = open(self.tmp, "wb")  # noqa: SIM115 (closed by commit or abort)
         try:
             if hasattr(os, "posix_fallocate") and expected_bytes:
@@ -133,7 +242,14 @@ class EntryWriter:
                 raise
 
     def write(self, image: np.ndarray) -> None:
-        self.file.write(np.ascontiguousarray(image).data)
+        data = memoryview(np.ascontiguousarray(image)).cast("B")
+        self.file.write(data)
+        while len(data):  # crc32 per CRC_BLOCK bytes, so a memory-mapped reader can check a sample of blocks
+            part, data = data[:CRC_BLOCK - self.filled], data[CRC_BLOCK - self.filled:]
+            self.crc, self.filled = zlib.crc32(part, self.crc), self.filled + len(part)
+            if self.filled == CRC_BLOCK:
+                self.crcs.append(self.crc)
+                self.crc, self.filled = 0, 0
 
     def commit(self, meta: dict) -> None:
         """Flush the rows (to the exact size) and publish them, then the ``.json`` that makes the entry valid."""
@@ -144,7 +260,8 @@ class EntryWriter:
             self.file.close()
             os.replace(self.tmp, cache_dir() / f"{self.key}.u8")
             meta_tmp = cache_dir() / f"{self.key}.tmp{os.getpid()}.json"
-            meta_tmp.write_text(json.dumps({"format": FORMAT, **meta}))
+            record = {"format": FORMAT, **meta, "crc32": self.crcs + ([self.crc] if self.filled else [])}
+            meta_tmp.write_text(json.dumps({**record, "record_crc32": record_checksum(record)}))
             os.replace(meta_tmp, cache_dir() / f"{self.key}.json")
         except OSError:
             self.abort()
@@ -160,7 +277,7 @@ class EntryWriter:
 
 @dataclass
 class CacheEntry:
-    """One decoded folder split in the cache, as ``reslab cache`` lists it."""
+    """One decoded folder split in the cache, as ``reslab cache`` lists it (or a writer's partial file)."""
 
     file: str
     bytes: int
@@ -169,34 +286,58 @@ class CacheEntry:
     images: int | None = None
     store_size: int | None = None  # pixels per side (None: native size)
     format: int | None = None  # FORMAT, or an older one (cleared by --clear, never read)
+    writer: int | None = None  # a partial file: the PID writing it
+    writer_alive: bool | None = None  # ... and whether that process still runs (a dead one's file is debris)
+
+
+def _writer_pid(name: str) -> int | None:
+    """The PID in a temporary file's name ``<key>.tmp<PID>.<ext>``, or None for a complete file."""
+    _, sep, rest = name.partition(".tmp")
+    pid = rest.split(".", 1)[0]
+    return int(pid) if sep and pid.isdigit() else None
 
 
 def list_cache() -> list[CacheEntry]:
-    """The cache's entries, newest first (entries of older reslab versions included, with their format)."""
+    """The cache's entries and partial files, newest first (entries of older reslab versions included)."""
     entries = []
     for f in sorted(cache_dir().glob("*")) if cache_dir().is_dir() else []:
-        if ".tmp" in f.name or f.suffix not in (".u8", ".npz"):
+        pid = _writer_pid(f.name)
+        if f.suffix not in (".u8", ".npz") and pid is None:
             continue
-        st = f.stat()
+        try:
+            st = f.stat()
+        except OSError:  # a dangling link, or removed meanwhile
+            continue
+        when = datetime.fromtimestamp(st.st_mtime).isoformat(timespec="seconds")
+        if pid is not None:
+            entries.append(CacheEntry(str(f), st.st_size, when, writer=pid, writer_alive=pid_alive(pid)))
+            continue
         try:
             info = json.loads(f.with_suffix(".json").read_text())
         except (OSError, ValueError):
             info = {}
+        info = info if isinstance(info, dict) else {}
         fmt = info.get("format", FORMAT if f.suffix == ".u8" else 2)
         if f.suffix == ".u8" and fmt != FORMAT:
             continue  # an old .json beside a new entry still being written
-        entries.append(CacheEntry(str(f), st.st_size, datetime.fromtimestamp(st.st_mtime).isoformat(timespec="seconds"),
-                                  info.get("source"), info.get("images"), info.get("store_size"), fmt))
+        field = lambda k, t: info.get(k) if isinstance(info.get(k), t) else None  # noqa: E731
+        entries.append(CacheEntry(str(f), st.st_size, when, field("source", str), field("images", int),
+                                  field("store_size", int), fmt if isinstance(fmt, int) else None))
     return sorted(entries, key=lambda e: e.modified, reverse=True)
 
 
 def clear_cache() -> tuple[int, int]:
-    """Delete every cache file (entries of any format, locks, leftovers of interrupted writes): (files, bytes)."""
+    """Delete every cache file (entries of any format, locks, partial files of killed writers), except the partial
+    files of writers still running: (files, bytes). Raises OSError when the cache folder refuses."""
     files, freed = 0, 0
     folder = cache_dir()
     for f in folder.iterdir() if folder.is_dir() else []:
-        if f.is_file() and f.suffix in (".u8", ".npz", ".json", ".lock"):
-            freed += f.stat().st_size
+        pid = _writer_pid(f.name)
+        if pid is not None and pid_alive(pid):
+            continue
+        if (f.is_file() or f.is_symlink()) and (f.suffix in (".u8", ".npz", ".json", ".lock") or pid is not None):
+            size = f.lstat().st_size
             f.unlink()
+            freed += size
             files += 1
     return files, freed

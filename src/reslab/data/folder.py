@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from ..errors import DataError
+from ..locks import die_with_parent
 from ..progress import CountProgress
 from ..rundir import package_version
 from ..runtime import usable_cores
@@ -181,10 +182,10 @@ def decode_images(paths: list[str], size: int | None, *, workers: int | None = N
             raises ``CacheUnavailable`` when they cannot be cached.
     """
     key = _fingerprint(paths, size)
-    hit = read_entry(key, mapped)
+    hit = read_entry(key, mapped, len(paths))
     if hit is None:
         with entry_lock(key) as locked:
-            hit = read_entry(key, mapped) if locked else None  # another process may have written it meanwhile
+            hit = read_entry(key, mapped, len(paths), quiet=True) if locked else None  # another process may have written it meanwhile
             if hit is None:
                 writer = _open_writer(key, len(paths), size, mapped) if locked else None
                 if mapped and writer is None:
@@ -218,7 +219,9 @@ def _decode(paths: list[str], size: int | None, key: str, writer: EntryWriter | 
     try:
         with contextlib.ExitStack() as stack:
             if n_workers > 1:
-                pool = stack.enter_context(ProcessPoolExecutor(n_workers))
+                # Workers die with this process: orphans would keep decoding into a pipe nobody reads.
+                pool = stack.enter_context(ProcessPoolExecutor(n_workers, initializer=die_with_parent,
+                                                               initargs=(os.getpid(),)))
                 results = pool.map(_decode_one, jobs, chunksize=max(1, min(256, len(jobs) // (8 * n_workers))))
             else:
                 results = map(_decode_one, jobs)
@@ -271,7 +274,7 @@ def _decode(paths: list[str], size: int | None, key: str, writer: EntryWriter | 
         if writer is not None:
             writer.abort()
     if mapped:
-        hit = read_entry(key, mapped=True)
+        hit = read_entry(key, mapped=True, files=len(paths))
         if hit is None:
             raise CacheUnavailable
         return Decoded(hit.images, np.asarray(kept, np.int64), hist, mapped=True)

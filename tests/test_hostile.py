@@ -1,0 +1,206 @@
+"""What a hostile or careless user does (issue 23): kills mid-decode, two writers on one run, damaged files.
+
+Each test here failed on the main of 2026-12-01; the two concurrency tests use real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_folder
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESLAB_CACHE", str(tmp_path / "cache"))  # these tests look at the entries
+
+
+def _reslab(*args, env=None, **kw) -> list[str]:
+    return [sys.executable, "-m", "reslab", *map(str, args)]
+
+
+def _big_folder(root: Path, n: int = 400, size: int = 200) -> Path:
+    """PNGs large enough that decoding takes a few seconds in a pool of worker processes."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", n), ("test", 8)):
+        for c in ("a", "b"):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(count // 2):
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z" if Path(f"/proc/{pid}").exists() else True
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (Linux /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def test_kill_9_mid_decode_leaves_no_workers_and_no_hang(tmp_path):
+    folder = _big_folder(tmp_path / "big", n=1200)
+    cache = tmp_path / "cache"
+    env = {**os.environ, "RESLAB_CACHE": str(cache)}
+    cmd = _reslab("train", "--data", folder, "--image-size", "96", "--steps", "2", "--batch-size", "8",
+                  "--arch", "resnet20", "--precision", "fp32", "--threads", "1")
+    proc = subprocess.Popen([*cmd, "--out", tmp_path / "r1"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    workers: list[int] = []
+    while time.time() < deadline and proc.poll() is None:
+        workers = _children(proc.pid)
+        if list(cache.glob("*.tmp*.u8")) and len(workers) >= 2:
+            break
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and len(workers) >= 2, "the first run ended before it was decoding"
+    time.sleep(1.0)
+    orphans = [w for w in workers if _alive(w)]
+    for w in orphans:  # never leave them to the rest of the suite
+        os.kill(w, signal.SIGKILL)
+    assert not orphans, "decode workers outlived their parent"
+
+    start = time.time()
+    r = subprocess.run([*cmd, "--out", tmp_path / "r2"], env=env, capture_output=True, text=True, timeout=90)
+    assert r.returncode == 0, r.stderr
+    assert time.time() - start < 90
+    assert "took over the decode lock of PID" in r.stderr and "removed its partial file" in r.stderr
+    assert not list(cache.glob("*.tmp*"))
+
+
+def test_a_stopped_decoder_is_named_and_not_waited_for_forever(tmp_path, monkeypatch, capsys):
+    """A live holder that makes no progress (SIGSTOP, a hung disk): the waiter names it and decodes on its own."""
+    from reslab.data import cache as cache_mod
+    from reslab.data import load_split
+
+    root = make_folder(tmp_path / "d", per_class=3, splits=("train",))
+    from reslab.data.folder import _fingerprint, scan_folder
+
+    key = _fingerprint(scan_folder(root / "train")[0], 32)
+    cache_mod.cache_dir().mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from reslab.locks import ProcessLock
+        lock = ProcessLock({str(cache_mod.cache_dir() / (key + '.lock'))!r})
+        assert lock.acquire()
+        print("held", flush=True)
+        time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(cache_mod, "STALL_SECONDS", 1.0)
+        start = time.time()
+        split = load_split(str(root), "train", store_size=32)
+        err = capsys.readouterr().err
+        assert time.time() - start < 20 and len(split) == 9
+        assert f"another reslab process (PID {holder.pid}, since" in err
+        assert f"PID {holder.pid}, since" in err and "wrote nothing for 1 s; decoding without the cache" in err
+    finally:
+        holder.kill()
+
+
+def _cached(root: Path):
+    from reslab.data import load_split
+
+    first = load_split(str(root), "train", store_size=32)
+    cache = Path(os.environ["RESLAB_CACHE"])
+    (u8,) = cache.glob("*.u8")
+    return first, u8, u8.with_suffix(".json")
+
+
+def _edit_record(meta: Path, **changes) -> None:
+    record = json.loads(meta.read_text())
+    for k, v in changes.items():
+        if v is None:
+            record.pop(k)
+        else:
+            record[k] = v
+    meta.write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("damage", ["random pixels", "skipped", "flat histogram", "shape x", "permuted shape",
+                                    "no histogram", "list record", "store size"])
+def test_a_damaged_cache_entry_is_never_trusted(tmp_path, capsys, damage):
+    import torch
+
+    from reslab.data import load_split
+
+    root = make_folder(tmp_path / "d", per_class=4, size=32, splits=("train",))
+    first, u8, meta = _cached(root)
+    record = json.loads(meta.read_text())
+    if damage == "random pixels":
+        u8.write_bytes(np.random.default_rng(1).integers(0, 256, u8.stat().st_size, dtype=np.uint8).tobytes())
+    elif damage == "skipped":
+        _edit_record(meta, skipped=[0], images=11, shape=[11, 32, 32, 3])
+        u8.write_bytes(u8.read_bytes()[: 11 * 32 * 32 * 3])
+    elif damage == "flat histogram":
+        n = 12 * 32 * 32
+        _edit_record(meta, histogram=[[n // 256] * 256] * 3)
+    elif damage == "shape x":
+        _edit_record(meta, shape="x")
+    elif damage == "permuted shape":
+        _edit_record(meta, shape=[32, 12, 32, 3])
+    elif damage == "no histogram":
+        _edit_record(meta, histogram=None)
+    elif damage == "list record":
+        meta.write_text(json.dumps([record]))
+    elif damage == "store size":
+        _edit_record(meta, store_size=16)
+    capsys.readouterr()
+    again = load_split(str(root), "train", store_size=32)
+    err = capsys.readouterr().err
+    assert "decoding again" in err and err.count("\n") == 1, err
+    assert torch.equal(first.images, again.images) and len(again) == 12
+
+
+def test_cache_listing_survives_debris_and_shows_partial_files(tmp_path, cli, monkeypatch):
+    root = make_folder(tmp_path / "d", per_class=3, splits=("train",))
+    _, u8, meta = _cached(root)
+    cache = u8.parent
+    (cache / "dangling.u8").symlink_to(cache / "nowhere.u8")
+    (cache / "junk.u8").write_bytes(b"x" * 10)
+    (cache / "junk.json").write_text("[1, 2]")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (cache / f"{u8.stem}.tmp{dead}.u8").write_bytes(b"\0" * 2**20)
+    code, out, err = cli("cache")
+    assert code == 0, err
+    assert f"partial: left by a killed writer, PID {dead} (--clear frees it)" in out
+    assert "1 partial files, 1.0 MiB" in out
+    code, out, err = cli("cache", "--clear")
+    assert code == 0 and not (cache / f"{u8.stem}.tmp{dead}.u8").exists()
+
+    def refuse(self, *a, **k):
+        raise PermissionError(30, "Read-only file system")
+
+    (cache / "x.u8").write_bytes(b"1")
+    monkeypatch.setattr(Path, "unlink", refuse)
+    code, out, err = cli("cache", "--clear")
+    assert code == 1 and err.strip().startswith("reslab: error: cannot clear the decode cache") and \
+        "Read-only file system" in err and "Traceback" not in err
