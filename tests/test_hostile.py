@@ -181,7 +181,7 @@ def test_a_damaged_cache_entry_is_never_trusted(tmp_path, capsys, damage):
 
 def test_cache_listing_survives_debris_and_shows_partial_files(tmp_path, cli, monkeypatch):
     root = make_folder(tmp_path / "d", per_class=3, splits=("train",))
-    _, u8, meta = _cached(root)
+    _, u8, _ = _cached(root)
     cache = u8.parent
     (cache / "dangling.u8").symlink_to(cache / "nowhere.u8")
     (cache / "junk.u8").write_bytes(b"x" * 10)

@@ -9,6 +9,7 @@ lock is the trace of a holder that was killed: it is named in one line and its p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -131,10 +132,8 @@ def die_with_parent(parent: int) -> None:
     if sys.platform == "linux":
         import ctypes
 
-        try:
+        with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
     if os.getppid() != parent:  # the parent died before the signal was armed
         os._exit(1)
 

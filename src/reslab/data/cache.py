@@ -110,12 +110,13 @@ def record_checksum(meta: dict) -> int:
 
 def _record_problem(meta: dict, files: int | None) -> str | None:
     """What is wrong with an entry's record, or None."""
-    ints = lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)  # noqa
+    def ints(v: object) -> bool:
+        return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+
     shape, skipped, hist, crcs = meta.get("shape"), meta.get("skipped"), meta.get("histogram"), meta.get("crc32")
     if not (ints(shape) and len(shape) == 4 and shape[3] == 3 and min(shape) > 0):
         return f"shape {shape!r} is not [images, height, width, 3]"
-    if meta.get("store_size") is not None and meta["store_size"] != shape[1] or shape[1] != shape[2] and \
-            meta.get("store_size") is not None:
+    if meta.get("store_size") is not None and (meta["store_size"], meta["store_size"]) != (shape[1], shape[2]):
         return f"shape {shape} does not hold images of {meta['store_size']} px"
     if not (ints(skipped) and len(set(skipped)) == len(skipped)):
         return "its list of skipped files is not a list of distinct indices"
@@ -297,6 +298,11 @@ def _writer_pid(name: str) -> int | None:
     return int(pid) if sep and pid.isdigit() else None
 
 
+def _typed(record: dict, key: str, kind: type) -> object:
+    value = record.get(key)
+    return value if isinstance(value, kind) else None
+
+
 def list_cache() -> list[CacheEntry]:
     """The cache's entries and partial files, newest first (entries of older reslab versions included)."""
     entries = []
@@ -320,9 +326,8 @@ def list_cache() -> list[CacheEntry]:
         fmt = info.get("format", FORMAT if f.suffix == ".u8" else 2)
         if f.suffix == ".u8" and fmt != FORMAT:
             continue  # an old .json beside a new entry still being written
-        field = lambda k, t: info.get(k) if isinstance(info.get(k), t) else None  # noqa: E731
-        entries.append(CacheEntry(str(f), st.st_size, when, field("source", str), field("images", int),
-                                  field("store_size", int), fmt if isinstance(fmt, int) else None))
+        entries.append(CacheEntry(str(f), st.st_size, when, _typed(info, "source", str), _typed(info, "images", int),
+                                  _typed(info, "store_size", int), fmt if isinstance(fmt, int) else None))
     return sorted(entries, key=lambda e: e.modified, reverse=True)
 
 

@@ -185,7 +185,8 @@ def decode_images(paths: list[str], size: int | None, *, workers: int | None = N
     hit = read_entry(key, mapped, len(paths))
     if hit is None:
         with entry_lock(key) as locked:
-            hit = read_entry(key, mapped, len(paths), quiet=True) if locked else None  # another process may have written it meanwhile
+            # another process may have written it meanwhile
+            hit = read_entry(key, mapped, len(paths), quiet=True) if locked else None
             if hit is None:
                 writer = _open_writer(key, len(paths), size, mapped) if locked else None
                 if mapped and writer is None:
