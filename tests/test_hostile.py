@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from conftest import make_folder
@@ -204,3 +205,62 @@ def test_cache_listing_survives_debris_and_shows_partial_files(tmp_path, cli, mo
     code, out, err = cli("cache", "--clear")
     assert code == 1 and err.strip().startswith("reslab: error: cannot clear the decode cache") and \
         "Read-only file system" in err and "Traceback" not in err
+
+
+def _train(folder, out, *extra):
+    return _reslab("train", "--data", folder, "--out", out, "--arch", "resnet20", "--batch-size", "8",
+                   "--precision", "fp32", "--threads", "1", *extra)
+
+
+def test_two_writers_on_one_run_directory_exactly_one_proceeds(tmp_path):
+    folder = make_folder(tmp_path / "data", per_class=16)
+    run = tmp_path / "run"
+    env = {**os.environ, "RESLAB_CACHE": str(tmp_path / "cache")}
+    subprocess.run(_reslab("cache"), env=env, capture_output=True)  # nothing: warm the imports' disk cache
+    procs = [subprocess.Popen(_train(folder, run, "--epochs", "3", "--lr", lr), env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for lr in ("0.01", "0.02")]
+    outs = [p.communicate(timeout=300) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 1], outs
+    loser = outs[[p.returncode for p in procs].index(1)][1]
+    assert "is in use by another reslab process (PID" in loser and loser.count("\n") == 1, loser
+    winner_lr = ("0.01", "0.02")[[p.returncode for p in procs].index(0)]
+    assert yaml.safe_load((run / "config.yaml").read_text())["lr"] == float(winner_lr)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if "epoch" in r] == [1, 2, 3]
+
+    # a resume while the run still trains is refused the same way
+    long = subprocess.Popen(_train(folder, tmp_path / "long", "--epochs", "40", "--checkpoint-every", "1"), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "long" / "last.pt").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        r = subprocess.run(_reslab("train", "--resume", tmp_path / "long", "--epochs", "3"), env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and f"(PID {long.pid}, since" in r.stderr, r.stderr
+    finally:
+        long.kill()
+        long.wait()
+    # killed: its lock is taken over by the resume, with one line
+    r = subprocess.run(_reslab("train", "--resume", tmp_path / "long", "--epochs", "2"), env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"was left by PID {long.pid}" in r.stderr and "taking it over" in r.stderr
+
+
+def test_a_new_run_does_not_write_over_someone_elses_files(tmp_path, cli):
+    folder = make_folder(tmp_path / "data", per_class=4)
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("my: settings\n")
+    (mine / "metrics.jsonl").write_text('{"mine": 1}\n')
+    args = ["train", "--data", folder, "--out", mine, "--arch", "resnet20", "--steps", "1", "--batch-size", "8",
+            "--threads", "1"]
+    code, _, err = cli(*args)
+    assert code == 1 and "holds config.yaml, metrics.jsonl that no reslab run made" in err and "--force" in err
+    assert (mine / "config.yaml").read_text() == "my: settings\n"
+    code, _, err = cli(*args, "--force")
+    assert code == 0, err
+    code, _, err = cli("train", "--data", tmp_path / "nowhere", "--out", tmp_path / "gone", "--steps", "1")
+    assert code == 1 and not (tmp_path / "gone").exists()  # a run that failed before writing anything leaves no folder

@@ -83,7 +83,7 @@ def summary_cmd(arch: str, image_size: Optional[int] = None, num_classes: int = 
 
 
 def train_cmd(config: TrainConfig, preset: Optional[str] = None, resume: Optional[str] = None,
-              given: frozenset[str] = frozenset()) -> None:
+              given: frozenset[str] = frozenset(), force: bool = False) -> None:
     """Train a new run from ``config``, or continue ``resume`` with the options ``given`` on the command line."""
     from .runtime import process_age
     from .train import train
@@ -92,7 +92,7 @@ def train_cmd(config: TrainConfig, preset: Optional[str] = None, resume: Optiona
     if resume:
         train(resume=resume, preset=preset, started=started, **{k: getattr(config, k) for k in given})
     else:
-        train(config, started=started)
+        train(config, started=started, force=force)
 
 
 def eval_cmd(model: str, data: str, split: str = "test", arch: Optional[str] = None, device: str = "auto",
@@ -324,6 +324,8 @@ def _train_parser(preset: str | None, resume: bool = True) -> ArgumentParser:
         p.add_argument("--resume", type=Optional[str],
                        help="continue the run in this directory from its last.pt; flags given with it may change "
                             "its length (--epochs, --steps), evaluation, logging and device, nothing else")
+        p.add_argument("--force", type=bool, default=False,
+                       help="write over a config.yaml or metrics.jsonl in --out that no reslab run made")
     p.add_class_arguments(TrainConfig, nested_key=None)
     if preset:
         p.set_defaults(PRESETS[preset])
@@ -395,7 +397,7 @@ def _bool_options() -> set[str]:
     names = {f.name for f in dataclasses.fields(TrainConfig) if "bool" in str(f.type)}
     for fn in COMMANDS.values():
         names |= {n for n, p in inspect.signature(fn).parameters.items() if "bool" in str(p.annotation)}
-    return names | {"json"}
+    return names | {"json", "force"}
 
 
 def _normalise_argv(argv: list[str]) -> list[str]:
@@ -467,13 +469,14 @@ def main(argv: list[str] | None = None) -> int:
         args.pop(key, None)
     try:
         if command == "train":
-            special = {k: args.pop(k, None) for k in ("preset", "resume")}
+            special = {k: args.pop(k, None) for k in ("preset", "resume", "force")}
             options = _given_options(argv)
             given = frozenset(options & set(args))
             if special["resume"] and "config" in options:
                 raise ConfigError("--resume continues a run with its saved config: no --config with it")
             if not special["resume"]:
                 args.update(budget_rule_fields(special["preset"], args["time_budget"], options))
+            special["force"] = bool(special["force"])
             COMMANDS[command](TrainConfig(**args), given=given, **special)
         elif command == "compare":
             special = {k: args.pop(k, None) for k in ("preset", "archs", "schedules", "budgets", "seeds")}

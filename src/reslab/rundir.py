@@ -7,15 +7,65 @@ what is needed to use them).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .errors import UserError
+from .locks import ProcessLock
+
 CONFIG_FILE, METRICS_FILE = "config.yaml", "metrics.jsonl"
 CHECKPOINT_FILE, MODEL_FILE = "last.pt", "model.safetensors"
+LOCK_FILE = ".reslab.lock"  # held by the process training the run; its presence also marks a folder reslab made
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, MODEL_FILE)
+
+
+@contextlib.contextmanager
+def own(run: str | Path, new: bool, force: bool = False) -> Iterator[None]:
+    """Hold the run directory ``run`` for this process while it trains (created if missing).
+
+    A second writer or resumer is refused in one line naming the holder; the lock of a process that died is taken
+    over (one line). ``new``: a new run, which must not write over files reslab did not make for a run (a folder
+    holding someone's ``config.yaml`` or ``metrics.jsonl``) unless ``force``. Under torchrun only rank 0 holds it.
+    """
+    run = Path(run)
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    made = not run.exists()
+    if new and not made and not force and not (run / LOCK_FILE).exists():
+        foreign = [f for f in RUN_FILES if (run / f).exists()]
+        if foreign:
+            raise UserError(f"{run} holds {', '.join(foreign)} that no reslab run made there: choose another --out, "
+                            f"or add --force to write over them")
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        lock = ProcessLock(run / LOCK_FILE)
+        got = lock.acquire()
+    except OSError as exc:
+        raise UserError(f"cannot write the run directory {run}: {exc.strerror or exc}") from None
+    if not got:
+        holder = lock.holder()
+        raise UserError(f"{run} is in use by another reslab process ({holder or 'PID unknown'}): wait for it to "
+                        f"end, or choose another --out")
+    try:
+        if lock.previous is not None and lock.previous.pid != os.getpid():
+            print(f"reslab: {run} was left by {lock.previous}, which ended without releasing it (killed?); taking it "
+                  f"over", file=sys.stderr)
+        yield
+    finally:
+        lock.release()
+        if made and not any(f.name != LOCK_FILE for f in run.iterdir()):  # nothing came of it: leave no trace
+            with contextlib.suppress(OSError):
+                (run / LOCK_FILE).unlink()
+                run.rmdir()
 
 
 def package_version() -> str:

@@ -269,7 +269,7 @@ def setup(cfg: TrainConfig, resume: dict[str, Any] | None = None, started: float
     resolve_precision(cfg.precision, device)  # an impossible precision fails before anything is loaded
     set_threads(cfg.threads)
     model_info(cfg.arch)  # fails early on an unknown name
-    out = Path(cfg.out or f"runs/{cfg.arch}-{datetime.now():%Y%m%d-%H%M%S}")
+    out = Path(run_dir(cfg))
     if resume is None and (rundir.has_checkpoint(out) or rundir.is_finished(out)):
         raise UserError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out")
     torch.manual_seed(cfg.seed)
@@ -623,7 +623,7 @@ def resume_config(saved: dict[str, Any], overrides: dict[str, Any], run_dir: str
 
 
 def train(config: TrainConfig | None = None, *, preset: str | None = None, resume: str | Path | None = None,
-          started: float | None = None, **overrides: Any) -> TrainResult:
+          started: float | None = None, force: bool = False, **overrides: Any) -> TrainResult:
     """Train a model and write a run directory.
 
     Args:
@@ -632,19 +632,30 @@ def train(config: TrainConfig | None = None, *, preset: str | None = None, resum
         resume: a run directory to continue from its ``last.pt``; ``overrides`` may then change its length,
             evaluation, logging and device (see ``RESUME_OVERRIDES``), nothing else.
         started: origin of ``time_budget`` as a ``time.perf_counter()`` value (default: this call).
+        force: a new run may write over a ``config.yaml`` or ``metrics.jsonl`` in ``out`` that no reslab run made.
         **overrides: any ``TrainConfig`` field, e.g. ``arch="resnet56"``, ``epochs=5``.
 
     Returns:
         The run directory and the last epoch's metrics.
     """
     if resume is None:
-        run = setup(config if config is not None else make_config(preset, **overrides), started=started)
-        return fit(run)
+        cfg = config if config is not None else make_config(preset, **overrides)
+        cfg = dataclasses.replace(cfg, out=run_dir(cfg))
+        with rundir.own(cfg.out, new=True, force=force):  # the whole run, so no second process writes into it
+            return fit(setup(cfg, started=started))
     if config is not None or preset is not None:
         raise ConfigError("--resume continues a run with its saved config: no --preset or --config with it")
-    state = load_checkpoint(Path(resume) / rundir.CHECKPOINT_FILE)
-    run = setup(resume_config(state["config"], overrides, resume), resume=state, started=started)
-    if run.step >= run.total_steps and not run.meter.seen and rundir.is_finished(run.out):
-        raise UserError(f"{run.out} already finished ({run.step} steps, {run.total_steps} asked): give a longer "
-                        f"--epochs or --steps with --resume to train on")
-    return fit(run)
+    if not Path(resume).is_dir():
+        raise UserError(f"no run directory {resume} to resume")
+    with rundir.own(resume, new=False):
+        state = load_checkpoint(Path(resume) / rundir.CHECKPOINT_FILE)
+        run = setup(resume_config(state["config"], overrides, resume), resume=state, started=started)
+        if run.step >= run.total_steps and not run.meter.seen and rundir.is_finished(run.out):
+            raise UserError(f"{run.out} already finished ({run.step} steps, {run.total_steps} asked): give a longer "
+                            f"--epochs or --steps with --resume to train on")
+        return fit(run)
+
+
+def run_dir(cfg: TrainConfig) -> str:
+    """Where the run writes: ``--out``, else ``runs/<arch>-<date>-<time>``."""
+    return cfg.out or f"runs/{cfg.arch}-{datetime.now():%Y%m%d-%H%M%S}"
