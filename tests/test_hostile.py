@@ -264,3 +264,46 @@ def test_a_new_run_does_not_write_over_someone_elses_files(tmp_path, cli):
     assert code == 0, err
     code, _, err = cli("train", "--data", tmp_path / "nowhere", "--out", tmp_path / "gone", "--steps", "1")
     assert code == 1 and not (tmp_path / "gone").exists()  # a run that failed before writing anything leaves no folder
+
+
+def test_fast_preset_in_fp32_on_grayscale_digits_is_a_good_model(tmp_path, cli):
+    """Upscaled 8x8 grayscale digits: 8 of the 12 whitening directions carry no signal (issue 23: 96 % / 10 %)."""
+    pytest.importorskip("sklearn")
+    out = tmp_path / "run"
+    code, _, err = cli("train", "--preset", "fast", "--data", "digits", "--epochs", "6", "--precision", "fp32",
+                       "--seed", "0", "--threads", "1", "--out", out)
+    assert code == 0, err
+    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"epoch"' in line][-1]
+    assert last["test_acc"] > 0.9 and last["test_loss"] < 1.0, last
+    assert "warning: in evaluation mode" not in err  # the cause is fixed, not only repaired
+
+
+def test_a_model_whose_running_statistics_are_broken_is_said_and_repaired(tmp_path, capsys):
+    import torch
+
+    from reslab.config import make_config
+    from reslab.train import _check_eval_mode, setup
+
+    folder = make_folder(tmp_path / "data", per_class=16)
+    run = setup(make_config(data=str(folder), arch="resnet20", batch_size=16, threads=1, precision="fp32",
+                            out=str(tmp_path / "r")))
+    for epoch in range(10):  # 30 steps: the running statistics (momentum 0.1) have settled
+        for x, y in run.train_batches.epoch(epoch):  # learn the colours
+            run.optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(run.model(x), y).backward()
+            run.optimizer.step()
+    good = {k: v.clone() for k, v in run.model.state_dict().items()}
+    capsys.readouterr()
+    _check_eval_mode(run, run.model, 1.0)
+    assert capsys.readouterr().err == ""  # a sound model: silence
+    with torch.no_grad():
+        for name, b in run.model.named_buffers():
+            if name.endswith("running_var"):
+                b.mul_(1e6)  # what the fp32 digits run had: running_var 1e10
+    _check_eval_mode(run, run.model, 1.0)
+    err = capsys.readouterr().err
+    assert "warning: in evaluation mode the model scores" in err and "Recomputed them on these images" in err, err
+    _check_eval_mode(run, run.model, 1.0)
+    assert capsys.readouterr().err == ""  # repaired for good
+    ratio = max(float((run.model.state_dict()[k] / good[k]).max()) for k in good if k.endswith("running_var"))
+    assert ratio < 100

@@ -69,6 +69,24 @@ def tta_cost(tta: str, fraction: float = 1.0) -> float:
     return 1 + (TTA_VIEWS[tta] - 1) * fraction
 
 
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Batches, device: torch.device, precision: str) -> None:
+    """Recompute every BatchNorm's running statistics as the plain average over ``batches`` (train-mode forward
+    passes, no gradients, weights untouched)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average, not an exponential one
+    model.train()
+    for x, _ in batches.epoch(0):
+        with autocast(device, precision):
+            model(x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.eval()
+
+
 @dataclass
 class Scores:
     """Mean loss, top-1/top-5 accuracy and the confusion matrix (rows: true class, columns: predicted)."""

@@ -27,7 +27,7 @@ from .config import TrainConfig, budget_choices, make_config, resolve_inputs
 from .data import Batches, BatchTransform, DataBundle, load_data, mix_seed, typical_image_size
 from .data.extras import mix_batch
 from .errors import ConfigError, Interrupted, UserError
-from .evaluate import evaluate_batches
+from .evaluate import evaluate_batches, recalibrate_bn
 from .hooks import (
     AccuracyMarks,
     Checkpointer,
@@ -587,6 +587,8 @@ def _end_epoch(run: Run) -> None:
     if run.step >= run.total_steps or (run.cfg.eval_every and epoch % run.cfg.eval_every == 0):
         plain = run.eval_model()  # not the DDP wrapper: ranks score shards of different lengths
         distributed.sync_buffers(plain)
+        if run.step >= run.total_steps:
+            _check_eval_mode(run, plain, metrics["train_acc"])
         for name, batches in run.eval_batches.items():
             s = evaluate_batches(plain, batches, run.device, run.precision, len(run.data.classes), run.cfg.tta,
                                  run.cfg.tta_fraction)
@@ -595,6 +597,42 @@ def _end_epoch(run: Run) -> None:
     run.last_metrics = metrics
     for hook in run.hooks:
         hook.on_epoch_end(run, metrics)
+
+
+GUARD_IMAGES = 256  # training images the final model is scored on in evaluation mode (~3 % standard error)
+GUARD_GAP = 0.25  # ... and how far below the training accuracy that may fall before the model is called broken
+
+
+def _check_eval_mode(run: Run, plain: nn.Module, train_acc: float) -> None:
+    """The final model in evaluation mode must score training images about as well as training did.
+
+    When it does not (BatchNorm running statistics that never matched the batches': issue 23 found a 96 % / 10 % pair),
+    the statistics are recomputed on training images; the line says what was found and whether that repaired it.
+    Under mixup or strong augmentation the training accuracy is the lower one, so this never fires there.
+    """
+    if train_acc < 0.5:
+        return
+    n = len(run.data.train)
+    sample = run.data.train.subset(torch.linspace(0, n - 1, min(n, GUARD_IMAGES)).long())
+    transform = next(iter(run.eval_batches.values())).transform if run.eval_batches else None
+    if transform is None:
+        return
+    batches = Batches(sample, transform, 128, shuffle=False, drop_last=False, seed=run.cfg.seed, device=run.device)
+    score = lambda: evaluate_batches(plain, batches, run.device, run.precision, len(run.data.classes)).accuracy  # noqa
+    before = score()
+    if before >= train_acc - GUARD_GAP:
+        return
+    saved = {k: v.clone() for k, v in plain.state_dict().items()}
+    recalibrate_bn(plain, batches, run.device, run.precision)
+    after = score()
+    if after < train_acc - GUARD_GAP:
+        plain.load_state_dict(saved)
+    if run.dist.main:
+        print(f"reslab: warning: in evaluation mode the model scores {before:.1%} on {len(sample)} training images it "
+              f"scored {train_acc:.1%} on while training: its BatchNorm running statistics do not match the batches'. "
+              + (f"Recomputed them on these images: {after:.1%} now." if after >= train_acc - GUARD_GAP else
+                 f"Recomputing them gave {after:.1%}: the model is unreliable; try a lower --lr or another "
+                 f"--precision."), file=sys.stderr)
 
 
 # --- the entry point ----------------------------------------------------------------------------------------------

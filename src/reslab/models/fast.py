@@ -81,6 +81,9 @@ class FastResNet(nn.Module):
         stem = 2 * in_channels * WHITEN_KERNEL**2  # each whitening filter and its negative
         self.conv1 = nn.Conv2d(in_channels, stem, kernel_size=WHITEN_KERNEL, padding=0, bias=True)
         self.conv1.weight.requires_grad_(False)  # set from the data by init_whitening, never trained
+        # A filter init_whitening zeroed (a direction the data does not vary in) keeps a zero bias: trained, such a
+        # bias makes a constant channel whose BatchNorm running statistics never settle (issue 23: 10 % in eval mode).
+        self.conv1.bias.register_hook(lambda grad: grad * self.conv1.weight.flatten(1).ne(0).any(1).to(grad.dtype))
         self.relu = ACTIVATIONS[act]()
         inplanes = stem
         for i, (width, n, convs) in enumerate(zip(widths, blocks, stage_convs)):
@@ -110,8 +113,12 @@ class FastResNet(nn.Module):
     def init_whitening(self, images: Tensor, eps: float = 5e-4) -> None:
         """Set the first conv to whiten 2x2 patches of ``images`` (N, C, H, W, normalised floats).
 
-        The filters are the eigenvectors of the patch covariance scaled by 1/sqrt(eigenvalue), so the stem's outputs
-        are decorrelated with unit variance; each filter comes with its negative, so the ReLU keeps both signs.
+        The filters are the eigenvectors of the patch covariance scaled by 1/sqrt(eigenvalue + eps), so the stem's
+        outputs are decorrelated with unit variance; each filter comes with its negative, so the ReLU keeps both signs.
+        A direction the patches (almost) do not vary in (eigenvalue below 1 % of ``eps``: the two colour directions of
+        grayscale images, the high frequencies of upscaled ones) carries no signal, only the arbitrary eigenvector that
+        numerical noise picks; its filter is zeroed instead of scaled up. CIFAR-10's smallest eigenvalue is 1.2e-4,
+        25x above that floor, so its stem is unchanged.
         """
         c, k = self.conv1.in_channels, WHITEN_KERNEL
         patches = images.float().unfold(2, k, 1).unfold(3, k, 1)  # (N, C, H', W', k, k)
@@ -119,7 +126,8 @@ class FastResNet(nn.Module):
         patches = patches - patches.mean(0)
         cov = patches.T @ patches / len(patches)
         eigenvalues, eigenvectors = torch.linalg.eigh(cov)
-        filters = (eigenvectors.T / (eigenvalues.clamp_min(0) + eps).sqrt()[:, None]).view(-1, c, k, k)
+        scale = (eigenvalues.clamp_min(0) + eps).rsqrt() * (eigenvalues >= 0.01 * eps)
+        filters = (eigenvectors.T * scale[:, None]).view(-1, c, k, k)
         self.conv1.weight.copy_(torch.cat([filters, -filters]).to(self.conv1.weight.dtype))
         self.conv1.bias.zero_()
 
