@@ -307,3 +307,101 @@ def test_a_model_whose_running_statistics_are_broken_is_said_and_repaired(tmp_pa
     assert capsys.readouterr().err == ""  # repaired for good
     ratio = max(float((run.model.state_dict()[k] / good[k]).max()) for k in good if k.endswith("running_var"))
     assert ratio < 100
+
+
+def test_resume_refuses_data_that_changed(tmp_path, cli):
+    folder = make_folder(tmp_path / "data", per_class=8)
+    run = tmp_path / "run"
+    args = ["--data", folder, "--arch", "resnet20", "--batch-size", "8", "--threads", "1", "--precision", "fp32"]
+    assert cli("train", *args, "--out", run, "--epochs", "1")[0] == 0
+    extra = folder / "train" / "red"
+    for i in range(5):
+        Image.fromarray(np.full((32, 32, 3), (210, 40, 40), np.uint8)).save(extra / f"new{i}.png")
+    code, _, err = cli("train", "--resume", run, "--epochs", "2")
+    assert code == 1 and "changed since it started (train images 24 -> 29 (red 8 -> 13))" in err
+    assert "--data-changed ok" in err and err.count("\n") == 1
+    code, _, err = cli("train", "--resume", run, "--epochs", "2", "--data-changed", "ok")
+    assert code == 0 and "continuing on it (--data-changed ok)" in err, err
+    (folder / "train" / "violet").mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / "train" / "violet" / "0.png")
+    code, _, err = cli("train", "--resume", run, "--epochs", "3", "--data-changed", "ok")
+    assert code == 1 and "classes added: violet" in err and "cannot change its classes" in err, err
+    assert "Traceback" not in err and "size mismatch" not in err
+
+
+def _model_with_meta(tmp_path, **changes) -> Path:
+    """A real model file (resnet20, 3 classes) whose metadata is edited as a careless or hostile user might."""
+    import torch
+    from safetensors.torch import save_file
+
+    from reslab.models import create_model
+
+    model = create_model("resnet20", num_classes=3)
+    meta = {"arch": "resnet20", "model_kwargs": {}, "classes": ["blue", "green", "red"], "input_size": 32,
+            "augment": "paper", "mean": [0.5] * 3, "std": [0.25] * 3}
+    meta.update(changes)
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if v.dtype != torch.long or True},
+              str(path), metadata={"reslab": json.dumps(meta)})
+    return path
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"input_size": 100000}, "input_size 100000 is not a size in pixels from 1 to 1024"),
+    ({"input_size": -3}, "input_size -3"),
+    ({"classes": [str(i) for i in range(20)]}, "20 class names for the 3 outputs"),
+    ({"classes": ["0", "0", "0"]}, "duplicate class names ('0')"),
+    ({"classes": "abc"}, "classes is not a list of names"),
+    ({"model_kwargs": ["x"]}, "model_kwargs ['x'] is not an object"),
+    ({"model_kwargs": {"wings": 2}}, "model_kwargs {'wings': 2} do not build resnet20"),
+    ({"mean": [0.5]}, "mean [0.5] is not three numbers"),
+    ({"std": [0.2, 0.0, 0.2]}, "has a value that is not positive"),
+    ({"augment": "magic"}, "augment 'magic' is not one of"),
+])
+def test_model_metadata_is_validated_in_one_line(tmp_path, cli, changes, message):
+    model = _model_with_meta(tmp_path, **changes)
+    folder = make_folder(tmp_path / "data", per_class=2)
+    for args in (("eval", model, "--data", folder), ("predict", model, folder / "test" / "red" / "0000.png")):
+        code, _, err = cli(*args)
+        assert code == 1 and "its metadata is damaged" in err and message in err and err.count("\n") == 1, err
+
+
+def test_a_metadata_list_is_one_line(tmp_path, cli):
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "m.safetensors"
+    save_file({"fc.weight": torch.zeros(3, 4)}, str(path), metadata={"reslab": "[1, 2]"})
+    code, _, err = cli("eval", path, "--data", "digits")
+    assert code == 1 and "not an object" in err and "Traceback" not in err
+
+
+def test_threads_beyond_the_cores_are_bounded_and_said(tmp_path):
+    folder = make_folder(tmp_path / "data", per_class=4)
+    r = subprocess.run(_reslab("train", "--data", folder, "--out", tmp_path / "r", "--arch", "resnet20", "--steps",
+                               "1", "--batch-size", "8", "--threads", "100000"), capture_output=True, text=True,
+                       timeout=300)
+    cores = len(os.sched_getaffinity(0))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"--threads 100000 is more than the {cores} cores this process may use: using {cores}" in r.stderr
+
+
+def test_predict_reads_what_it_can(tmp_path, cli):
+    folder = make_folder(tmp_path / "data", per_class=8)
+    run = tmp_path / "run"
+    assert cli("train", "--data", folder, "--out", run, "--arch", "resnet20", "--steps", "2", "--batch-size", "8",
+               "--threads", "1")[0] == 0
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        (images / f"good{i}.png").write_bytes((folder / "test" / "red" / f"000{i}.png").read_bytes())
+    (images / "fake.png").write_bytes(b"not a png at all")
+    code, out, err = cli("predict", run, images)
+    assert code == 0 and len(out.splitlines()) == 3, (out, err)
+    assert err.count("cannot read") == 1 and "fake.png" in err
+    code, out, err = cli("predict", run, images / "fake.png")
+    assert code == 1 and "none of the 1 image files could be read" in err
+    code, out, err = cli("predict", run, "")
+    assert code == 1 and "an empty path" in err
+    code, out, err = cli("predict", run, images, "--topk", "-1")
+    assert code == 1 and "--topk" in err and "Traceback" not in err

@@ -10,6 +10,7 @@ Two kinds of file:
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import zipfile
@@ -127,6 +128,8 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("reslab", "{}"))
+            if not isinstance(meta, dict):
+                raise CheckpointError(f"{path}: its metadata is damaged: a {type(meta).__name__}, not an object")
             return {k: f.get_tensor(k) for k in f.keys()}, meta  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file: {_first_line(exc)}") from None
@@ -149,10 +152,62 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     """The state_dict and reslab metadata (empty if none) of a run directory, safetensors file or torch file."""
     path = resolve_model_path(path)
     if path.suffix == ".safetensors":
-        return read_safetensors(path)
-    obj = load_checkpoint(path)
-    meta = dict(obj["meta"]) if isinstance(obj, dict) and isinstance(obj.get("meta"), dict) else {}
-    return clean_state_dict(obj), meta
+        state, meta = read_safetensors(path)
+    else:
+        obj = load_checkpoint(path)
+        meta = dict(obj["meta"]) if isinstance(obj, dict) and isinstance(obj.get("meta"), dict) else {}
+        state = clean_state_dict(obj)
+    fc = state.get("fc.weight")
+    return state, check_meta(meta, path, fc.shape[0] if isinstance(fc, torch.Tensor) and fc.dim() == 2 else None)
+
+
+MAX_INPUT_SIZE = 1024  # pixels per side: a photo net's 224-512 with room; a forward pass at 100,000 px needs TBs
+
+
+def check_meta(meta: Any, path: Path, outputs: int | None) -> dict[str, Any]:
+    """The metadata of a model file, checked against its weights (``outputs`` classes) and sane bounds: one line for
+    the first problem (a hand-edited or foreign file must not reach an allocation of terabytes or a wrong label)."""
+    from typing import get_args
+
+    from .config import TTA, Augment
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: its metadata is damaged: {what}")
+
+    if not isinstance(meta, dict):
+        raise bad(f"a {type(meta).__name__}, not an object")
+    def number(v: object) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if "arch" in meta and not isinstance(meta["arch"], str):
+        raise bad(f"arch {meta['arch']!r} is not a name")
+    if not isinstance(meta.get("model_kwargs", {}), dict):
+        raise bad(f"model_kwargs {meta['model_kwargs']!r} is not an object")
+    classes = meta.get("classes")
+    if classes is not None:
+        if not (isinstance(classes, list) and all(isinstance(c, str) and c for c in classes)):
+            raise bad("classes is not a list of names")
+        if outputs is not None and len(classes) != outputs:
+            raise bad(f"{len(classes)} class names for the {outputs} outputs of its weights")
+        if len(set(classes)) != len(classes):
+            raise bad(f"duplicate class names ({next(c for c in classes if classes.count(c) > 1)!r})")
+    size = meta.get("input_size")
+    if size is not None and not (isinstance(size, int) and not isinstance(size, bool) and 1 <= size <= MAX_INPUT_SIZE):
+        raise bad(f"input_size {size!r} is not a size in pixels from 1 to {MAX_INPUT_SIZE}")
+    if meta.get("augment") is not None and meta["augment"] not in get_args(Augment):
+        raise bad(f"augment {meta['augment']!r} is not one of {', '.join(get_args(Augment))}")
+    if meta.get("tta") is not None and meta["tta"] not in get_args(TTA):
+        raise bad(f"tta {meta['tta']!r} is not one of {', '.join(get_args(TTA))}")
+    fraction = meta.get("tta_fraction")
+    if fraction is not None and not (number(fraction) and 0 < fraction <= 1):
+        raise bad(f"tta_fraction {fraction!r} is not a fraction in (0, 1]")
+    for key in ("mean", "std"):
+        v = meta.get(key)
+        if v is not None and not (isinstance(v, list) and len(v) == 3 and all(number(x) for x in v)):
+            raise bad(f"{key} {v!r} is not three numbers (one per colour channel)")
+    if meta.get("std") is not None and min(meta["std"]) <= 0:
+        raise bad(f"std {meta['std']} has a value that is not positive")
+    return meta
 
 
 def load_model(path: str | Path, arch: str | None = None, num_classes: int | None = None,
@@ -181,7 +236,11 @@ def load_model(path: str | Path, arch: str | None = None, num_classes: int | Non
     if num_classes is not None and num_classes != n:
         raise ModelError(f"{path} has {n} output classes, expected {num_classes}")
     kwargs = dict(meta.get("model_kwargs", {}))
-    model = create_model(arch, num_classes=n, **kwargs)
+    try:
+        model = create_model(arch, num_classes=n, **kwargs)
+    except (TypeError, ValueError) as exc:  # ModelError is a UserError already
+        raise CheckpointError(f"{path}: its metadata is damaged: model_kwargs {kwargs} do not build {arch} "
+                              f"({_first_line(exc)})") from None
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]

@@ -83,14 +83,15 @@ def summary_cmd(arch: str, image_size: Optional[int] = None, num_classes: int = 
 
 
 def train_cmd(config: TrainConfig, preset: Optional[str] = None, resume: Optional[str] = None,
-              given: frozenset[str] = frozenset(), force: bool = False) -> None:
+              given: frozenset[str] = frozenset(), force: bool = False, data_changed: Optional[str] = None) -> None:
     """Train a new run from ``config``, or continue ``resume`` with the options ``given`` on the command line."""
     from .runtime import process_age
     from .train import train
 
     started = time.perf_counter() - process_age()  # --time-budget counts the whole command, imports included
     if resume:
-        train(resume=resume, preset=preset, started=started, **{k: getattr(config, k) for k in given})
+        train(resume=resume, preset=preset, started=started, data_changed=data_changed == "ok",
+              **{k: getattr(config, k) for k in given})
     else:
         train(config, started=started, force=force)
 
@@ -143,7 +144,9 @@ def predict_cmd(model: str, inputs: list[str], topk: int = 5, arch: Optional[str
     from .evaluate import predict
 
     for r in predict(model, inputs, topk=topk, arch=arch, device=device):
-        if json:
+        if "error" in r:
+            print(f"reslab: cannot read {r['path']}: {r['error']}", file=sys.stderr)
+        elif json:
             _print_json(r)
         else:
             print(r["path"] + "  " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"]))
@@ -324,6 +327,8 @@ def _train_parser(preset: str | None, resume: bool = True) -> ArgumentParser:
         p.add_argument("--resume", type=Optional[str],
                        help="continue the run in this directory from its last.pt; flags given with it may change "
                             "its length (--epochs, --steps), evaluation, logging and device, nothing else")
+        p.add_argument("--data_changed", type=Optional[str], choices=["ok"],
+                       help="with --resume: continue on a data folder whose images changed since the run started")
         p.add_argument("--force", type=bool, default=False,
                        help="write over a config.yaml or metrics.jsonl in --out that no reslab run made")
     p.add_class_arguments(TrainConfig, nested_key=None)
@@ -469,7 +474,9 @@ def main(argv: list[str] | None = None) -> int:
         args.pop(key, None)
     try:
         if command == "train":
-            special = {k: args.pop(k, None) for k in ("preset", "resume", "force")}
+            special = {k: args.pop(k, None) for k in ("preset", "resume", "force", "data_changed")}
+            if special["data_changed"] and not special["resume"]:
+                raise ConfigError("--data-changed goes with --resume")
             options = _given_options(argv)
             given = frozenset(options & set(args))
             if special["resume"] and "config" in options:

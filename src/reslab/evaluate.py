@@ -7,6 +7,7 @@ order, is scored correctly (the seed matched by folder index, which silently mis
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -198,8 +199,15 @@ def evaluate(model: str | Path, data: str, *, split: str = "test", arch: str | N
 
 def _image_files(inputs: list[str | Path]) -> list[Path]:
     files = []
-    for p in map(Path, inputs):
+    for given in inputs:
+        if not str(given).strip():
+            raise DataError("an empty path among the inputs (it would mean the whole current folder): give '.' for that")
+        p = Path(given)
         if p.is_dir():
+            try:
+                os.scandir(p).close()
+            except OSError as exc:
+                raise DataError(f"cannot read the folder {p}: {exc.strerror or exc}") from None
             files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
         elif p.is_file():
             files.append(p)
@@ -216,8 +224,11 @@ def predict(model: str | Path, inputs: list[str | Path], *, topk: int = 5, arch:
     """Top-``topk`` classes and probabilities for each image file (folders are searched recursively).
 
     Returns:
-        One ``{"path": ..., "top": [{"class": ..., "prob": ...}, ...]}`` per image, in input order.
+        One ``{"path": ..., "top": [{"class": ..., "prob": ...}, ...]}`` per image, in input order; an image that
+        cannot be read gets ``{"path": ..., "error": "..."}`` instead (a ``DataError`` only when none can be read).
     """
+    if topk < 1 or batch_size < 1:
+        raise ConfigError(f"--topk and the batch size must be at least 1, got {topk} and {batch_size}")
     dev = resolve_device(device)
     set_threads(None)
     net, meta = _load(model, arch, dev)
@@ -227,18 +238,30 @@ def predict(model: str | Path, inputs: list[str | Path], *, topk: int = 5, arch:
     results = []
     files = _image_files(inputs)
     for i in range(0, len(files), batch_size):
-        chunk = files[i:i + batch_size]
-        xs = []
+        chunk, xs, read = files[i:i + batch_size], [], []
         for f in chunk:
             try:
                 im = load_rgb(f, min_side=keep)
-            except Exception as exc:
-                raise DataError(f"cannot read image {f}: {exc}") from None
+            except Exception as exc:  # one bad file costs its own prediction, not the others'
+                results.append({"path": str(f), "error": f"{type(exc).__name__}: {_first_line(exc)}"})
+                continue
             im = fit_square(im, keep or min(im.size))  # seed: the centre square; its resize does the rest
             xs.append(transform(torch.from_numpy(np.array(im, dtype=np.uint8)).unsqueeze(0).to(dev)))
+            read.append(f)
+        if not xs:
+            continue
         probs = net(torch.cat(xs)).float().softmax(1)
         top = probs.topk(min(topk, len(classes)), 1)
-        for f, p, c in zip(chunk, top.values.tolist(), top.indices.tolist()):
+        for f, p, c in zip(read, top.values.tolist(), top.indices.tolist()):
             results.append({"path": str(f), "top": [{"class": classes[j], "prob": round(q, 6)}
                                                     for q, j in zip(p, c)]})
+    order = {str(f): k for k, f in enumerate(files)}
+    results.sort(key=lambda r: order[r["path"]])
+    if all("error" in r for r in results):
+        raise DataError(f"none of the {len(files)} image files could be read (first: {results[0]['path']}: "
+                        f"{results[0]['error']})")
     return results
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:200]

@@ -24,7 +24,16 @@ from torch import nn
 from . import distributed, rundir, tune
 from .checkpoint import load_checkpoint, save_checkpoint, save_model, unwrap_model
 from .config import TrainConfig, budget_choices, make_config, resolve_inputs
-from .data import Batches, BatchTransform, DataBundle, load_data, mix_seed, typical_image_size
+from .data import (
+    Batches,
+    BatchTransform,
+    DataBundle,
+    data_changes,
+    fingerprint,
+    load_data,
+    mix_seed,
+    typical_image_size,
+)
 from .data.extras import mix_batch
 from .errors import ConfigError, Interrupted, UserError
 from .evaluate import evaluate_batches, recalibrate_bn
@@ -254,11 +263,13 @@ class TrainResult:
 
 # --- setup ------------------------------------------------------------------------------------------------------------
 
-def setup(cfg: TrainConfig, resume: dict[str, Any] | None = None, started: float | None = None) -> Run:
+def setup(cfg: TrainConfig, resume: dict[str, Any] | None = None, started: float | None = None,
+          data_changed: bool = False) -> Run:
     """Build data, model, optimizer, hooks and run directory from ``cfg`` (and a checkpoint when resuming).
 
     ``started`` (a ``time.perf_counter()`` value, default now) is the origin of ``--time-budget`` and the times of
-    the accuracy marks; the CLI passes the process start, so they count the whole command.
+    the accuracy marks; the CLI passes the process start, so they count the whole command. ``data_changed``: a
+    resumed run may continue on a folder whose images changed since it started (never on other classes).
     """
     clock = time.perf_counter() if started is None else started
     device = resolve_device(cfg.device)
@@ -285,6 +296,7 @@ def setup(cfg: TrainConfig, resume: dict[str, Any] | None = None, started: float
                      val_split=cfg.val_split, seed=cfg.seed, strict=cfg.strict)
     if resume is not None:  # the normalisation the run started with (its pretrained weights', or its data's)
         data.mean, data.std = tuple(resume["meta"]["mean"]), tuple(resume["meta"]["std"])
+        _check_same_data(resume["meta"].get("data"), fingerprint(data), out, data_changed, d.main)
     pretrained = load_pretrained(cfg.pretrained, cfg.arch) if cfg.pretrained and resume is None else None
     if pretrained is not None:
         data.mean, data.std = pretrained.mean, pretrained.std
@@ -346,7 +358,7 @@ def setup(cfg: TrainConfig, resume: dict[str, Any] | None = None, started: float
     meta = {"arch": cfg.arch, "model_kwargs": cfg.model_kwargs, "classes": data.classes,
             "input_size": cfg.input_size, "augment": cfg.augment, "tta": cfg.tta,
             "tta_fraction": cfg.tta_fraction, "mean": list(data.mean),
-            "std": list(data.std), "family": info.family, "reslab_version": rundir.package_version(),
+            "std": list(data.std), "data": fingerprint(data), "family": info.family, "reslab_version": rundir.package_version(),
             "torch_version": str(torch.__version__),
             "pretrained": pretrained.source if pretrained else (resume or {}).get("meta", {}).get("pretrained")}
     if d.main:  # only rank 0 writes
@@ -362,6 +374,23 @@ def setup(cfg: TrainConfig, resume: dict[str, Any] | None = None, started: float
     if cfg.compile:
         run.model = torch.compile(run.model)
     return run
+
+
+def _check_same_data(before: dict | None, now: dict, out: Path, accept: bool, main: bool) -> None:
+    """A resumed run trains on the data it started on: a changed folder is refused (or, with ``accept``, said)."""
+    changes = data_changes(before, now) if before else []  # runs saved before reslab 0.3 recorded no fingerprint
+    if not changes:
+        return
+    what = "; ".join(changes)
+    if before["classes"] != now["classes"]:
+        raise UserError(f"the data of {out} changed since it started ({what}): a run cannot change its classes; start "
+                        f"a new run (--pretrained {out} starts from its weights once it has finished)")
+    if not accept:
+        raise UserError(f"the data of {out} changed since it started ({what}): put it back, or resume on it anyway "
+                        f"with --data-changed ok")
+    if main:
+        print(f"reslab: the data changed since the run started ({what}); continuing on it (--data-changed ok): the "
+              f"epochs are counted in its new size from here", file=sys.stderr)
 
 
 def _total_steps(cfg: TrainConfig, train_images: int) -> int:
@@ -618,7 +647,9 @@ def _check_eval_mode(run: Run, plain: nn.Module, train_acc: float) -> None:
     if transform is None:
         return
     batches = Batches(sample, transform, 128, shuffle=False, drop_last=False, seed=run.cfg.seed, device=run.device)
-    score = lambda: evaluate_batches(plain, batches, run.device, run.precision, len(run.data.classes)).accuracy  # noqa
+    def score() -> float:
+        return evaluate_batches(plain, batches, run.device, run.precision, len(run.data.classes)).accuracy
+
     before = score()
     if before >= train_acc - GUARD_GAP:
         return
@@ -661,7 +692,8 @@ def resume_config(saved: dict[str, Any], overrides: dict[str, Any], run_dir: str
 
 
 def train(config: TrainConfig | None = None, *, preset: str | None = None, resume: str | Path | None = None,
-          started: float | None = None, force: bool = False, **overrides: Any) -> TrainResult:
+          started: float | None = None, force: bool = False, data_changed: bool = False,
+          **overrides: Any) -> TrainResult:
     """Train a model and write a run directory.
 
     Args:
@@ -671,6 +703,7 @@ def train(config: TrainConfig | None = None, *, preset: str | None = None, resum
             evaluation, logging and device (see ``RESUME_OVERRIDES``), nothing else.
         started: origin of ``time_budget`` as a ``time.perf_counter()`` value (default: this call).
         force: a new run may write over a ``config.yaml`` or ``metrics.jsonl`` in ``out`` that no reslab run made.
+        data_changed: a resumed run may continue on images that changed since it started (same classes).
         **overrides: any ``TrainConfig`` field, e.g. ``arch="resnet56"``, ``epochs=5``.
 
     Returns:
@@ -687,7 +720,8 @@ def train(config: TrainConfig | None = None, *, preset: str | None = None, resum
         raise UserError(f"no run directory {resume} to resume")
     with rundir.own(resume, new=False):
         state = load_checkpoint(Path(resume) / rundir.CHECKPOINT_FILE)
-        run = setup(resume_config(state["config"], overrides, resume), resume=state, started=started)
+        run = setup(resume_config(state["config"], overrides, resume), resume=state, started=started,
+                    data_changed=data_changed)
         if run.step >= run.total_steps and not run.meter.seen and rundir.is_finished(run.out):
             raise UserError(f"{run.out} already finished ({run.step} steps, {run.total_steps} asked): give a longer "
                             f"--epochs or --steps with --resume to train on")

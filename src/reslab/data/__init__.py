@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -14,6 +15,7 @@ from .folder import channel_histogram, fit_square, load_rgb, sample_histogram
 from .loader import Batches, mix_seed
 
 __all__ = ["BatchTransform", "Batches", "DataBundle", "DataError", "Split", "balanced_indices", "channel_stats",
+           "data_changes", "fingerprint",
            "fit_square", "load_data", "load_rgb", "load_split", "match_classes", "mix_seed", "pil_transform",
            "store_size", "typical_image_size"]
 
@@ -28,6 +30,42 @@ class DataBundle:
     classes: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+
+
+def fingerprint(data: DataBundle) -> dict:
+    """What a resumed run checks it still trains on: the classes, each split's images per class, and a hash of the
+    training files' names and labels (an image swapped for another changes it)."""
+    import hashlib
+
+    def counts(split: Split | None) -> list[int] | None:
+        return None if split is None else torch.bincount(split.labels, minlength=len(data.classes)).tolist()
+
+    h = hashlib.sha256(data.train.labels.numpy().tobytes())
+    for p in data.train.paths or []:
+        h.update(os.path.basename(p).encode() + b"\0")
+    return {"classes": list(data.classes), "train": counts(data.train), "val": counts(data.val),
+            "test": counts(data.test), "train_hash": h.hexdigest()[:16]}
+
+
+def data_changes(before: dict, now: dict) -> list[str]:
+    """What differs between two ``fingerprint``s, in words (empty: the same data)."""
+    if before.get("classes") != now["classes"]:
+        added = [c for c in now["classes"] if c not in before.get("classes", [])]
+        gone = [c for c in before.get("classes", []) if c not in now["classes"]]
+        return [f"classes {'added: ' + ', '.join(added) if added else ''}{'; ' if added and gone else ''}"
+                f"{'removed: ' + ', '.join(gone) if gone else ''}".strip() or "the classes changed order"]
+    changes = []
+    for split in ("train", "val", "test"):
+        a, b = before.get(split), now[split]
+        if a != b:
+            if a is None or b is None:
+                changes.append(f"{split}: {'no split' if a is None else sum(a)} -> {'no split' if b is None else sum(b)}")
+                continue
+            diff = ", ".join(f"{c} {x} -> {y}" for c, x, y in zip(now["classes"], a, b) if x != y)
+            changes.append(f"{split} images {sum(a)} -> {sum(b)} ({diff})")
+    if not changes and before.get("train_hash") != now["train_hash"]:
+        changes.append("training files replaced by others (same counts)")
+    return changes
 
 
 def match_classes(split: Split, classes: list[str]) -> Split:

@@ -154,8 +154,10 @@ def load_digits_split(train: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """scikit-learn's 1,797 8x8 digits as RGB uint8, with a fixed class-balanced 80/20 train/test split."""
     try:
         from sklearn.datasets import load_digits
-    except ImportError:
-        raise DataError("--data digits needs scikit-learn: pip install 'reslab[demo]'") from None
+    except ImportError as exc:
+        if exc.name and exc.name.split(".")[0] == "sklearn":
+            raise DataError("--data digits needs scikit-learn: pip install 'reslab[demo]'") from None
+        raise DataError(f"--data digits: scikit-learn is installed but failed to import ({exc})") from None
     d = load_digits()
     images = np.repeat((d.images * (255 / 16)).round().astype(np.uint8)[..., None], 3, axis=-1)
     labels = torch.as_tensor(d.target, dtype=torch.long)
