@@ -201,7 +201,7 @@ def _image_files(inputs: list[str | Path]) -> list[Path]:
     files = []
     for given in inputs:
         if not str(given).strip():
-            raise DataError("an empty path among the inputs (it would mean the whole current folder): give '.' for that")
+            raise DataError("an empty path among the inputs (it would mean the current folder): give '.' for that")
         p = Path(given)
         if p.is_dir():
             try:

@@ -358,7 +358,8 @@ def setup(cfg: TrainConfig, resume: dict[str, Any] | None = None, started: float
     meta = {"arch": cfg.arch, "model_kwargs": cfg.model_kwargs, "classes": data.classes,
             "input_size": cfg.input_size, "augment": cfg.augment, "tta": cfg.tta,
             "tta_fraction": cfg.tta_fraction, "mean": list(data.mean),
-            "std": list(data.std), "data": fingerprint(data), "family": info.family, "reslab_version": rundir.package_version(),
+            "std": list(data.std), "data": fingerprint(data), "family": info.family,
+            "reslab_version": rundir.package_version(),
             "torch_version": str(torch.__version__),
             "pretrained": pretrained.source if pretrained else (resume or {}).get("meta", {}).get("pretrained")}
     if d.main:  # only rank 0 writes

@@ -59,7 +59,8 @@ def data_changes(before: dict, now: dict) -> list[str]:
         a, b = before.get(split), now[split]
         if a != b:
             if a is None or b is None:
-                changes.append(f"{split}: {'no split' if a is None else sum(a)} -> {'no split' if b is None else sum(b)}")
+                count = lambda c: "no split" if c is None else sum(c)
+                changes.append(f"{split}: {count(a)} -> {count(b)}")
                 continue
             diff = ", ".join(f"{c} {x} -> {y}" for c, x, y in zip(now["classes"], a, b) if x != y)
             changes.append(f"{split} images {sum(a)} -> {sum(b)} ({diff})")
