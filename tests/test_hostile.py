@@ -404,3 +404,172 @@ def test_predict_reads_what_it_can(tmp_path, cli):
     assert code == 1 and "an empty path" in err
     code, out, err = cli("predict", run, images, "--topk", "-1")
     assert code == 1 and "--topk" in err and "Traceback" not in err
+
+
+# --- Low: one line instead of a traceback, a true message instead of a misleading one ------------------------------
+
+def _trained(tmp_path, cli, **kw):
+    folder = make_folder(tmp_path / "data", per_class=8)
+    run = tmp_path / "run"
+    args = ["train", "--data", folder, "--out", run, "--arch", "resnet20", "--batch-size", "8", "--threads", "1",
+            "--precision", "fp32", "--epochs", "1"]
+    assert cli(*args)[0] == 0
+    return folder, run
+
+
+def _one_line_error(result, *needles):
+    code, _, err = result
+    assert code in (1, 2) and err.count("\n") == 1 and "Traceback" not in err, err
+    assert all(n in err for n in needles), err
+
+
+def test_a_full_disk_while_checkpointing_is_one_line(tmp_path):
+    folder = make_folder(tmp_path / "data", per_class=8)
+    script = textwrap.dedent(f"""
+        import resource, signal, sys
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, like a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, resource.RLIM_INFINITY))
+        from reslab.cli import main
+        sys.exit(main(["train", "--data", {str(folder)!r}, "--out", {str(tmp_path / "r")!r}, "--arch", "resnet20",
+                       "--epochs", "1", "--batch-size", "8", "--threads", "1"]))
+        """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "cannot write" in r.stderr and "last.pt" in r.stderr and "(disk full?)" in r.stderr
+    assert not list((tmp_path / "r").glob(".*tmp*"))
+
+
+def test_ctrl_c_while_importing_is_one_line(tmp_path):
+    proc = subprocess.Popen(_reslab("train", "--data", "digits", "--out", tmp_path / "r", "--steps", "1"),
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # inside the imports (torch alone takes about a second)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err or "received" in err, err
+
+
+@pytest.mark.parametrize("content", ["state_dict", "list"])
+def test_resume_from_a_file_that_is_not_a_training_checkpoint(tmp_path, cli, content):
+    import torch
+
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"fc.weight": torch.zeros(2, 2)} if content == "state_dict" else [1, 2], run / "last.pt")
+    _one_line_error(cli("train", "--resume", run), "is not a reslab training checkpoint",
+                    "a bare state_dict" if content == "state_dict" else "holds list")
+
+
+def test_random_bytes_are_not_called_code(tmp_path, cli):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    code, _, err = cli("train", "--resume", run)
+    assert code == 1 and "not a PyTorch checkpoint" in err and "run code" not in err, err
+
+
+def test_a_symlink_loop_in_the_data_is_listed_once(tmp_path, cli):
+    folder = make_folder(tmp_path / "data", per_class=8)
+    (folder / "train" / "red" / "loop").symlink_to(folder / "train" / "red", target_is_directory=True)
+    code, _, err = cli("train", "--data", folder, "--out", tmp_path / "r", "--arch", "resnet20", "--steps", "1",
+                       "--batch-size", "8", "--threads", "1")
+    assert code == 0 and "links back to a folder already listed: skipped" in err, err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--device", "mps"], "cpu and cuda devices only"),
+    (["--seed", str(2**70)], "--seed must be an integer from 0 to 2**63 - 1"),
+    (["--out", "/dev/null"], "is a file, not a folder"),
+    (["--image-size", "20000"], "--image-size 20000 is over the 1024 px"),
+])
+def test_bad_train_options_are_one_line(tmp_path, cli, args, needle):
+    folder = make_folder(tmp_path / "data", per_class=4)
+    base = ["train", "--data", folder, "--arch", "resnet20", "--steps", "1", "--threads", "1", "--batch-size", "8"]
+    if "--out" not in args:
+        base += ["--out", tmp_path / "r"]
+    _one_line_error(cli(*base, *args), needle)
+
+
+def test_eval_export_and_plot_refuse_in_one_line(tmp_path, cli):
+    folder, run = _trained(tmp_path, cli)
+    _one_line_error(cli("eval", run, "--data", folder, "--batch-size", "0"), "--batch-size and --samples")
+    _one_line_error(cli("export", run, "--format", "torchscript", "--out", run / "model.safetensors"),
+                    "is a file of the run itself")
+    (tmp_path / "notes.txt").write_text("mine")
+    _one_line_error(cli("export", run, "--format", "torchscript", "--out", tmp_path / "notes.txt"),
+                    "exists and is not an export", "--force")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    (tmp_path / "exports").mkdir()
+    code, _, err = cli("export", run, "--format", "torchscript", "--out", tmp_path / "exports")
+    assert code == 0 and (tmp_path / "exports" / "model.ts").is_file(), err
+    assert reslab_loads(run)
+
+    good = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text(good + '{"epoch": 2, "tra')  # torn
+    code, _, err = cli("plot", run, "--out", tmp_path / "c.png")
+    assert code == 0 and "skipped 1 damaged line(s)" in err, err
+    (run / "metrics.jsonl").write_text(good)
+    (run / "config.yaml").write_text("arch: [unclosed\n")
+    _one_line_error(cli("plot", run, "--out", tmp_path / "c.png"), "config.yaml is damaged")
+
+
+def reslab_loads(run) -> bool:
+    import reslab
+
+    return reslab.load_model(run)[1]["arch"] == "resnet20"
+
+
+def test_resume_after_a_torn_metrics_line_starts_a_new_line(tmp_path, cli):
+    folder = make_folder(tmp_path / "data", per_class=8)
+    run = tmp_path / "run"
+    args = ["--data", folder, "--arch", "resnet20", "--batch-size", "8", "--threads", "1", "--precision", "fp32"]
+    assert cli("train", *args, "--out", run, "--epochs", "1")[0] == 0
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 9, "tr')
+    assert cli("train", "--resume", run, "--epochs", "2")[0] == 0
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert lines[-2] == '{"epoch": 9, "tr' and json.loads(lines[-1])
+    from reslab.rundir import read_metrics
+
+    assert [m["epoch"] for m in read_metrics(run)] == [1, 2]
+
+
+def test_a_diverging_run_does_not_point_at_a_checkpoint_it_never_wrote(tmp_path, cli):
+    folder = make_folder(tmp_path / "data", per_class=8)
+    code, _, err = cli("train", "--data", folder, "--out", tmp_path / "r", "--arch", "resnet20", "--lr", "1e30",
+                       "--epochs", "1", "--batch-size", "8", "--threads", "1")
+    assert code == 1 and "non-finite" in err and "last.pt" not in err and "no checkpoint was written yet" in err
+
+
+def test_empty_and_single_class_folders(tmp_path, cli):
+    folder = make_folder(tmp_path / "data", per_class=8)
+    (folder / "train" / "violet").mkdir()
+    (folder / "test" / "violet").mkdir()
+    code, _, err = cli("train", "--data", folder, "--out", tmp_path / "r", "--arch", "resnet20", "--steps", "1",
+                       "--batch-size", "8", "--threads", "1")
+    assert code == 0 and "ignored 1 class folder(s) without images: violet" in err and "imbalanced" not in err
+    one = make_folder(tmp_path / "one", per_class=8, classes={"red": (210, 40, 40)})
+    _one_line_error(cli("train", "--data", one, "--out", tmp_path / "r1", "--arch", "resnet20", "--steps", "1",
+                        "--batch-size", "8", "--threads", "1"), "has one class (red)")
+
+
+def test_skipped_files_are_said_on_every_load(tmp_path):
+    import warnings as w
+
+    from reslab.data import load_split
+
+    folder = make_folder(tmp_path / "data", per_class=4, splits=("train",))
+    (folder / "train" / "red" / "broken.png").write_bytes(b"nope")
+    for _ in range(2):
+        with w.catch_warnings(record=True) as caught:
+            w.simplefilter("always")
+            load_split(str(folder), "train", store_size=32)
+        assert any("skipped 1 unreadable image file(s)" in str(c.message) for c in caught)
+
+
+def test_a_killed_checkpoint_writes_temporary_file_is_removed(tmp_path, cli):
+    folder, run = _trained(tmp_path, cli)
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    (run / f".last.pt.tmp{dead}").write_bytes(b"half")
+    assert cli("train", "--resume", run, "--epochs", "2")[0] == 0
+    assert not (run / f".last.pt.tmp{dead}").exists()

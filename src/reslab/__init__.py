@@ -11,15 +11,27 @@ The public API::
     model, meta = reslab.load_model("runs/r20")
 """
 
-from .checkpoint import load_model
-from .config import PRESETS, TrainConfig, make_config
-from .errors import UserError
-from .evaluate import EvalResult, evaluate, predict
-from .models import create_model, list_models
-from .rundir import package_version
-from .train import TrainResult, train
+import importlib
+from typing import Any
 
-__version__ = package_version()
+# Imported on first use (PEP 562): the console script starts without torch, so a Ctrl-C while torch loads is caught.
+_API = {"load_model": "checkpoint", "PRESETS": "config", "TrainConfig": "config", "make_config": "config",
+        "UserError": "errors", "EvalResult": "evaluate", "evaluate": "evaluate", "predict": "evaluate",
+        "create_model": "models", "list_models": "models", "TrainResult": "train", "train": "train"}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        from .rundir import package_version
+
+        return package_version()
+    if name in _API:
+        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    try:
+        return importlib.import_module(f".{name}", __name__)  # a submodule: reslab.rundir, reslab.data, ...
+    except ModuleNotFoundError:
+        raise AttributeError(f"module 'reslab' has no attribute {name!r}") from None
+
 
 __all__ = ["PRESETS", "EvalResult", "TrainConfig", "TrainResult", "UserError", "__version__", "create_model",
            "evaluate", "list_models", "load_model", "make_config", "predict", "train"]

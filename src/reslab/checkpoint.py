@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import MAX_IMAGE_SIZE
 from .errors import CheckpointError, ModelError
 from .models import create_model, list_models
 from .rundir import CHECKPOINT_FILE, MODEL_FILE
@@ -32,7 +33,8 @@ __all__ = ["CHECKPOINT_FILE", "MODEL_FILE", "atomic_write", "clean_state_dict", 
 def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
     """Write ``path`` through ``write(file)`` into a temporary file in the same folder, fsync, then rename.
 
-    A kill at any moment leaves either the old file or the new one, never a torn one.
+    A kill at any moment leaves either the old file or the new one, never a torn one (a killed writer's temporary
+    file is removed when the run directory is next taken, see ``rundir.own``). A full disk is one line.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -42,8 +44,14 @@ def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        full = isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and any(
+            s in str(exc) for s in ("No space left", "file write failed", "File too large", "unexpected pos")))
+        if full:
+            raise CheckpointError(f"cannot write {path}: {getattr(exc, 'strerror', None) or _first_line(exc)} "
+                                  f"(disk full?); {'the previous one is kept' if path.exists() else 'nothing written'}"
+                                  ) from None
         raise
     try:  # make the rename itself durable
         fd = os.open(path.parent, os.O_RDONLY)
@@ -105,6 +113,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save's zip archive, or a legacy pickle
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a torch.save archive nor a pickle): "
+                              f"damaged, or another kind of file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -161,7 +174,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     return state, check_meta(meta, path, fc.shape[0] if isinstance(fc, torch.Tensor) and fc.dim() == 2 else None)
 
 
-MAX_INPUT_SIZE = 1024  # pixels per side: a photo net's 224-512 with room; a forward pass at 100,000 px needs TBs
+MAX_INPUT_SIZE = MAX_IMAGE_SIZE  # a model file may not ask for more (a forward pass at 100,000 px needs terabytes)
 
 
 def check_meta(meta: Any, path: Path, outputs: int | None) -> dict[str, Any]:

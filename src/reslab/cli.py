@@ -246,7 +246,7 @@ def plot_cmd(runs: list[str], out: str = "curves.png", metric: str = "error") ->
 
 
 def export_cmd(model: str, format: str = "onnx", out: Optional[str] = None, arch: Optional[str] = None,
-               json: bool = False) -> None:
+               force: bool = False, json: bool = False) -> None:
     """Export a trained model to ONNX or TorchScript (dynamic batch size) and check parity with PyTorch.
 
     Args:
@@ -254,11 +254,12 @@ def export_cmd(model: str, format: str = "onnx", out: Optional[str] = None, arch
         format: onnx or torchscript.
         out: output file (default: model.onnx or model.ts beside the model).
         arch: architecture of a bare state_dict.
+        force: write over an existing file at --out that is not an earlier export (never over the run's files).
         json: print one JSON object on stdout.
     """
     from .export import TOLERANCE, export
 
-    r = export(model, format, out, arch=arch)
+    r = export(model, format, out, arch=arch, force=force)
     if json:
         _print_json(r)
     else:

@@ -13,6 +13,8 @@ from typing import Any, Literal, Optional
 
 from .errors import ConfigError
 
+MAX_IMAGE_SIZE = 1024  # pixels per side; a model file whose metadata asks for more is refused too (checkpoint.py)
+
 Augment = Literal["seed", "paper", "fast", "photo", "none"]
 Schedule = Literal["step", "multistep", "cosine", "onecycle", "linear", "constant"]
 TTA = Literal["none", "flip", "flip_shift"]
@@ -194,6 +196,11 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"--seed must be an integer from 0 to 2**63 - 1, got {self.seed}")
+        if self.image_size is not None and self.image_size > MAX_IMAGE_SIZE:
+            raise ConfigError(f"--image-size {self.image_size} is over the {MAX_IMAGE_SIZE} px reslab trains at (a "
+                              f"photo net's usual 224-512 px with room)")
         if self.eval_every < 0 or not all(0 < a <= 1 for a in self.accuracy_marks):
             raise ConfigError("--eval-every must not be negative and --accuracy-marks must lie in (0, 1]")
         if min(self.val_split, self.workers, self.checkpoint_every, self.weight_decay, self.warmup) < 0:

@@ -165,6 +165,10 @@ def evaluate(model: str | Path, data: str, *, split: str = "test", arch: str | N
     Returns:
         Accuracy, top-5, loss, per-class accuracy and the confusion matrix.
     """
+    if batch_size < 1 or (samples is not None and samples < 1):
+        raise ConfigError(f"--batch-size and --samples must be at least 1, got {batch_size} and {samples}")
+    if tta_fraction is not None and not 0 < tta_fraction <= 1:
+        raise ConfigError(f"--tta-fraction is a fraction in (0, 1], got {tta_fraction}")
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     set_threads(None)

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_model
+from .checkpoint import load_model, resolve_model_path
 from .errors import UserError
+from .rundir import CONFIG_FILE, RUN_FILES
 
 TOLERANCE = 1e-4  # max |difference| of logits against PyTorch in eval mode
 
@@ -30,8 +31,19 @@ class ExportResult:
     input_shape: list  # ["batch", 3, size, size]: the batch dimension is dynamic
 
 
+def _check_output(out: Path, source: Path, force: bool) -> None:
+    """Refuse to write over the model being exported, a run directory's own files, or (without ``force``) any
+    existing file that is not an earlier export (``.onnx``, ``.ts``)."""
+    if not out.exists():
+        return
+    if out.resolve() == source.resolve() or (out.name in RUN_FILES and (out.parent / CONFIG_FILE).exists()):
+        raise UserError(f"--out {out} is a file of the run itself: choose another --out")
+    if out.suffix not in (".onnx", ".ts") and not force:
+        raise UserError(f"--out {out} exists and is not an export: choose another --out, or add --force")
+
+
 def export(model: str | Path, format: str = "onnx", out: str | Path | None = None, *, arch: str | None = None,
-           check_batch: int = 3) -> ExportResult:
+           check_batch: int = 3, force: bool = False) -> ExportResult:
     """Export a saved model and check it against PyTorch on random inputs.
 
     Args:
@@ -40,6 +52,8 @@ def export(model: str | Path, format: str = "onnx", out: str | Path | None = Non
         out: output file (default: ``model.onnx`` / ``model.ts`` beside the model).
         arch: architecture of a bare state_dict.
         check_batch: batch size of the parity check (differs from the export's, to prove the batch is dynamic).
+        force: write over an existing file at ``out`` that is not an earlier export (never over the model itself or
+            a run's files).
 
     Returns:
         The file written and its largest difference from PyTorch (``ok`` when within ``TOLERANCE``).
@@ -51,7 +65,11 @@ def export(model: str | Path, format: str = "onnx", out: str | Path | None = Non
     size = meta.get("input_size") or 32
     src = Path(model)
     default_dir = src if src.is_dir() else src.parent
-    out = Path(out or default_dir / ("model.onnx" if format == "onnx" else "model.ts"))
+    name = "model.onnx" if format == "onnx" else "model.ts"
+    out = Path(out or default_dir / name)
+    if out.is_dir():
+        out = out / name
+    _check_output(out, resolve_model_path(src), force)
     out.parent.mkdir(parents=True, exist_ok=True)
     example = torch.randn(2, 3, size, size)
     check = torch.randn(check_batch, 3, size, size, generator=torch.Generator().manual_seed(0))

@@ -137,10 +137,10 @@ def plot_depth(groups: list[dict], out: str | Path) -> Path:
 
 
 def _is_plain(run: str | Path) -> bool:
-    from .models import model_info
+    from .models import list_models, model_info
 
-    cfg = rundir.read_config(run)
-    return cfg is not None and not model_info(cfg["arch"]).residual
+    arch = (rundir.read_config(run) or {}).get("arch")
+    return arch in list_models() and not model_info(arch).residual
 
 
 def _finish_line_plot(fig, ax, xlabel: str, ylabel: str, title: str, out: str | Path) -> Path:

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import UserError
-from .locks import ProcessLock
+from .locks import ProcessLock, pid_alive
 
 CONFIG_FILE, METRICS_FILE = "config.yaml", "metrics.jsonl"
 CHECKPOINT_FILE, MODEL_FILE = "last.pt", "model.safetensors"
@@ -45,6 +45,8 @@ def own(run: str | Path, new: bool, force: bool = False) -> Iterator[None]:
         if foreign:
             raise UserError(f"{run} holds {', '.join(foreign)} that no reslab run made there: choose another --out, "
                             f"or add --force to write over them")
+    if run.exists() and not run.is_dir():
+        raise UserError(f"--out {run} is a file, not a folder: choose a folder for the run")
     try:
         run.mkdir(parents=True, exist_ok=True)
         lock = ProcessLock(run / LOCK_FILE)
@@ -59,6 +61,10 @@ def own(run: str | Path, new: bool, force: bool = False) -> Iterator[None]:
         if lock.previous is not None and lock.previous.pid != os.getpid():
             print(f"reslab: {run} was left by {lock.previous}, which ended without releasing it (killed?); taking it "
                   f"over", file=sys.stderr)
+        for tmp in run.glob(".*.tmp[0-9]*"):  # a killed checkpoint write's temporary file (its writer is gone)
+            if not pid_alive(int(tmp.name.rsplit(".tmp", 1)[1] or 0)):
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
         yield
     finally:
         lock.release()
@@ -91,22 +97,49 @@ def write_config(run: str | Path, config: dict[str, Any]) -> None:
 
 
 def read_config(run: str | Path) -> dict[str, Any] | None:
-    """The run's resolved config, or None when it has none."""
+    """The run's resolved config, or None when it has none (a damaged one is one line)."""
     path = Path(run) / CONFIG_FILE
-    return yaml.safe_load(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is damaged: {str(exc).splitlines()[0]}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} is damaged: not a mapping of options")
+    return config
 
 
 def append_metrics(run: str | Path, row: dict[str, Any]) -> None:
-    """Add one line to ``metrics.jsonl``."""
-    with open(Path(run) / METRICS_FILE, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    """Add one line to ``metrics.jsonl`` (on a line of its own, after a line a killed writer left torn)."""
+    path = Path(run) / METRICS_FILE
+    torn = False
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+    with open(path, "a") as f:
+        f.write(("\n" if torn else "") + json.dumps(row) + "\n")
 
 
 def _metric_lines(run: str | Path) -> list[dict[str, Any]]:
+    """The parsed lines of ``metrics.jsonl``; a torn or foreign line is skipped with one warning."""
     path = Path(run) / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows, bad = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line) if line.strip() else None
+        except ValueError:
+            row = "bad"
+        if isinstance(row, dict):
+            rows.append(row)
+        elif row is not None:
+            bad += 1
+    if bad:
+        print(f"reslab: warning: skipped {bad} damaged line(s) of {path}", file=sys.stderr)
+    return rows
 
 
 def read_metrics(run: str | Path) -> list[dict[str, Any]]:

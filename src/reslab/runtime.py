@@ -21,6 +21,8 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise ConfigError(f"--device {name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: reslab runs on cpu and cuda devices only (use auto, cpu, cuda or cuda:N)")
     return device
 
 

@@ -35,7 +35,7 @@ from .data import (
     typical_image_size,
 )
 from .data.extras import mix_batch
-from .errors import ConfigError, Interrupted, UserError
+from .errors import CheckpointError, ConfigError, DataError, Interrupted, UserError
 from .evaluate import evaluate_batches, recalibrate_bn
 from .hooks import (
     AccuracyMarks,
@@ -220,8 +220,11 @@ class Run:
         if bad is not None:
             epoch = math.ceil(bad / len(self.train_batches))
             raise UserError(f"the loss became non-finite at step {bad} (epoch {epoch}, lr {self.meter.lr:.3g}); "
-                            f"try a lower --lr; the last good checkpoint is "
-                            f"{self.out / rundir.CHECKPOINT_FILE}")
+                            f"try a lower --lr{self._last_good()}")
+
+    def _last_good(self) -> str:
+        ckpt = self.out / rundir.CHECKPOINT_FILE
+        return f"; the last good checkpoint is {ckpt}" if ckpt.is_file() else " (no checkpoint was written yet)"
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Everything needed to resume: plain containers and tensors only (loadable with weights_only)."""
@@ -239,8 +242,8 @@ class Run:
         if not self.dist.main:
             return
         if not all(torch.isfinite(p).all() for p in unwrap_model(self.model).parameters()):
-            raise UserError(f"the weights became non-finite at step {self.step}; try a lower --lr (the last good "
-                            f"checkpoint is {self.out / rundir.CHECKPOINT_FILE})")
+            raise UserError(f"the weights became non-finite at step {self.step}; try a lower --lr"
+                            f"{self._last_good()}")
         save_checkpoint(self.out / rundir.CHECKPOINT_FILE, self.checkpoint_state())
 
 
@@ -300,6 +303,9 @@ def setup(cfg: TrainConfig, resume: dict[str, Any] | None = None, started: float
     pretrained = load_pretrained(cfg.pretrained, cfg.arch) if cfg.pretrained and resume is None else None
     if pretrained is not None:
         data.mean, data.std = pretrained.mean, pretrained.std
+    if len(data.classes) < 2:
+        raise DataError(f"{cfg.data} has one class ({data.classes[0]}): a classifier needs at least two to learn "
+                        f"anything (every image would be 100 % right)")
     if d.main:
         print(_describe_classes(data.train, cfg.balance), file=sys.stderr)
     if cfg.drop_last and cfg.batch_size > len(data.train):
@@ -721,6 +727,10 @@ def train(config: TrainConfig | None = None, *, preset: str | None = None, resum
         raise UserError(f"no run directory {resume} to resume")
     with rundir.own(resume, new=False):
         state = load_checkpoint(Path(resume) / rundir.CHECKPOINT_FILE)
+        if not (isinstance(state, dict) and {"config", "step", "model", "meta"} <= set(state)):
+            raise CheckpointError(f"{Path(resume) / rundir.CHECKPOINT_FILE} is not a reslab training checkpoint (it "
+                                  f"holds {'a bare state_dict' if isinstance(state, dict) else type(state).__name__}"
+                                  f"): nothing to resume")
         run = setup(resume_config(state["config"], overrides, resume), resume=state, started=started,
                     data_changed=data_changed)
         if run.step >= run.total_steps and not run.meter.seen and rundir.is_finished(run.out):
