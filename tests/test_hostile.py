@@ -573,3 +573,52 @@ def test_a_killed_checkpoint_writes_temporary_file_is_removed(tmp_path, cli):
     (run / f".last.pt.tmp{dead}").write_bytes(b"half")
     assert cli("train", "--resume", run, "--epochs", "2")[0] == 0
     assert not (run / f".last.pt.tmp{dead}").exists()
+
+
+def _slow_eval_folder(tmp_path) -> Path:
+    """Few training images, many test images: the final evaluation (with 6-view TTA) lasts seconds."""
+    folder = make_folder(tmp_path / "data", per_class=8, splits=("train",))
+    make_folder(folder, per_class=150, splits=("test",), seed=1)
+    return folder
+
+
+def _slow_eval_run(folder, run, *extra, tta="flip_shift"):
+    return _train(folder, run, "--steps", "3", "--tta", tta, "--log-every", "1", *extra)
+
+
+def test_ctrl_c_during_the_final_evaluation_stops_and_resumes(tmp_path):
+    folder = _slow_eval_folder(tmp_path)
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_slow_eval_run(folder, run), stderr=subprocess.PIPE, text=True, bufsize=0)
+    seen = ""
+    while "step 3/3" not in seen and proc.poll() is None:
+        seen += proc.stderr.read(1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, seen + err
+    assert "SIGINT received during the evaluation: stopped after it" in err and "(it writes the model)" in err
+    assert not (run / "model.safetensors").exists()
+    r = subprocess.run(_reslab("train", "--resume", run), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and (run / "model.safetensors").is_file(), r.stderr
+    from reslab.rundir import read_metrics
+
+    assert read_metrics(run)[-1]["test_acc"] is not None
+
+
+def test_a_kill_while_scoring_the_marks_is_resumed(tmp_path):
+    folder = _slow_eval_folder(tmp_path)
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_slow_eval_run(folder, run, "--epochs", "10", "--steps", "30", "--accuracy-marks",
+                                           "[0.01]", tta="none"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (run / "model.safetensors").exists() and proc.poll() is None:
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed while scoring"
+    from reslab.rundir import read_marks
+
+    assert read_marks(run) == {}
+    r = subprocess.run(_reslab("train", "--resume", run), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "its accuracy marks were not scored (interrupted): scoring them now" in r.stderr
+    assert read_marks(run)["0.01"]["test_acc"] > 0

@@ -317,6 +317,12 @@ class StopOnSignal(Hook):
         if received:
             run.stop = signal.Signals(received).name
 
+    def on_epoch_end(self, run: Run, metrics: dict[str, Any]) -> None:
+        """A signal that came during the evaluation stops the run here (the checkpointer saves this epoch)."""
+        received = distributed.max_int(self.received, run.device) if run.dist.enabled else self.received
+        if received:
+            run.stop = signal.Signals(received).name
+
     def close(self) -> None:
         for s, h in self.old.items():
             signal.signal(s, h)

@@ -546,6 +546,10 @@ def fit(run: Run) -> TrainResult:
             # An epoch ends at its last batch, or where the run ends; a resume may land exactly there.
             if run.meter.seen and (run.step % steps_per_epoch == 0 or run.step >= run.total_steps):
                 _end_epoch(run)
+                if run.stop:  # a signal during the evaluation: stop before the model is written
+                    raise Interrupted(f"{run.stop} received during the evaluation: stopped after it and saved "
+                                      f"{run.out / rundir.CHECKPOINT_FILE}; continue with: reslab train --resume "
+                                      f"{run.out}" + (" (it writes the model)" if run.step >= run.total_steps else ""))
             if run.step >= run.total_steps:
                 break
             _train_epoch(run)
@@ -733,7 +737,11 @@ def train(config: TrainConfig | None = None, *, preset: str | None = None, resum
                                   f"): nothing to resume")
         run = setup(resume_config(state["config"], overrides, resume), resume=state, started=started,
                     data_changed=data_changed)
-        if run.step >= run.total_steps and not run.meter.seen and rundir.is_finished(run.out):
+        marks_lost = run.cfg.accuracy_marks and not rundir.read_marks(run.out)  # killed while scoring them
+        if marks_lost and rundir.is_finished(run.out) and run.dist.main:
+            print(f"reslab: {run.out} finished training but its accuracy marks were not scored (interrupted): "
+                  f"scoring them now", file=sys.stderr)
+        if run.step >= run.total_steps and not run.meter.seen and rundir.is_finished(run.out) and not marks_lost:
             raise UserError(f"{run.out} already finished ({run.step} steps, {run.total_steps} asked): give a longer "
                             f"--epochs or --steps with --resume to train on")
         return fit(run)
