@@ -445,7 +445,7 @@ def test_ctrl_c_while_importing_is_one_line(tmp_path):
     time.sleep(0.3)  # inside the imports (torch alone takes about a second)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err or "received" in err, err
+    assert proc.returncode == 130 and "Traceback" not in err and ("interrupted" in err or "received" in err), err
 
 
 @pytest.mark.parametrize("content", ["state_dict", "list"])
@@ -567,7 +567,7 @@ def test_skipped_files_are_said_on_every_load(tmp_path):
 
 
 def test_a_killed_checkpoint_writes_temporary_file_is_removed(tmp_path, cli):
-    folder, run = _trained(tmp_path, cli)
+    _, run = _trained(tmp_path, cli)
     dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True).stdout)
     (run / f".last.pt.tmp{dead}").write_bytes(b"half")
