@@ -12,6 +12,8 @@ The public API::
 """
 
 import importlib
+import sys
+import types
 from typing import Any
 
 # Imported on first use (PEP 562): the console script starts without torch, so a Ctrl-C while torch loads is caught.
@@ -32,6 +34,18 @@ def __getattr__(name: str) -> Any:
     except ModuleNotFoundError:
         raise AttributeError(f"module 'reslab' has no attribute {name!r}") from None
 
+
+class _Package(types.ModuleType):
+    """Importing the submodule ``reslab.train`` would bind it over the function ``reslab.train`` (and ``evaluate``):
+    the API's names win, as they did when this file imported them eagerly."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _API and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 __all__ = ["PRESETS", "EvalResult", "TrainConfig", "TrainResult", "UserError", "__version__", "create_model",
            "evaluate", "list_models", "load_model", "make_config", "predict", "train"]

@@ -222,6 +222,13 @@ class Run:
             raise UserError(f"the loss became non-finite at step {bad} (epoch {epoch}, lr {self.meter.lr:.3g}); "
                             f"try a lower --lr{self._last_good()}")
 
+    def interrupted(self) -> Interrupted:
+        """What a stop request ends the run with (the checkpointer has saved this step)."""
+        rest = " (it only finishes: training is done)" if self.step >= self.total_steps else ""
+        return Interrupted(f"{self.stop} received: stopped after step {self.step} and saved "
+                           f"{self.out / rundir.CHECKPOINT_FILE}; continue with: reslab train --resume {self.out}"
+                           f"{rest}")
+
     def _last_good(self) -> str:
         ckpt = self.out / rundir.CHECKPOINT_FILE
         return f"; the last good checkpoint is {ckpt}" if ckpt.is_file() else " (no checkpoint was written yet)"
@@ -546,10 +553,8 @@ def fit(run: Run) -> TrainResult:
             # An epoch ends at its last batch, or where the run ends; a resume may land exactly there.
             if run.meter.seen and (run.step % steps_per_epoch == 0 or run.step >= run.total_steps):
                 _end_epoch(run)
-                if run.stop:  # a signal during the evaluation: stop before the model is written
-                    raise Interrupted(f"{run.stop} received during the evaluation: stopped after it and saved "
-                                      f"{run.out / rundir.CHECKPOINT_FILE}; continue with: reslab train --resume "
-                                      f"{run.out}" + (" (it writes the model)" if run.step >= run.total_steps else ""))
+                if run.stop:  # a signal during the epoch's end (its evaluation): stop before the model is written
+                    raise run.interrupted()
             if run.step >= run.total_steps:
                 break
             _train_epoch(run)
@@ -595,8 +600,7 @@ def _train_epoch(run: Run) -> None:
         for hook in run.hooks:
             hook.on_step_end(run, loss, lr)
         if run.stop:
-            raise Interrupted(f"{run.stop} received: stopped after step {run.step} and saved "
-                              f"{run.out / rundir.CHECKPOINT_FILE}; continue with: reslab train --resume {run.out}")
+            raise run.interrupted()
         if run.step >= run.total_steps:
             break
 

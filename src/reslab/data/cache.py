@@ -178,6 +178,9 @@ def _wait_for(lock: ProcessLock, key: str) -> bool:
     """Wait until ``lock`` is free and take it (True), or give up when its holder's partial file has not changed for
     ``STALL_SECONDS`` (False: a stopped or hung holder must not hold every later run)."""
     holder = lock.holder()
+    if holder is None:  # taken a moment ago: its record follows at once
+        time.sleep(0.05)
+        holder = lock.holder()
     say(f"another reslab process ({holder or 'PID unknown'}) is decoding these images; waiting for it to finish")
     start = last_report = last_change = time.monotonic()
     last_seen = None
