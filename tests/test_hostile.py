@@ -493,10 +493,12 @@ def test_eval_export_and_plot_refuse_in_one_line(tmp_path, cli):
     folder, run = _trained(tmp_path, cli)
     _one_line_error(cli("eval", run, "--data", folder, "--batch-size", "0"), "--batch-size and --samples")
     _one_line_error(cli("export", run, "--format", "torchscript", "--out", run / "model.safetensors"),
-                    "is a file of the run itself")
+                    "is a file of a run")
+    _one_line_error(cli("plot", run, "--out", run / "model.safetensors"), "is a file of a run")
+    _one_line_error(cli("eval", run, "--data", folder, "--plot", run / "config.yaml"), "is a file of a run")
     (tmp_path / "notes.txt").write_text("mine")
     _one_line_error(cli("export", run, "--format", "torchscript", "--out", tmp_path / "notes.txt"),
-                    "exists and is not an export", "--force")
+                    "exists and is not a .onnx/.ts file reslab wrote", "--force")
     assert (tmp_path / "notes.txt").read_text() == "mine"
     (tmp_path / "exports").mkdir()
     code, _, err = cli("export", run, "--format", "torchscript", "--out", tmp_path / "exports")
@@ -622,3 +624,17 @@ def test_a_kill_while_scoring_the_marks_is_resumed(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "its accuracy marks were not scored (interrupted): scoring them now" in r.stderr
     assert read_marks(run)["0.01"]["test_acc"] > 0
+
+
+def test_a_hostile_tuning_cache_is_measured_again_not_obeyed(tmp_path, monkeypatch):
+    from reslab import tune
+
+    monkeypatch.setenv("RESLAB_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    good = {"threads": 1, "precision": "fp32", "channels_last": True, "seconds_per_step": 0.1}
+    for entry in ({**good, "threads": 100000}, {**good, "precision": "int3"}, {**good, "seconds_per_step": -1},
+                  {**good, "seconds_per_step": "nan"}, [1]):
+        (tmp_path / "cache" / "tune.json").write_text(json.dumps({"k": entry}))
+        assert tune.read_cache("k") is None
+    (tmp_path / "cache" / "tune.json").write_text(json.dumps({"k": good}))
+    assert tune.read_cache("k") is not None

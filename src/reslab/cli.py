@@ -120,6 +120,10 @@ def eval_cmd(model: str, data: str, split: str = "test", arch: Optional[str] = N
     """
     from .evaluate import evaluate
 
+    if plot:
+        from .rundir import check_output
+
+        check_output(plot, (".png",), option="--plot")
     r = evaluate(model, data, split=split, arch=arch, device=device, precision=precision, batch_size=batch_size,
                  samples=samples, data_dir=data_dir, tta=tta,
                  tta_fraction=tta_fraction)
@@ -241,7 +245,9 @@ def compare_cmd(config: TrainConfig, archs: Optional[str] = None, schedules: Opt
 
 def plot_cmd(runs: list[str], out: str = "curves.png", metric: str = "error") -> None:
     from .plots import plot_runs
+    from .rundir import check_output
 
+    check_output(out, (".png", ".pdf", ".svg"))
     print(plot_runs(runs, out, metric=metric))
 
 

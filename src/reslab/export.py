@@ -15,7 +15,7 @@ import torch
 
 from .checkpoint import load_model, resolve_model_path
 from .errors import UserError
-from .rundir import CONFIG_FILE, RUN_FILES
+from .rundir import check_output
 
 TOLERANCE = 1e-4  # max |difference| of logits against PyTorch in eval mode
 
@@ -29,17 +29,6 @@ class ExportResult:
     max_abs_diff: float  # largest |logit difference| against PyTorch on a batch of random inputs
     ok: bool  # max_abs_diff <= TOLERANCE
     input_shape: list  # ["batch", 3, size, size]: the batch dimension is dynamic
-
-
-def _check_output(out: Path, source: Path, force: bool) -> None:
-    """Refuse to write over the model being exported, a run directory's own files, or (without ``force``) any
-    existing file that is not an earlier export (``.onnx``, ``.ts``)."""
-    if not out.exists():
-        return
-    if out.resolve() == source.resolve() or (out.name in RUN_FILES and (out.parent / CONFIG_FILE).exists()):
-        raise UserError(f"--out {out} is a file of the run itself: choose another --out")
-    if out.suffix not in (".onnx", ".ts") and not force:
-        raise UserError(f"--out {out} exists and is not an export: choose another --out, or add --force")
 
 
 def export(model: str | Path, format: str = "onnx", out: str | Path | None = None, *, arch: str | None = None,
@@ -69,7 +58,7 @@ def export(model: str | Path, format: str = "onnx", out: str | Path | None = Non
     out = Path(out or default_dir / name)
     if out.is_dir():
         out = out / name
-    _check_output(out, resolve_model_path(src), force)
+    check_output(out, (".onnx", ".ts"), force=force, source=resolve_model_path(src))
     out.parent.mkdir(parents=True, exist_ok=True)
     example = torch.randn(2, 3, size, size)
     check = torch.randn(check_batch, 3, size, size, generator=torch.Generator().manual_seed(0))

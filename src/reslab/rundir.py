@@ -74,6 +74,23 @@ def own(run: str | Path, new: bool, force: bool = False) -> Iterator[None]:
                 run.rmdir()
 
 
+def check_output(out: str | Path, kinds: tuple[str, ...], *, force: bool = False, source: Path | None = None,
+                 option: str = "--out") -> None:
+    """Refuse to write ``out`` over a file users need: the model being read (``source``), a run directory's own
+    files, or (without ``force``) any existing file that is not of the ``kinds`` reslab writes there."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if out.is_dir():
+        raise UserError(f"{option} {out} is a folder: give a file name")
+    if (source is not None and out.resolve() == Path(source).resolve()) or (
+            out.name in RUN_FILES and ((out.parent / CONFIG_FILE).exists() or (out.parent / LOCK_FILE).exists())):
+        raise UserError(f"{option} {out} is a file of a run: choose another {option}")
+    if out.suffix.lower() not in kinds and not force:
+        raise UserError(f"{option} {out} exists and is not a {'/'.join(kinds)} file reslab wrote: choose another "
+                        f"{option}" + (", or add --force" if source is not None else ""))
+
+
 def package_version() -> str:
     """reslab's version, from the installed package metadata ("unknown" when run from a bare source tree)."""
     try:

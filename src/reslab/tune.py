@@ -13,6 +13,7 @@ a busy machine must not inherit an idle machine's answer, nor the reverse.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -198,10 +199,15 @@ def read_cache(key: str) -> tuple[Choice, float] | None:
     """The cached choice and its seconds per step for ``key``, or None (also for a damaged file)."""
     try:
         entry = json.loads(_cache_path().read_text())[key]
-        return Choice(int(entry["threads"]), str(entry["precision"]), bool(entry["channels_last"])), \
-            float(entry["seconds_per_step"])
+        choice = Choice(int(entry["threads"]), str(entry["precision"]), bool(entry["channels_last"]))
+        seconds = float(entry["seconds_per_step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    # A hand-edited or foreign entry is measured again, never obeyed (100,000 threads crash torch).
+    if not (1 <= choice.threads <= usable_cores() and choice.precision in ("fp32", "bf16")
+            and math.isfinite(seconds) and seconds > 0):
+        return None
+    return choice, seconds
 
 
 def write_cache(key: str, decision: Decision) -> None:
