@@ -42,14 +42,6 @@ def _big_folder(root: Path, n: int = 400, size: int = 200) -> Path:
     return root
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z" if Path(f"/proc/{pid}").exists() else True
-
-
 def _children(pid: int) -> list[int]:
     """Direct children of ``pid`` (Linux /proc)."""
     kids = []
@@ -82,7 +74,9 @@ def test_kill_9_mid_decode_leaves_no_workers_and_no_hang(tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and len(workers) >= 2, "the first run ended before it was decoding"
     time.sleep(1.0)
-    orphans = [w for w in workers if _alive(w)]
+    from reslab.locks import pid_alive
+
+    orphans = [w for w in workers if pid_alive(w)]
     for w in orphans:  # never leave them to the rest of the suite
         os.kill(w, signal.SIGKILL)
     assert not orphans, "decode workers outlived their parent"
