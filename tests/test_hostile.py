@@ -276,7 +276,8 @@ def test_a_model_whose_running_statistics_are_broken_is_said_and_repaired(tmp_pa
     import torch
 
     from reslab.config import make_config
-    from reslab.train import _check_eval_mode, setup
+    from reslab.loop import _check_eval_mode
+    from reslab.train import setup
 
     folder = make_folder(tmp_path / "data", per_class=16)
     run = setup(make_config(data=str(folder), arch="resnet20", batch_size=16, threads=1, precision="fp32",

@@ -180,47 +180,59 @@ MAX_INPUT_SIZE = MAX_IMAGE_SIZE  # a model file may not ask for more (a forward 
 def check_meta(meta: Any, path: Path, outputs: int | None) -> dict[str, Any]:
     """The metadata of a model file, checked against its weights (``outputs`` classes) and sane bounds: one line for
     the first problem (a hand-edited or foreign file must not reach an allocation of terabytes or a wrong label)."""
-    from typing import get_args
-
-    from .config import TTA, Augment
 
     def bad(what: str) -> CheckpointError:
         return CheckpointError(f"{path}: its metadata is damaged: {what}")
 
     if not isinstance(meta, dict):
         raise bad(f"a {type(meta).__name__}, not an object")
-    def number(v: object) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
     if "arch" in meta and not isinstance(meta["arch"], str):
         raise bad(f"arch {meta['arch']!r} is not a name")
     if not isinstance(meta.get("model_kwargs", {}), dict):
         raise bad(f"model_kwargs {meta['model_kwargs']!r} is not an object")
-    classes = meta.get("classes")
-    if classes is not None:
-        if not (isinstance(classes, list) and all(isinstance(c, str) and c for c in classes)):
-            raise bad("classes is not a list of names")
-        if outputs is not None and len(classes) != outputs:
-            raise bad(f"{len(classes)} class names for the {outputs} outputs of its weights")
-        if len(set(classes)) != len(classes):
-            raise bad(f"duplicate class names ({next(c for c in classes if classes.count(c) > 1)!r})")
-    size = meta.get("input_size")
+    problem = _classes_problem(meta.get("classes"), outputs) or _inputs_problem(meta)
+    if problem:
+        raise bad(problem)
+    return meta
+
+
+def _classes_problem(classes: Any, outputs: int | None) -> str | None:
+    if classes is None:
+        return None
+    if not (isinstance(classes, list) and all(isinstance(c, str) and c for c in classes)):
+        return "classes is not a list of names"
+    if outputs is not None and len(classes) != outputs:
+        return f"{len(classes)} class names for the {outputs} outputs of its weights"
+    if len(set(classes)) != len(classes):
+        return f"duplicate class names ({next(c for c in classes if classes.count(c) > 1)!r})"
+    return None
+
+
+def _inputs_problem(meta: dict[str, Any]) -> str | None:
+    """What is wrong with how the file says its inputs are fed (size, augmentation, TTA, normalisation), or None."""
+    from typing import get_args
+
+    from .config import TTA, Augment
+
+    def number(v: object) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    size, fraction = meta.get("input_size"), meta.get("tta_fraction")
     if size is not None and not (isinstance(size, int) and not isinstance(size, bool) and 1 <= size <= MAX_INPUT_SIZE):
-        raise bad(f"input_size {size!r} is not a size in pixels from 1 to {MAX_INPUT_SIZE}")
+        return f"input_size {size!r} is not a size in pixels from 1 to {MAX_INPUT_SIZE}"
     if meta.get("augment") is not None and meta["augment"] not in get_args(Augment):
-        raise bad(f"augment {meta['augment']!r} is not one of {', '.join(get_args(Augment))}")
+        return f"augment {meta['augment']!r} is not one of {', '.join(get_args(Augment))}"
     if meta.get("tta") is not None and meta["tta"] not in get_args(TTA):
-        raise bad(f"tta {meta['tta']!r} is not one of {', '.join(get_args(TTA))}")
-    fraction = meta.get("tta_fraction")
+        return f"tta {meta['tta']!r} is not one of {', '.join(get_args(TTA))}"
     if fraction is not None and not (number(fraction) and 0 < fraction <= 1):
-        raise bad(f"tta_fraction {fraction!r} is not a fraction in (0, 1]")
+        return f"tta_fraction {fraction!r} is not a fraction in (0, 1]"
     for key in ("mean", "std"):
         v = meta.get(key)
         if v is not None and not (isinstance(v, list) and len(v) == 3 and all(number(x) for x in v)):
-            raise bad(f"{key} {v!r} is not three numbers (one per colour channel)")
+            return f"{key} {v!r} is not three numbers (one per colour channel)"
     if meta.get("std") is not None and min(meta["std"]) <= 0:
-        raise bad(f"std {meta['std']} has a value that is not positive")
-    return meta
+        return f"std {meta['std']} has a value that is not positive"
+    return None
 
 
 def load_model(path: str | Path, arch: str | None = None, num_classes: int | None = None,

@@ -85,15 +85,19 @@ def summary_cmd(arch: str, image_size: Optional[int] = None, num_classes: int = 
 def train_cmd(config: TrainConfig, preset: Optional[str] = None, resume: Optional[str] = None,
               given: frozenset[str] = frozenset(), force: bool = False, data_changed: Optional[str] = None) -> None:
     """Train a new run from ``config``, or continue ``resume`` with the options ``given`` on the command line."""
+    from .distributed import shutdown
     from .runtime import process_age
     from .train import train
 
     started = time.perf_counter() - process_age()  # --time-budget counts the whole command, imports included
-    if resume:
-        train(resume=resume, preset=preset, started=started, data_changed=data_changed == "ok",
-              **{k: getattr(config, k) for k in given})
-    else:
-        train(config, started=started, force=force)
+    try:
+        if resume:
+            train(resume=resume, preset=preset, started=started, data_changed=data_changed == "ok",
+                  **{k: getattr(config, k) for k in given})
+        else:
+            train(config, started=started, force=force)
+    finally:
+        shutdown()
 
 
 def eval_cmd(model: str, data: str, split: str = "test", arch: Optional[str] = None, device: str = "auto",
@@ -454,6 +458,29 @@ def _preset_in(argv: list[str]) -> str | None:
     return None
 
 
+def _dispatch(command: str, args: dict[str, Any], argv: list[str]) -> None:
+    """Run ``command`` with its parsed ``args``; ``train`` and ``compare`` build a ``TrainConfig`` first."""
+    if command == "train":
+        special = {k: args.pop(k, None) for k in ("preset", "resume", "force", "data_changed")}
+        if special["data_changed"] and not special["resume"]:
+            raise ConfigError("--data-changed goes with --resume")
+        options = _given_options(argv)
+        given = frozenset(options & set(args))
+        if special["resume"] and "config" in options:
+            raise ConfigError("--resume continues a run with its saved config: no --config with it")
+        if not special["resume"]:
+            args.update(budget_rule_fields(special["preset"], args["time_budget"], options))
+        special["force"] = bool(special["force"])
+        COMMANDS[command](TrainConfig(**args), given=given, **special)
+    elif command == "compare":
+        special = {k: args.pop(k, None) for k in ("preset", "archs", "schedules", "budgets", "seeds")}
+        out = args.pop("out", None) or "runs/compare"  # --out names the comparison directory
+        fixed = frozenset(_given_options(argv))  # as for train: flags and --config override the budget rule
+        COMMANDS[command](TrainConfig(**args), compare_out=out, fixed=fixed, **special)
+    else:
+        COMMANDS[command](**args)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``reslab`` console script; returns the exit status."""
     argv = _normalise_argv(list(sys.argv[1:] if argv is None else argv))
@@ -480,25 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("config", "__path__"):
         args.pop(key, None)
     try:
-        if command == "train":
-            special = {k: args.pop(k, None) for k in ("preset", "resume", "force", "data_changed")}
-            if special["data_changed"] and not special["resume"]:
-                raise ConfigError("--data-changed goes with --resume")
-            options = _given_options(argv)
-            given = frozenset(options & set(args))
-            if special["resume"] and "config" in options:
-                raise ConfigError("--resume continues a run with its saved config: no --config with it")
-            if not special["resume"]:
-                args.update(budget_rule_fields(special["preset"], args["time_budget"], options))
-            special["force"] = bool(special["force"])
-            COMMANDS[command](TrainConfig(**args), given=given, **special)
-        elif command == "compare":
-            special = {k: args.pop(k, None) for k in ("preset", "archs", "schedules", "budgets", "seeds")}
-            out = args.pop("out", None) or "runs/compare"  # --out names the comparison directory
-            fixed = frozenset(_given_options(argv))  # as for train: flags and --config override the budget rule
-            COMMANDS[command](TrainConfig(**args), compare_out=out, fixed=fixed, **special)
-        else:
-            COMMANDS[command](**args)
+        _dispatch(command, args, argv)
     except Interrupted as exc:
         print(f"reslab: {exc}", file=sys.stderr)
         return 130

@@ -279,11 +279,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Time-to-accuracy on CIFAR-10, after the public fast trainers (airbench, the ResNet-9 DAWNBench
     # entries): a small residual net with a whitened stem, Nesterov SGD with a short warm-up and a linear decay to
     # zero, label smoothing 0.2, frozen BatchNorm scales with a 64x bias learning rate, lookahead weight averaging,
-    # 2-px reflected translations and flips, flip test-time augmentation. Batch 256 / lr 0.75 won 2.5-minute pilot
-    # runs on the 2-core CPU against batch 512 (lr 0.5, 1, 2) and 128 (lr 0.3, within noise); more steps beat
-    # bigger batches at these budgets. Weight decay 2e-3 (1.5e-3 per step at the peak lr) is not airbench's: airbench's
-    # decoupled 0.0153 per 1,024 images would be 5e-4 per step at batch 256; halving ours tied at 10 minutes
-    # (86.36 against 86.42 %, issue 17). The net and the TTA grow with --time-budget: BUDGET_RULES below.
+    # 2-px reflected translations and flips, flip test-time augmentation. Batch 256 / lr 0.75: more steps beat
+    # bigger batches at these budgets on a CPU. Weight decay 2e-3 (1.5e-3 per step at the peak lr) is not airbench's
+    # (its decoupled 0.0153 per 1,024 images would be 5e-4 per step at batch 256). The measurements behind these are in
+    # the README ("The fast preset"). The net and the TTA grow with --time-budget: BUDGET_RULES below.
     "fast": dict(arch="resnet9s", augment="fast", batch_size=256, lr=0.75, momentum=0.85, nesterov=True,
                  weight_decay=2e-3, decay_bn_bias=True, freeze_bn_scale=True, bias_lr_scale=64.0, lookahead=True,
                  label_smoothing=0.2, schedule="linear", schedule_unit="epoch", warmup=0.3, epochs=8,
@@ -297,7 +296,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # this one recipe). The paper's nets, option-A shortcuts, paper augmentation and weight decay, on a class-balanced
     # 10,000-image subset for 10 epochs: one epoch of warm-up and a cosine decay, and residual branches that start at
     # zero (Goyal et al. 2017; a ResNet-only trick, a no-op for plain nets) so that the deep ResNet is not held back
-    # by its start at lr 0.1 in so few steps. README "Depth" has the pilots that chose it.
+    # by its start at lr 0.1 in so few steps. README "Depth" has the measurements that chose it.
     "degradation": dict(arch="resnet20", augment="paper", train_samples=10000, test_samples=2000, batch_size=128,
                         lr=0.1, momentum=0.9, weight_decay=1e-4, decay_bn_bias=True, schedule="cosine", warmup=1,
                         epochs=10, zero_init_residual=True),
@@ -315,8 +314,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Choices of a preset that depend on its --time-budget, keyed on the *epochs the budget buys here*: (from this many
 # epochs on, these values; later rows win). The epochs are those of the preset's own net (resnet9s for fast),
 # estimated at the start of the run from the measured step time (``reslab.tune``) and the time left, so a 5-minute
-# run on a fast CPU gets the choices a 20-minute run gets on a slow one. The thresholds and the pilots that chose
-# them are in the README ("The fast preset: accuracy against time").
+# run on a fast CPU gets the choices a 20-minute run gets on a slow one. The thresholds and the measurements that
+# chose them are in the README ("The fast preset: accuracy against time").
 BUDGET_RULES: dict[str, list[tuple[float, dict[str, Any]]]] = {
     # From 1 epoch of resnet9s: the two-conv GELU net (conv8m, 32/128/128) with Muon on its filters and its
     # whitening bias trained for 3 epochs, and the six test views for the 30 % least-confident test images (the

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -28,40 +28,8 @@ from . import distributed, rundir
 from .checkpoint import atomic_write, unwrap_model
 from .errors import UserError
 from .evaluate import evaluate_batches, tta_cost
+from .loop import Hook, Run
 from .progress import Progress
-
-if TYPE_CHECKING:
-    from .train import Run
-
-
-class Hook:
-    """A training feature with its own state. Every method is optional; the defaults do nothing."""
-
-    name = "hook"
-
-    def on_fit_start(self, run: Run) -> None: ...
-
-    def on_epoch_start(self, run: Run) -> None:
-        """After ``model.train()``, before the epoch's first step."""
-
-    def on_step_end(self, run: Run, loss: torch.Tensor, lr: float) -> None: ...
-
-    def on_epoch_end(self, run: Run, metrics: dict[str, Any]) -> None: ...
-
-    def on_fit_end(self, run: Run, metrics: dict[str, Any]) -> None: ...
-
-    def close(self) -> None:
-        """Release what the hook holds (signal handlers, files), after success or failure."""
-
-    def model_for_eval(self) -> torch.nn.Module | None:
-        """The model to evaluate and save instead of the trained one (an average of it), or None."""
-        return None
-
-    def state_dict(self) -> dict[str, Any] | None:
-        return None
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
 
 # --- weights ----------------------------------------------------------------------------------------------------------
 
@@ -231,7 +199,7 @@ class TimeBudget(Hook):
     def on_fit_start(self, run: Run) -> None:
         self.start_step = run.step
         if self.total is not None:
-            run.total_steps = self.total
+            run.set_total_steps(self.total)
 
     def on_step_end(self, run: Run, loss: torch.Tensor, lr: float) -> None:
         done, first, window = run.step - self.start_step, BUDGET_MEASURE[0], sum(BUDGET_MEASURE)
@@ -249,7 +217,8 @@ class TimeBudget(Hook):
             warmup_steps = math.ceil(run.cfg.warmup * len(run.train_batches)) + 1
             total = size_to_budget(self.budget, self.clock() - run.clock, run.step, per_step,
                                    eval_seconds(eval_images, run.cfg, per_step, self.eval_cost), warmup_steps)
-            self.total = run.total_steps = distributed.broadcast_int(total, run.device)
+            self.total = distributed.broadcast_int(total, run.device)
+            run.set_total_steps(self.total)
             if done == window and run.dist.main:
                 print(f"time budget {self.budget / 60:g} min: {per_step:.3f} s per step measured, so {self.total} "
                       f"steps ({self.total / len(run.train_batches):.1f} epochs)", file=sys.stderr)
@@ -315,13 +284,13 @@ class StopOnSignal(Hook):
                 return
             received = distributed.max_int(received, run.device)
         if received:
-            run.stop = signal.Signals(received).name
+            run.request_stop(signal.Signals(received).name)
 
     def on_epoch_end(self, run: Run, metrics: dict[str, Any]) -> None:
         """A signal that came during the evaluation stops the run here (the checkpointer saves this epoch)."""
         received = distributed.max_int(self.received, run.device) if run.dist.enabled else self.received
         if received:
-            run.stop = signal.Signals(received).name
+            run.request_stop(signal.Signals(received).name)
 
     def close(self) -> None:
         for s, h in self.old.items():

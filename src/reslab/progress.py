@@ -54,9 +54,6 @@ class Progress:
         self.stream.write(("\r" if self.tty else "") + " | ".join(parts) + " " * 8 + "\n")
         self.stream.flush()
 
-    def close(self) -> None:
-        self.stream.flush()
-
 
 class CountProgress:
     """``label: done/total (pct) rate/s ETA`` for long one-off work (decoding a folder), silent when it is quick.

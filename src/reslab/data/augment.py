@@ -31,7 +31,7 @@ from torch import Tensor
 
 from . import extras
 
-SEED_RESIZE, SEED_CROP = 256, 64
+SEED_RESIZE = 256  # the seed's Resize(256); its crop is the input size (64 in its preset)
 PHOTO_CROP_RATIO = 0.875  # evaluate the centre 224 of 256 (torchvision's ImageNet protocol)
 PHOTO_SCALE, PHOTO_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # RandomResizedCrop's defaults
 SEED_JITTER = dict(brightness=0.5, contrast=0.5, hue=0.3)

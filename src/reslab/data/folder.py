@@ -216,10 +216,10 @@ def decode_images(paths: list[str], size: int | None, *, workers: int | None = N
     return Decoded(hit.images, kept, np.asarray(hit.meta["histogram"], np.int64), mapped)
 
 
-def _warn_skipped(files: list[str], when: str = "") -> None:
+def _warn_skipped(files: list[str], when: str = "", stacklevel: int = 4) -> None:
     shown = ", ".join(files[:5]) + (" ..." if len(files) > 5 else "")
     warnings.warn(f"skipped {len(files)} unreadable image file(s){' (' + when + ')' if when else ''}: {shown}",
-                  stacklevel=4)
+                  stacklevel=stacklevel)
 
 
 def _open_writer(key: str, n: int, size: int | None, mapped: bool) -> EntryWriter | None:
@@ -232,14 +232,55 @@ def _open_writer(key: str, n: int, size: int | None, mapped: bool) -> EntryWrite
         return None
 
 
+class _Rows:
+    """The decoded images as they arrive, in file order: kept in memory (unless mapped), written to the cache entry,
+    counted into the pixel histogram; unreadable files are remembered."""
+
+    def __init__(self, paths: list[str], writer: EntryWriter | None, strict: bool, mapped: bool) -> None:
+        self.paths, self.writer, self.strict, self.mapped = paths, writer, strict, mapped
+        self.arrays: list[np.ndarray] = []
+        self.kept: list[int] = []
+        self.bad: list[tuple[int, str]] = []
+        self.shape: tuple[int, ...] | None = None
+        self.pending: list[np.ndarray] = []
+        self.hist = np.zeros((3, 256), np.int64)
+
+    def add(self, i: int, r: np.ndarray | str) -> None:
+        if isinstance(r, str):
+            if self.strict:
+                raise DataError(f"cannot read image {self.paths[i]}: {r}")
+            self.bad.append((i, r))
+            return
+        if self.shape is None:
+            self.shape = r.shape
+        elif r.shape != self.shape:
+            raise DataError(f"images have different sizes ({self.shape[:2]} and {r.shape[:2]} at {self.paths[i]}); "
+                            "decode them with a fixed size")
+        self.kept.append(i)
+        if self.writer is not None:
+            try:
+                self.writer.write(r)
+            except OSError as exc:
+                self.writer = _give_up(self.writer, exc, self.mapped)
+        if not self.mapped:
+            self.arrays.append(r)
+        self.pending.append(r)
+        if len(self.pending) == 1024:  # histograms in batches: per image they would cost as much as decoding
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.hist += channel_histogram(np.stack(self.pending))
+            self.pending.clear()
+
+
 def _decode(paths: list[str], size: int | None, key: str, writer: EntryWriter | None, workers: int | None,
             strict: bool, mapped: bool) -> Decoded:
     """Decode in parallel, in file order, into ``writer`` (and memory, unless ``mapped``); commit the entry."""
     jobs = [(p, size) for p in paths]
     n_workers = min(workers or usable_cores(), max(1, len(jobs) // 64))
     progress = CountProgress(len(jobs), f"decoding {len(jobs)} images of {Path(paths[0]).parent.parent}")
-    arrays, kept, bad, shape, pending = [], [], [], None, []
-    hist = np.zeros((3, 256), np.int64)
+    rows = _Rows(paths, writer, strict, mapped)
     try:
         with contextlib.ExitStack() as stack:
             if n_workers > 1:
@@ -251,57 +292,41 @@ def _decode(paths: list[str], size: int | None, key: str, writer: EntryWriter | 
                 results = map(_decode_one, jobs)
             for i, r in enumerate(results):
                 progress.update(i + 1)
-                if isinstance(r, str):
-                    if strict:
-                        raise DataError(f"cannot read image {paths[i]}: {r}")
-                    bad.append((i, r))
-                    continue
-                if shape is None:
-                    shape = r.shape
-                elif r.shape != shape:
-                    raise DataError(f"images have different sizes ({shape[:2]} and {r.shape[:2]} at {paths[i]}); "
-                                    "decode them with a fixed size")
-                kept.append(i)
-                if writer is not None:
-                    try:
-                        writer.write(r)
-                    except OSError as exc:
-                        writer = _give_up(writer, exc, mapped)
-                if not mapped:
-                    arrays.append(r)
-                pending.append(r)
-                if len(pending) == 1024:  # histograms in batches: per image they would cost as much as decoding
-                    hist += channel_histogram(np.stack(pending))
-                    pending.clear()
-        if pending:
-            hist += channel_histogram(np.stack(pending))
+                rows.add(i, r)
+        rows.flush()
         progress.done()
-        if not kept:
-            raise DataError(f"no usable images among {len(paths)} files (first error: {bad[0][1]})")
-        if bad:
-            _warn_skipped([paths[i] for i, _ in bad])
-        if _fingerprint(paths, size) != key:  # a file was replaced or rewritten while it was being read
-            raise DataError(f"image files under {Path(paths[0]).parent.parent} changed while they were decoded; "
-                            "nothing was kept: run again once the folder is stable")
-        meta = {"source": str(Path(paths[0]).parent.parent), "files": len(paths), "images": len(kept),
-                "store_size": size, "shape": [len(kept), *shape], "skipped": [i for i, _ in bad],
-                "histogram": hist.tolist(), "reslab": package_version()}
-        if writer is not None:
+        _check_result(rows, paths, size, key)
+        meta = {"source": str(Path(paths[0]).parent.parent), "files": len(paths), "images": len(rows.kept),
+                "store_size": size, "shape": [len(rows.kept), *rows.shape], "skipped": [i for i, _ in rows.bad],
+                "histogram": rows.hist.tolist(), "reslab": package_version()}
+        if rows.writer is not None:
             try:
-                writer.commit(meta)
+                rows.writer.commit(meta)
             except OSError as exc:
-                writer = _give_up(writer, exc, mapped)
+                rows.writer = _give_up(rows.writer, exc, mapped)
             else:
-                writer = None
+                rows.writer = None
     finally:
-        if writer is not None:
-            writer.abort()
+        if rows.writer is not None:
+            rows.writer.abort()
+    kept = np.asarray(rows.kept, np.int64)
     if mapped:
         hit = read_entry(key, mapped=True, files=len(paths))
         if hit is None:
             raise CacheUnavailable
-        return Decoded(hit.images, np.asarray(kept, np.int64), hist, mapped=True)
-    return Decoded(np.stack(arrays), np.asarray(kept, np.int64), hist)
+        return Decoded(hit.images, kept, rows.hist, mapped=True)
+    return Decoded(np.stack(rows.arrays), kept, rows.hist)
+
+
+def _check_result(rows: _Rows, paths: list[str], size: int | None, key: str) -> None:
+    """Something usable was decoded, skipped files are said, and no file changed while it was read."""
+    if not rows.kept:
+        raise DataError(f"no usable images among {len(paths)} files (first error: {rows.bad[0][1]})")
+    if rows.bad:
+        _warn_skipped([paths[i] for i, _ in rows.bad], stacklevel=5)
+    if _fingerprint(paths, size) != key:  # a file was replaced or rewritten while it was being read
+        raise DataError(f"image files under {Path(paths[0]).parent.parent} changed while they were decoded; "
+                        "nothing was kept: run again once the folder is stable")
 
 
 def _give_up(writer: EntryWriter, exc: OSError, mapped: bool) -> None:

@@ -82,7 +82,7 @@ class FastResNet(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, stem, kernel_size=WHITEN_KERNEL, padding=0, bias=True)
         self.conv1.weight.requires_grad_(False)  # set from the data by init_whitening, never trained
         # A filter init_whitening zeroed (a direction the data does not vary in) keeps a zero bias: trained, such a
-        # bias makes a constant channel whose BatchNorm running statistics never settle (issue 23: 10 % in eval mode).
+        # bias makes a constant channel whose BatchNorm running statistics never settle (10 % in eval mode).
         self.conv1.bias.register_hook(lambda grad: grad * self.conv1.weight.flatten(1).ne(0).any(1).to(grad.dtype))
         self.relu = ACTIVATIONS[act]()
         inplanes = stem

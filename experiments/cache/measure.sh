@@ -9,12 +9,12 @@ CIFAR=/work/shared/data/cifar10-jpeg
 PHOTOS=/tmp/big/photos
 HERE=$NEW/docs/results/cache
 grep -m1 "model name" /proc/cpuinfo; grep -o -m1 "avx512_bf16" /proc/cpuinfo || echo "no avx512_bf16"; nproc; date
-[ -d $PHOTOS/test ] || python $NEW/docs/results/decode/gen.py test 20
+[ -d $PHOTOS/test ] || python $NEW/experiments/decode/gen.py test 20
 
 echo "== cold decode (empty cache folder each time)"
 for tree in $ORIG $BEFORE $NEW; do
   for job in "$CIFAR train 32" "$PHOTOS train 256"; do
-    echo -n "$(basename $tree): "; PYTHONPATH=$tree/src python $NEW/docs/results/decode/measure.py $job
+    echo -n "$(basename $tree): "; PYTHONPATH=$tree/src python $NEW/experiments/decode/measure.py $job
   done
 done
 

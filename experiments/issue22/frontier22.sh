@@ -3,10 +3,10 @@
 # bf16. Lane A runs one `reslab train --preset fast --time-budget B` process per budget and seed (so each time is a
 # whole command, imports included), lane B the peer fit to the same budgets in the same order, so runs of one budget
 # overlap in time. Then `reslab compare` with the same options reuses the finished runs and writes the table.
-#   AB_DIR=... bash experiments/frontier22.sh OUT "2.5 5 10" "0 1" "1.0 3.5 8.4"
+#   AB_DIR=... bash experiments/issue22/frontier22.sh OUT "2.5 5 10" "0 1" "1.0 3.5 8.4"
 set -u
 OUT=$1; BUDGETS=$2; SEEDS=$3; PEER_EPOCHS=($4)
-DATA=${RESLAB_CIFAR10_DIR:-$(cd "$(dirname "$0")/../.." && pwd)/shared/data/cifar10-jpeg}
+DATA=${RESLAB_CIFAR10_DIR:-$(cd "$(dirname "$0")/../../.." && pwd)/shared/data/cifar10-jpeg}
 FLAGS=(--preset fast --threads 1 --precision bf16 --accuracy-marks '[]' --data "$DATA")
 mkdir -p "$OUT/reslab"
 (

@@ -2,10 +2,10 @@
 # Issue 22: with one of the two cores kept busy by another process (a one-thread matrix-product loop), does the
 # default `reslab train` pick the faster thread count by itself? Three 90-second budgeted runs of the fast preset
 # (bf16 where the CPU has it), one after another: default threads (the start-up probe decides), --threads 1, --threads 2.
-#   bash experiments/busy_core.sh OUT
+#   bash experiments/issue22/busy_core.sh OUT
 set -u
 OUT=$1; mkdir -p "$OUT"
-DATA=${RESLAB_CIFAR10_DIR:-$(cd "$(dirname "$0")/../.." && pwd)/shared/data/cifar10-jpeg}
+DATA=${RESLAB_CIFAR10_DIR:-$(cd "$(dirname "$0")/../../.." && pwd)/shared/data/cifar10-jpeg}
 python -c "import torch; torch.set_num_threads(1); a = torch.randn(1024, 1024)
 while True: a @ a" &
 BUSY=$!

@@ -1,6 +1,6 @@
 """Issue 22 pilot: does recomputing BatchNorm statistics after training (a pass over training batches in train mode,
 cumulative average, no gradient; what SWA's update_bn does after weight averaging) change a finished fast run's test
-accuracy? Usage: python experiments/bn_recalibrate.py DATA RUN [RUN ...]"""
+accuracy? Usage: python experiments/issue22/bn_recalibrate.py DATA RUN [RUN ...]"""
 
 import sys
 

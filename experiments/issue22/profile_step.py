@@ -1,6 +1,6 @@
 """Issue 22: where a bf16 training step spends its time on the CPU. Profiles a few steps of ARCH (default conv8m)
 at batch 256 in bf16 autocast, channels-last, with torch.profiler, and prints the operators by self CPU time.
-Usage: python experiments/profile_step.py [ARCH] [THREADS] [PRECISION]"""
+Usage: python experiments/issue22/profile_step.py [ARCH] [THREADS] [PRECISION]"""
 
 import sys
 

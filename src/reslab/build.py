@@ -1,0 +1,360 @@
+"""Builders: each part of a run made from its config (``train.setup`` composes them in order).
+
+The order matters for exact resume and reproducibility: the seed is set, then data, execution choices, batches, the
+model (its initialisation draws from the seeded generator), the optimizer; a checkpoint's states are put back last.
+
+Imports: everything a run is made of (``loop``, ``hooks``, models, data, tuning); never ``train``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import distributed, rundir, tune
+from .config import TrainConfig, budget_choices, resolve_inputs
+from .data import Batches, BatchTransform, DataBundle, data_changes, fingerprint, load_data, typical_image_size
+from .errors import ConfigError, DataError, UserError
+from .hooks import (
+    AccuracyMarks,
+    Checkpointer,
+    FrozenBackbone,
+    Lookahead,
+    MetricsLog,
+    ProgressLog,
+    SlowSteps,
+    StopOnSignal,
+    TimeBudget,
+    WeightEma,
+    WhiteningBiasWindow,
+)
+from .loop import Hook, Run
+from .models import create_model, model_info
+from .optim import SGD, Chain, Muon
+from .pretrained import Pretrained, apply_pretrained, load_pretrained
+from .runtime import default_channels_last, resolve_device, resolve_precision, set_threads, usable_cores
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_bn_bias: bool, bias_lr_scale: float = 1.0,
+                 head_lr_scale: float = 1.0) -> list[dict]:
+    """Optimizer groups of the trainable parameters, each with an ``lr_scale`` (its lr over the schedule's).
+
+    Weight decay goes on conv/linear weights; BatchNorm parameters and biases are excluded unless ``decay_bn_bias``.
+    BatchNorm biases (not their scales) learn ``bias_lr_scale`` times faster, with their decay per step kept the same;
+    the classifier (``fc``) learns ``head_lr_scale`` times faster.
+    """
+    bn_biases = {id(m.bias) for m in model.modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None}
+    fc = getattr(model, "fc", None)
+    head = {id(p) for p in fc.parameters()} if isinstance(fc, nn.Module) else set()
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        decay = weight_decay if p.ndim > 1 or decay_bn_bias else 0.0
+        scale = bias_lr_scale if id(p) in bn_biases else head_lr_scale if id(p) in head else 1.0
+        if id(p) in bn_biases:
+            decay /= bias_lr_scale
+        groups.setdefault((scale, decay), []).append(p)
+    return [{"params": ps, "lr_scale": scale, "weight_decay": decay} for (scale, decay), ps in groups.items()]
+
+
+def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer | SGD | Chain:
+    """SGD (the paper's, and the presets') or AdamW; each group carries its own weight decay. ``muon``: the conv
+    filters (4-D weights) on Muon at ``muon_lr`` (its ``lr_scale`` is muon_lr / lr, so one schedule drives both),
+    the rest on SGD.
+
+    SGD is reslab's own (``reslab.optim``: torch's arithmetic without importing ``torch._dynamo``, ~1 s of each start).
+    """
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    if cfg.optimizer == "muon":
+        filters = [p for g in groups for p in g["params"] if p.ndim == 4]
+        rest = [{**g, "params": [p for p in g["params"] if p.ndim != 4]} for g in groups]
+        sgd = SGD([g for g in rest if g["params"]], lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        return Chain(sgd, Muon([{"params": filters, "lr_scale": cfg.muon_lr / cfg.lr}], lr=cfg.muon_lr,
+                               momentum=cfg.muon_momentum))
+    return SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+def _check_same_data(before: dict | None, now: dict, out: Path, accept: bool, main: bool) -> None:
+    """A resumed run trains on the data it started on: a changed folder is refused (or, with ``accept``, said)."""
+    changes = data_changes(before, now) if before else []  # runs saved before reslab 0.3 recorded no fingerprint
+    if not changes:
+        return
+    what = "; ".join(changes)
+    if before["classes"] != now["classes"]:
+        raise UserError(f"the data of {out} changed since it started ({what}): a run cannot change its classes; start "
+                        f"a new run (--pretrained {out} starts from its weights once it has finished)")
+    if not accept:
+        raise UserError(f"the data of {out} changed since it started ({what}): put it back, or resume on it anyway "
+                        f"with --data-changed ok")
+    if main:
+        print(f"reslab: the data changed since the run started ({what}); continuing on it (--data-changed ok): the "
+              f"epochs are counted in its new size from here", file=sys.stderr)
+
+
+def total_steps(cfg: TrainConfig, train_images: int) -> int:
+    """The run's length in steps as configured (a time budget re-sizes it while training)."""
+    per_epoch = max(1, train_images // cfg.batch_size if cfg.drop_last else math.ceil(train_images / cfg.batch_size))
+    return cfg.steps or max(1, round(cfg.epochs * per_epoch))
+
+
+def _execution(cfg: TrainConfig, device: torch.device, d: distributed.Dist, num_classes: int,
+               train_images: int | None = None) -> tuple[TrainConfig, str, tune.Decision | None]:
+    """Threads, precision and memory format: what the config leaves open (None / auto) is measured on the CPU by a
+    short probe of the training step (``reslab.tune``) when the run is long enough to pay for it, or when a budget
+    rule needs the step time; else the static rules. A measured choice is written into the config (config.yaml), so
+    a resumed run keeps it. Under torchrun rank 0 measures and every rank takes its decision."""
+    open_ = cfg.threads is None or cfg.precision == "auto" or cfg.channels_last is None
+    long = cfg.time_budget or total_steps(cfg, train_images or 0) >= tune.PROBE_MIN_STEPS
+    if not (cfg.budget_rule or (open_ and long and device.type == "cpu")):
+        return cfg, resolve_precision(cfg.precision, device), None
+    if device.type != "cpu":  # GPUs keep the static rules; a budget rule still needs the step time
+        precision = resolve_precision(cfg.precision, device)
+        channels_last = cfg.channels_last if cfg.channels_last is not None else default_channels_last(device,
+                                                                                                    precision)
+        choice = tune.Choice(torch.get_num_threads(), precision, channels_last)
+        measure = tune.step_timer(cfg.arch, cfg.model_kwargs, num_classes, cfg.batch_size, cfg.input_size, device)
+        return cfg, precision, tune.decide([choice], measure)
+    decision = None
+    if d.main:
+        share = max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # torchrun's processes here
+        decision = tune.choose(cfg.arch, cfg.model_kwargs, num_classes, cfg.batch_size, cfg.input_size,
+                               threads=cfg.threads, precision=None if cfg.precision == "auto" else cfg.precision,
+                               channels_last=cfg.channels_last, cores=share)
+        print(decision.line(cfg.batch_size), file=sys.stderr)
+    chosen = decision.choice if decision else tune.Choice(1, "fp32", False)
+    threads = distributed.broadcast_int(chosen.threads, device)
+    precision = ("fp32", "bf16")[distributed.broadcast_int(int(chosen.precision == "bf16"), device)]
+    channels_last = bool(distributed.broadcast_int(int(chosen.channels_last), device))
+    torch.set_num_threads(threads)
+    cfg = dataclasses.replace(cfg, threads=threads, precision=precision, channels_last=channels_last)
+    return cfg, precision, decision
+
+
+# The loop's step against the probe's bare one (augmentation, lookahead and the meter, against the probe's two
+# steps on cold buffers): 1.0-1.07 in bf16 and 0.85 in fp32 for resnet9s, one thread, on the 2-core AVX512_BF16 EPYC.
+LOOP_STEP_OVERHEAD = 1.0
+
+
+def _apply_budget_rule(cfg: TrainConfig, device: torch.device, d: distributed.Dist, data: DataBundle,
+                       decision: tune.Decision | None, clock: float) -> tuple[TrainConfig, str, tune.Decision | None]:
+    """The preset's choices for the epochs its own net gets in the time left (``config.BUDGET_RULES``), said in one
+    line; a changed net has its execution measured again."""
+    from .hooks import EVAL_COST, eval_seconds, size_to_budget
+
+    per_step = decision.seconds_per_step * LOOP_STEP_OVERHEAD if decision else None
+    epochs = None
+    if per_step is not None:
+        per_epoch = max(1, len(data.train) // cfg.batch_size)
+        eval_images = len(data.test) + (len(data.val) if data.val is not None else 0)
+        evaluation = eval_seconds(eval_images, cfg, per_step, decision.eval_cost or EVAL_COST)
+        steps = size_to_budget(cfg.time_budget * 60, time.perf_counter() - clock, 0, per_step, evaluation)
+        epochs = distributed.broadcast_int(round(steps / per_epoch * 1000), device) / 1000
+    choices = budget_choices(cfg.budget_rule, epochs, cfg.budget_keep)
+    if d.main and epochs is not None:
+        said = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in choices.items()) or "its own choices"
+        print(f"{cfg.budget_rule} preset, {cfg.time_budget:g}-minute budget: ~{epochs:.1f} epochs of {cfg.arch} "
+              f"here, so {said}", file=sys.stderr)
+    if not choices:
+        return cfg, resolve_precision(cfg.precision, device), decision
+    cfg = dataclasses.replace(cfg, **choices)
+    if "arch" in choices:  # the new net timed under the choices just made (one timing: its step and eval cost)
+        return _execution(cfg, device, d, len(data.classes))
+    return cfg, resolve_precision(cfg.precision, device), decision
+
+
+def build_hooks(cfg: TrainConfig, model: nn.Module, out: Path, decision: tune.Decision | None = None) -> list[Hook]:
+    """The run's hooks, in the order they act after each step (the checkpointer last, so it saves their state)."""
+    hooks: list[Hook] = []
+    if decision is not None:
+        hooks.append(SlowSteps(decision.seconds_per_step * LOOP_STEP_OVERHEAD))
+    if cfg.freeze:
+        hooks.append(FrozenBackbone())
+    if cfg.lookahead:
+        hooks.append(Lookahead(model))
+    if cfg.whiten_bias_epochs is not None:  # after the lookahead, whose averaging would move the held bias
+        if not hasattr(model, "init_whitening"):
+            raise ConfigError(f"--whiten-bias-epochs needs a net with a whitening stem (--arch resnet9s), not "
+                              f"{cfg.arch}")
+        hooks.append(WhiteningBiasWindow(cfg.whiten_bias_epochs))
+    if cfg.ema:
+        hooks.append(WeightEma(model, cfg.ema))
+    if cfg.time_budget:  # the evaluation's cost as measured by the probe, where it ran
+        hooks.append(TimeBudget(cfg.time_budget, eval_cost=decision.eval_cost if decision else None))
+    if cfg.accuracy_marks:
+        hooks.append(AccuracyMarks(cfg.accuracy_marks, out))
+    return [*hooks, ProgressLog(cfg.log_every), StopOnSignal(), MetricsLog(out, cfg.tensorboard),
+            Checkpointer(cfg.checkpoint_every)]
+
+
+def _describe_classes(split, balance: str) -> str:
+    """A line with the class counts of the training split, and a warning when they are far apart."""
+    counts = torch.bincount(split.labels, minlength=len(split.classes)).tolist()
+    pairs = sorted(zip(split.classes, counts), key=lambda p: -p[1])
+    shown = ", ".join(f"{c} {n}" for c, n in pairs[:8]) + (", ..." if len(pairs) > 8 else "")
+    line = f"training on {len(split)} images of {len(counts)} classes ({shown})"
+    if min(counts) * 3 <= max(counts) and balance == "none":
+        line += (f"\nwarning: the classes are imbalanced ({max(counts)} against {min(counts)} images): --balance loss "
+                 f"weights the loss by inverse class frequency")
+    return line
+
+
+def class_weights(split, num_classes: int, device: torch.device) -> torch.Tensor:
+    """Inverse class frequency, normalised so that a balanced folder gets weight 1 everywhere."""
+    counts = torch.bincount(split.labels, minlength=num_classes).float().clamp_min(1)
+    return (len(split) / (num_classes * counts)).to(device)
+
+
+def restore(run: Run, state: dict[str, Any]) -> None:
+    """Put a checkpoint's loop state, meter and hook states back into ``run``."""
+    hooks = dict(state.get("hooks") or {})
+    if state.get("lookahead") is not None:  # checkpoints written before hooks held their own state
+        hooks["lookahead"] = {"average": state["lookahead"]}
+    if run.cfg.time_budget and "time_budget" not in hooks and "hooks" not in state:
+        hooks["time_budget"] = {"total_steps": state.get("total_steps")}
+    for hook in run.hooks:
+        if hook.name in hooks and hooks[hook.name] is not None:
+            hook.load_state_dict(hooks[hook.name])
+    run.step = int(state["step"])
+    run.clock -= state.get("wall_seconds", 0.0)  # times count on from where the run stopped
+    run.last_metrics = dict(state.get("last_metrics") or {})
+    if state.get("meter"):
+        run.meter.load_state_dict(state["meter"])
+    saved_total = state.get("total_steps")
+    if saved_total and saved_total != run.total_steps and not run.cfg.time_budget and run.dist.main:
+        print(f"resuming at step {run.step}: the run now ends at step {run.total_steps} (was {saved_total}); "
+              f"the learning-rate schedule follows the new length", file=sys.stderr)
+
+
+# --- the parts of a run, in the order setup builds them -------------------------------------------------------
+
+def build_runtime(cfg: TrainConfig) -> tuple[torch.device, distributed.Dist]:
+    """The device and process group; an impossible device, precision or model name fails before anything loads."""
+    device = resolve_device(cfg.device)
+    d = distributed.init(device.type)
+    if d.enabled and device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)  # one process per GPU
+        torch.cuda.set_device(device)
+    resolve_precision(cfg.precision, device)
+    set_threads(cfg.threads)
+    model_info(cfg.arch)
+    return device, d
+
+
+def build_data(cfg: TrainConfig, d: distributed.Dist, resume: dict[str, Any] | None, out: Path,
+               data_changed: bool) -> tuple[TrainConfig, DataBundle, Pretrained | None]:
+    """The splits and their normalisation (the run's own on resume, the pretrained weights' when fine-tuning), the
+    inputs reslab chose for a new run, and the batch size the data allows."""
+    if resume is None:  # a resumed run's config is already resolved
+        # Only an augmentation left to reslab needs a look at the images (a few hundred file headers).
+        family = model_info(cfg.arch).family
+        cfg, chosen = resolve_inputs(cfg, family, typical_image_size(cfg.data) if cfg.augment is None else None)
+        if chosen and d.main:
+            print(chosen, file=sys.stderr)
+    data = load_data(cfg.data, augment=cfg.augment, input_size=cfg.input_size, data_dir=cfg.data_dir,
+                     loader=cfg.loader, train_samples=cfg.train_samples, test_samples=cfg.test_samples,
+                     val_split=cfg.val_split, seed=cfg.seed, strict=cfg.strict)
+    if resume is not None:  # the normalisation the run started with (its pretrained weights', or its data's)
+        data.mean, data.std = tuple(resume["meta"]["mean"]), tuple(resume["meta"]["std"])
+        _check_same_data(resume["meta"].get("data"), fingerprint(data), out, data_changed, d.main)
+    pretrained = load_pretrained(cfg.pretrained, cfg.arch) if cfg.pretrained and resume is None else None
+    if pretrained is not None:
+        data.mean, data.std = pretrained.mean, pretrained.std
+    if len(data.classes) < 2:
+        raise DataError(f"{cfg.data} has one class ({data.classes[0]}): a classifier needs at least two to learn "
+                        f"anything (every image would be 100 % right)")
+    if d.main:
+        print(_describe_classes(data.train, cfg.balance), file=sys.stderr)
+    if cfg.drop_last and cfg.batch_size > len(data.train):
+        small = max(d.world, len(data.train) // d.world * d.world)
+        if d.main:
+            print(f"--batch-size {cfg.batch_size} is more than the {len(data.train)} training images: using "
+                  f"{small}", file=sys.stderr)
+        cfg = dataclasses.replace(cfg, batch_size=small)
+    return cfg, data, pretrained
+
+
+def build_execution(cfg: TrainConfig, device: torch.device, d: distributed.Dist, data: DataBundle, clock: float,
+                    resume: dict[str, Any] | None) -> tuple[TrainConfig, str, tune.Decision | None]:
+    """Threads, precision and layout (measured where left open), then the preset's budget rule for a new run."""
+    cfg, precision, decision = _execution(cfg, device, d, len(data.classes), len(data.train))
+    if cfg.budget_rule and resume is None:
+        cfg, precision, decision = _apply_budget_rule(cfg, device, d, data, decision, clock)
+    return cfg, precision, decision
+
+
+def build_batches(cfg: TrainConfig, data: DataBundle, device: torch.device,
+                  d: distributed.Dist) -> tuple[Batches, dict[str, Batches]]:
+    """This rank's training batches (its slice of every global batch) and its shards of the evaluation splits."""
+    train_transform = BatchTransform(cfg.augment, True, cfg.input_size, data.mean, data.std, cfg.auto_augment,
+                                     cfg.random_erasing)
+    train_batches = Batches(data.train, train_transform,
+                            cfg.batch_size, shuffle=cfg.shuffle, drop_last=cfg.drop_last, seed=cfg.seed,
+                            device=device, workers=cfg.workers, rank=d.rank, world=d.world,
+                            alternate_flips=cfg.flip == "alternate")
+    eval_transform = eval_transform_of(cfg, data)
+    eval_batches = {name: Batches(split.subset(distributed.shard_for_eval(len(split), d)), eval_transform,
+                                  max(cfg.batch_size // d.world, 256), shuffle=False, drop_last=False,
+                                  seed=cfg.seed, device=device, workers=cfg.workers)
+                    for name, split in (("val", data.val), ("test", data.test)) if split is not None}
+    return train_batches, eval_batches
+
+
+def eval_transform_of(cfg: TrainConfig, data: DataBundle) -> BatchTransform:
+    """What evaluation feeds the model: no augmentation, the run's size and normalisation."""
+    return BatchTransform(cfg.augment, False, cfg.input_size, data.mean, data.std)
+
+
+def build_model(cfg: TrainConfig, data: DataBundle, device: torch.device, precision: str,
+                pretrained: Pretrained | None, resume: dict[str, Any] | None, main: bool = True) -> nn.Module:
+    """The network: pretrained weights applied, frozen parts, BatchNorm settings, the fast nets' whitening stem
+    fitted to the data (new runs), and the memory layout."""
+    model = create_model(cfg.arch, num_classes=len(data.classes), **cfg.model_kwargs).to(device)
+    if pretrained is not None:
+        loaded = apply_pretrained(model, pretrained, data.classes)
+        if main:
+            print(loaded, file=sys.stderr)
+    if cfg.freeze:  # a linear probe: only the classifier learns (FrozenBackbone keeps BatchNorm statistics fixed)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("fc."))
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if cfg.freeze_bn_scale and m.weight is not None:
+                m.weight.requires_grad_(False)
+            if cfg.bn_momentum is not None:
+                m.momentum = cfg.bn_momentum
+    if resume is None and pretrained is None and hasattr(model, "init_whitening"):  # whiten data patches (fast nets)
+        sample = Batches(data.train, eval_transform_of(cfg, data), min(len(data.train), 5000), shuffle=True,
+                         drop_last=False, seed=cfg.seed, device=device)
+        model.init_whitening(next(iter(sample.epoch(0)))[0])
+    if cfg.channels_last if cfg.channels_last is not None else default_channels_last(device, precision):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer | SGD | Chain:
+    """The optimizer over the model's trainable parameters, grouped by weight decay and learning-rate scale."""
+    return make_optimizer(cfg, param_groups(model, cfg.weight_decay, cfg.decay_bn_bias, cfg.bias_lr_scale,
+                                            cfg.head_lr_scale))
+
+
+def model_meta(cfg: TrainConfig, data: DataBundle, pretrained: Pretrained | None,
+               resume: dict[str, Any] | None) -> dict[str, Any]:
+    """What is saved with the model: all that ``eval`` and ``predict`` need, and the data it was trained on."""
+    return {"arch": cfg.arch, "model_kwargs": cfg.model_kwargs, "classes": data.classes,
+            "input_size": cfg.input_size, "augment": cfg.augment, "tta": cfg.tta,
+            "tta_fraction": cfg.tta_fraction, "mean": list(data.mean),
+            "std": list(data.std), "data": fingerprint(data), "family": model_info(cfg.arch).family,
+            "reslab_version": rundir.package_version(),
+            "torch_version": str(torch.__version__),
+            "pretrained": pretrained.source if pretrained else (resume or {}).get("meta", {}).get("pretrained")}
