@@ -11,12 +11,5 @@ for job in "$@"; do
   dir=$OUT/$name-$budget-seed$seed
   [ -f $dir/model.safetensors ] || reslab train --preset fast --data /work/shared/data/cifar10-jpeg \
     --time-budget $budget --precision fp32 --threads 1 --seed $seed $flags --out $dir > $dir.log 2>&1
-  python - "$dir" "$name" "$seed" "$budget" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl") if l.startswith('{"epoch')]
-m = rows[-1]
-print(f"{sys.argv[4]} min {sys.argv[2]:14s} seed {sys.argv[3]}: steps {m['step']}, epochs {m['epoch']}, "
-      f"train acc {100 * m['train_acc']:.2f} %, test acc {100 * m['test_acc']:.2f} %, result at {m['wall_seconds']:.0f} s",
-      flush=True)
-PY
+  python "$(dirname "$0")/../summarize_run.py" "$dir" "$name" "$seed" "$budget"
 done

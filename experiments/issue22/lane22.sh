@@ -21,12 +21,5 @@ for job in "$@"; do
   dir=$OUT/$name-$a-seed$b
   [ -f "$dir/model.safetensors" ] || reslab train --preset fast --data "$DATA" --time-budget "$a" --precision bf16 \
     --threads 1 --seed "$b" --accuracy-marks '[]' $flags --out "$dir" > "$dir.log" 2>&1
-  python - "$dir" "$name" "$b" "$a" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl") if l.startswith('{"epoch')]
-m = rows[-1]
-print(f"reslab {sys.argv[4]} min {sys.argv[2]:18s} seed {sys.argv[3]}: steps {m['step']}, epochs {m['epoch']}, "
-      f"train acc {100 * m['train_acc']:.2f} %, test acc {100 * m['test_acc']:.2f} %, result at {m['wall_seconds']:.0f} s",
-      flush=True)
-PY
+  python "$(dirname "$0")/../summarize_run.py" "$dir" "$name" "$b" "$a" reslab
 done
