@@ -7,7 +7,8 @@ import sys
 
 run, name, seed, budget = sys.argv[1:5]
 prefix = sys.argv[5] + " " if len(sys.argv) > 5 else ""
-m = [json.loads(line) for line in open(run + "/metrics.jsonl") if line.startswith('{"epoch')][-1]
+with open(run + "/metrics.jsonl") as f:
+    m = [json.loads(line) for line in f if line.startswith('{"epoch')][-1]
 print(f"{prefix}{budget} min {name:18s} seed {seed}: steps {m['step']}, epochs {m['epoch']}, train acc "
       f"{100 * m['train_acc']:.2f} %, test acc {100 * m['test_acc']:.2f} %, result at {m['wall_seconds']:.0f} s",
       flush=True)
