@@ -148,7 +148,7 @@ LOOP_STEP_OVERHEAD = 1.0
 
 def _apply_budget_rule(cfg: TrainConfig, device: torch.device, d: distributed.Dist, data: DataBundle,
                        decision: tune.Decision | None, clock: float) -> tuple[TrainConfig, str, tune.Decision | None]:
-    """The preset's choices for the epochs its own net gets in the time left (``config.BUDGET_RULES``), said in one
+    """The preset's choices for the epochs its own net gets in the time left (``presets.BUDGET_RULES``), said in one
     line; a changed net has its execution measured again."""
     from .hooks import EVAL_COST, eval_seconds, size_to_budget
 

@@ -212,7 +212,7 @@ def compare(config: TrainConfig, *, archs: list[str] | None = None, schedules: l
         out: the comparison directory.
         plots: draw the PNG figures (needs matplotlib).
         preset: the preset ``config`` came from: each budget run is handed to that preset's budget rule
-            (``config.BUDGET_RULES``, e.g. the fast net's width), except the options named in ``fixed``.
+            (``presets.BUDGET_RULES``, e.g. the fast net's width), except the options named in ``fixed``.
 
     Returns:
         The summary: one row per run (also written to ``out/summary.json`` and ``out/report.md``).

@@ -102,7 +102,7 @@ def train(config: TrainConfig | None = None, *, preset: str | None = None, resum
 
     Args:
         config: a full config; otherwise one is made from ``preset`` and ``overrides``.
-        preset: ``seed``, ``paper`` or ``fast`` (see ``reslab.config.PRESETS``).
+        preset: ``seed``, ``paper`` or ``fast`` (see ``reslab.presets.PRESETS``).
         resume: a run directory to continue from its ``last.pt``; ``overrides`` may then change its length,
             evaluation, logging and device (see ``RESUME_OVERRIDES``), nothing else.
         started: origin of ``time_budget`` as a ``time.perf_counter()`` value (default: this call).
