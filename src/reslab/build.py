@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from .hooks import (
     WeightEma,
     WhiteningBiasWindow,
 )
+from .log import say
 from .loop import Hook, Run
 from .models import create_model, model_info
 from .optim import SGD, Chain, Muon
@@ -85,7 +85,7 @@ def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimize
     return SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
-def _check_same_data(before: dict | None, now: dict, out: Path, accept: bool, main: bool) -> None:
+def _check_same_data(before: dict | None, now: dict, out: Path, accept: bool) -> None:
     """A resumed run trains on the data it started on: a changed folder is refused (or, with ``accept``, said)."""
     changes = data_changes(before, now) if before else []  # runs saved before reslab 0.3 recorded no fingerprint
     if not changes:
@@ -97,9 +97,8 @@ def _check_same_data(before: dict | None, now: dict, out: Path, accept: bool, ma
     if not accept:
         raise UserError(f"the data of {out} changed since it started ({what}): put it back, or resume on it anyway "
                         f"with --data-changed ok")
-    if main:
-        print(f"reslab: the data changed since the run started ({what}); continuing on it (--data-changed ok): the "
-              f"epochs are counted in its new size from here", file=sys.stderr)
+    say(f"reslab: the data changed since the run started ({what}); continuing on it (--data-changed ok): the "
+        f"epochs are counted in its new size from here")
 
 
 def total_steps(cfg: TrainConfig, train_images: int) -> int:
@@ -131,7 +130,7 @@ def _execution(cfg: TrainConfig, device: torch.device, d: distributed.Dist, num_
         decision = tune.choose(cfg.arch, cfg.model_kwargs, num_classes, cfg.batch_size, cfg.input_size,
                                threads=cfg.threads, precision=None if cfg.precision == "auto" else cfg.precision,
                                channels_last=cfg.channels_last, cores=share)
-        print(decision.line(cfg.batch_size), file=sys.stderr)
+        say(decision.line(cfg.batch_size))
     chosen = decision.choice if decision else tune.Choice(1, "fp32", False)
     threads = distributed.broadcast_int(chosen.threads, device)
     precision = ("fp32", "bf16")[distributed.broadcast_int(int(chosen.precision == "bf16"), device)]
@@ -163,8 +162,8 @@ def _apply_budget_rule(cfg: TrainConfig, device: torch.device, d: distributed.Di
     choices = budget_choices(cfg.budget_rule, epochs, cfg.budget_keep)
     if d.main and epochs is not None:
         said = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in choices.items()) or "its own choices"
-        print(f"{cfg.budget_rule} preset, {cfg.time_budget:g}-minute budget: ~{epochs:.1f} epochs of {cfg.arch} "
-              f"here, so {said}", file=sys.stderr)
+        say(f"{cfg.budget_rule} preset, {cfg.time_budget:g}-minute budget: ~{epochs:.1f} epochs of {cfg.arch} "
+            f"here, so {said}")
     if not choices:
         return cfg, resolve_precision(cfg.precision, device), decision
     cfg = dataclasses.replace(cfg, **choices)
@@ -231,9 +230,9 @@ def restore(run: Run, state: dict[str, Any]) -> None:
     if state.get("meter"):
         run.meter.load_state_dict(state["meter"])
     saved_total = state.get("total_steps")
-    if saved_total and saved_total != run.total_steps and not run.cfg.time_budget and run.dist.main:
-        print(f"resuming at step {run.step}: the run now ends at step {run.total_steps} (was {saved_total}); "
-              f"the learning-rate schedule follows the new length", file=sys.stderr)
+    if saved_total and saved_total != run.total_steps and not run.cfg.time_budget:
+        say(f"resuming at step {run.step}: the run now ends at step {run.total_steps} (was {saved_total}); "
+            f"the learning-rate schedule follows the new length")
 
 
 # --- the parts of a run, in the order setup builds them -------------------------------------------------------
@@ -259,27 +258,25 @@ def build_data(cfg: TrainConfig, d: distributed.Dist, resume: dict[str, Any] | N
         # Only an augmentation left to reslab needs a look at the images (a few hundred file headers).
         family = model_info(cfg.arch).family
         cfg, chosen = resolve_inputs(cfg, family, typical_image_size(cfg.data) if cfg.augment is None else None)
-        if chosen and d.main:
-            print(chosen, file=sys.stderr)
+        if chosen:
+            say(chosen)
     data = load_data(cfg.data, augment=cfg.augment, input_size=cfg.input_size, data_dir=cfg.data_dir,
                      loader=cfg.loader, train_samples=cfg.train_samples, test_samples=cfg.test_samples,
                      val_split=cfg.val_split, seed=cfg.seed, strict=cfg.strict)
     if resume is not None:  # the normalisation the run started with (its pretrained weights', or its data's)
         data.mean, data.std = tuple(resume["meta"]["mean"]), tuple(resume["meta"]["std"])
-        _check_same_data(resume["meta"].get("data"), fingerprint(data), out, data_changed, d.main)
+        _check_same_data(resume["meta"].get("data"), fingerprint(data), out, data_changed)
     pretrained = load_pretrained(cfg.pretrained, cfg.arch) if cfg.pretrained and resume is None else None
     if pretrained is not None:
         data.mean, data.std = pretrained.mean, pretrained.std
     if len(data.classes) < 2:
         raise DataError(f"{cfg.data} has one class ({data.classes[0]}): a classifier needs at least two to learn "
                         f"anything (every image would be 100 % right)")
-    if d.main:
-        print(_describe_classes(data.train, cfg.balance), file=sys.stderr)
+    say(_describe_classes(data.train, cfg.balance))
     if cfg.drop_last and cfg.batch_size > len(data.train):
         small = max(d.world, len(data.train) // d.world * d.world)
-        if d.main:
-            print(f"--batch-size {cfg.batch_size} is more than the {len(data.train)} training images: using "
-                  f"{small}", file=sys.stderr)
+        say(f"--batch-size {cfg.batch_size} is more than the {len(data.train)} training images: using "
+            f"{small}")
         cfg = dataclasses.replace(cfg, batch_size=small)
     return cfg, data, pretrained
 
@@ -316,14 +313,13 @@ def eval_transform_of(cfg: TrainConfig, data: DataBundle) -> BatchTransform:
 
 
 def build_model(cfg: TrainConfig, data: DataBundle, device: torch.device, precision: str,
-                pretrained: Pretrained | None, resume: dict[str, Any] | None, main: bool = True) -> nn.Module:
+                pretrained: Pretrained | None, resume: dict[str, Any] | None) -> nn.Module:
     """The network: pretrained weights applied, frozen parts, BatchNorm settings, the fast nets' whitening stem
     fitted to the data (new runs), and the memory layout."""
     model = create_model(cfg.arch, num_classes=len(data.classes), **cfg.model_kwargs).to(device)
     if pretrained is not None:
         loaded = apply_pretrained(model, pretrained, data.classes)
-        if main:
-            print(loaded, file=sys.stderr)
+        say(loaded)
     if cfg.freeze:  # a linear probe: only the classifier learns (FrozenBackbone keeps BatchNorm statistics fixed)
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("fc."))

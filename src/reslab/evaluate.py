@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from .data import Batches, BatchTransform, DataError, fit_square, load_rgb, load
 from .data.folder import IMAGE_EXTENSIONS
 from .distributed import all_sum
 from .errors import ConfigError
+from .log import say
 from .runtime import autocast, resolve_device, resolve_precision, set_threads
 
 TTA_VIEWS = {"none": 1, "flip": 2, "flip_shift": 6}
@@ -139,7 +139,7 @@ def evaluate_batches(model: nn.Module, batches: Batches, device: torch.device, p
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr)
+    say(msg)
 
 
 def _load(model: str | Path | nn.Module, arch: str | None, device: torch.device):

@@ -28,6 +28,7 @@ from . import distributed, rundir
 from .checkpoint import atomic_write, unwrap_model
 from .errors import UserError
 from .evaluate import evaluate_batches, tta_cost
+from .log import say
 from .loop import Hook, Run
 from .progress import Progress
 
@@ -219,9 +220,9 @@ class TimeBudget(Hook):
                                    eval_seconds(eval_images, run.cfg, per_step, self.eval_cost), warmup_steps)
             self.total = distributed.broadcast_int(total, run.device)
             run.set_total_steps(self.total)
-            if done == window and run.dist.main:
-                print(f"time budget {self.budget / 60:g} min: {per_step:.3f} s per step measured, so {self.total} "
-                      f"steps ({self.total / len(run.train_batches):.1f} epochs)", file=sys.stderr)
+            if done == window:
+                say(f"time budget {self.budget / 60:g} min: {per_step:.3f} s per step measured, so {self.total} "
+                    f"steps ({self.total / len(run.train_batches):.1f} epochs)")
 
     def state_dict(self) -> dict[str, Any]:
         return {"total_steps": self.total}
@@ -250,12 +251,12 @@ class SlowSteps(Hook):
             return
         per_step = (self.clock() - self.t0) / self.count
         self.t0, self.count = self.clock(), 0
-        if per_step > self.factor * self.expected and run.dist.main:
+        if per_step > self.factor * self.expected:
             self.said = True
             hint = ("--threads 1 stops waiting for a busy core" if torch.get_num_threads() > 1 else
                     "fewer processes on this machine would help")
-            print(f"warning: steps take {per_step:.3f} s, {per_step / self.expected:.1f}x the {self.expected:.3f} s "
-                  f"measured at the start: another process is probably using the cores; {hint}", file=sys.stderr)
+            say(f"warning: steps take {per_step:.3f} s, {per_step / self.expected:.1f}x the {self.expected:.3f} s "
+                f"measured at the start: another process is probably using the cores; {hint}")
 
 
 class StopOnSignal(Hook):
@@ -431,9 +432,8 @@ class AccuracyMarks(Hook):
                                         "scoring_seconds": seconds})
         for mark, r in result.items():
             when = f"{r['seconds']:.0f} s (step {r['step']}, {r['test_acc']:.4f})" if r["seconds"] else "not reached"
-            print(f"test accuracy {float(mark):.0%}: {when}", file=sys.stderr)
-        print(f"(accuracy marks scored on {len(scored) - 1} weight snapshots after training, {seconds} s)",
-              file=sys.stderr)
+            say(f"test accuracy {float(mark):.0%}: {when}")
+        say(f"(accuracy marks scored on {len(scored) - 1} weight snapshots after training, {seconds} s)")
 
     def state_dict(self) -> dict[str, Any]:
         return {"snapshots": [list(s) for s in self.snapshots]}

@@ -10,7 +10,6 @@ Imports: models, data, evaluation, checkpoints, the run directory; never ``hooks
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from .data import Batches, DataBundle, mix_seed
 from .data.extras import mix_batch
 from .errors import ConfigError, Interrupted, UserError
 from .evaluate import evaluate_batches, recalibrate_bn
+from .log import say
 from .optim import SGD, Chain
 from .runtime import autocast
 
@@ -372,9 +372,8 @@ def _check_eval_mode(run: Run, plain: nn.Module, train_acc: float) -> None:
     after = score()
     if after < train_acc - GUARD_GAP:
         plain.load_state_dict(saved)
-    if run.dist.main:
-        print(f"reslab: warning: in evaluation mode the model scores {before:.1%} on {len(sample)} training images it "
-              f"scored {train_acc:.1%} on while training: its BatchNorm running statistics do not match the batches'. "
-              + (f"Recomputed them on these images: {after:.1%} now." if after >= train_acc - GUARD_GAP else
-                 f"Recomputing them gave {after:.1%}: the model is unreliable; try a lower --lr or another "
-                 f"--precision."), file=sys.stderr)
+    say(f"reslab: warning: in evaluation mode the model scores {before:.1%} on {len(sample)} training images it "
+        f"scored {train_acc:.1%} on while training: its BatchNorm running statistics do not match the batches'. "
+        + (f"Recomputed them on these images: {after:.1%} now." if after >= train_acc - GUARD_GAP else
+             f"Recomputing them gave {after:.1%}: the model is unreliable; try a lower --lr or another "
+             f"--precision."))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
@@ -20,6 +19,7 @@ import yaml
 
 from .errors import UserError
 from .locks import ProcessLock, pid_alive
+from .log import say
 
 CONFIG_FILE, METRICS_FILE = "config.yaml", "metrics.jsonl"
 CHECKPOINT_FILE, MODEL_FILE = "last.pt", "model.safetensors"
@@ -59,8 +59,8 @@ def own(run: str | Path, new: bool, force: bool = False) -> Iterator[None]:
                         f"end, or choose another --out")
     try:
         if lock.previous is not None and lock.previous.pid != os.getpid():
-            print(f"reslab: {run} was left by {lock.previous}, which ended without releasing it (killed?); taking it "
-                  f"over", file=sys.stderr)
+            say(f"reslab: {run} was left by {lock.previous}, which ended without releasing it (killed?); taking it "
+                f"over")
         for tmp in run.glob(".*.tmp[0-9]*"):  # a killed checkpoint write's temporary file (its writer is gone)
             if not pid_alive(int(tmp.name.rsplit(".tmp", 1)[1] or 0)):
                 with contextlib.suppress(OSError):
@@ -155,7 +155,7 @@ def _metric_lines(run: str | Path) -> list[dict[str, Any]]:
         elif row is not None:
             bad += 1
     if bad:
-        print(f"reslab: warning: skipped {bad} damaged line(s) of {path}", file=sys.stderr)
+        say(f"reslab: warning: skipped {bad} damaged line(s) of {path}")
     return rows
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 
 import torch
 
 from .errors import ConfigError, UserError
+from .log import say
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -74,8 +74,7 @@ def set_threads(threads: int | None) -> int:
     cores = usable_cores()
     n = threads or cores
     if n > cores:
-        print(f"reslab: --threads {n} is more than the {cores} cores this process may use: using {cores}",
-              file=sys.stderr)
+        say(f"reslab: --threads {n} is more than the {cores} cores this process may use: using {cores}")
         n = cores
     torch.set_num_threads(n)
     return n

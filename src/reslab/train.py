@@ -8,7 +8,6 @@ the package's API.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +20,7 @@ from .build import make_optimizer, param_groups
 from .checkpoint import load_checkpoint
 from .config import TrainConfig, make_config
 from .errors import CheckpointError, ConfigError, UserError
+from .log import say
 from .loop import EpochMeter, Run, TrainResult, fit, lr_at
 
 __all__ = ["RESUME_OVERRIDES", "EpochMeter", "Run", "TrainResult", "fit", "lr_at", "make_optimizer", "param_groups",
@@ -45,7 +45,7 @@ def setup(cfg: TrainConfig, resume: dict[str, Any] | None = None, started: float
     cfg, data, pretrained = build.build_data(cfg, d, resume, out, data_changed)
     cfg, precision, decision = build.build_execution(cfg, device, d, data, clock, resume)
     train_batches, eval_batches = build.build_batches(cfg, data, device, d)
-    model = build.build_model(cfg, data, device, precision, pretrained, resume, d.main)
+    model = build.build_model(cfg, data, device, precision, pretrained, resume)
     optimizer = build.build_optimizer(cfg, model)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     if resume is not None:
@@ -131,9 +131,9 @@ def train(config: TrainConfig | None = None, *, preset: str | None = None, resum
         run = setup(resume_config(state["config"], overrides, resume), resume=state, started=started,
                     data_changed=data_changed)
         marks_lost = run.cfg.accuracy_marks and not rundir.read_marks(run.out)  # killed while scoring them
-        if marks_lost and rundir.is_finished(run.out) and run.dist.main:
-            print(f"reslab: {run.out} finished training but its accuracy marks were not scored (interrupted): "
-                  f"scoring them now", file=sys.stderr)
+        if marks_lost and rundir.is_finished(run.out):
+            say(f"reslab: {run.out} finished training but its accuracy marks were not scored (interrupted): "
+                f"scoring them now")
         if run.step >= run.total_steps and not run.meter.seen and rundir.is_finished(run.out) and not marks_lost:
             raise UserError(f"{run.out} already finished ({run.step} steps, {run.total_steps} asked): give a longer "
                             f"--epochs or --steps with --resume to train on")

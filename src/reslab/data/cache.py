@@ -21,7 +21,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import log
 from ..locks import ProcessLock, pid_alive
 
 FORMAT = 4  # 1-2: one .npz per entry (reslab 0.1); 3: raw .u8 rows + .json; 4: with checksums
@@ -47,7 +47,7 @@ def cache_dir() -> Path:
 
 
 def say(message: str) -> None:
-    print(f"reslab: {message}", file=sys.stderr)
+    log.say(f"reslab: {message}")
 
 
 @dataclass

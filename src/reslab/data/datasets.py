@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import pickle
 import socket
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError
+from ..log import say
 from .folder import CacheUnavailable, decode_images, image_sizes, sample_files, scan_folder
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -239,8 +239,8 @@ def load_split(data: str, split: str, *, store_size: int | None, data_dir: str |
     decoded_bytes, budget = len(paths) * side * side * 3, memory_budget()
     mapped = loader == "disk" or (loader == "auto" and decoded_bytes > budget)
     if mapped and loader == "auto":
-        print(f"{split_dir}: {decoded_bytes / 2**20:.0f} MiB decoded, over the {budget / 2**20:.0f} MiB "
-              "memory budget ($RESLAB_MEMORY_BUDGET): read from a memory-mapped cache on disk", file=sys.stderr)
+        say(f"{split_dir}: {decoded_bytes / 2**20:.0f} MiB decoded, over the {budget / 2**20:.0f} MiB "
+            "memory budget ($RESLAB_MEMORY_BUDGET): read from a memory-mapped cache on disk")
     try:
         d = decode_images(paths, size, strict=strict, mapped=mapped)
     except CacheUnavailable:  # the reason was printed

@@ -10,7 +10,6 @@ import contextlib
 import hashlib
 import math
 import os
-import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -57,8 +56,8 @@ def scan_folder(root: str | Path) -> tuple[list[str], list[str], list[str]]:
     if not paths:
         raise DataError(f"no images found under {root}")
     if empty:
-        print(f"reslab: warning: {root}: ignored {len(empty)} class folder(s) without images: {', '.join(empty[:5])}"
-              f"{' ...' if len(empty) > 5 else ''}", file=sys.stderr)
+        say(f"warning: {root}: ignored {len(empty)} class folder(s) without images: {', '.join(empty[:5])}"
+            f"{' ...' if len(empty) > 5 else ''}")
     return paths, names, classes
 
 
@@ -69,7 +68,7 @@ def _image_files(folder: str, _seen: set | None = None) -> list[str]:
     seen = _seen if _seen is not None else set()
     st = os.stat(folder)
     if (st.st_dev, st.st_ino) in seen:
-        print(f"reslab: warning: {folder} links back to a folder already listed: skipped", file=sys.stderr)
+        say(f"warning: {folder} links back to a folder already listed: skipped")
         return []
     seen.add((st.st_dev, st.st_ino))
     files, nested = [], False
