@@ -49,7 +49,7 @@ def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
         full = isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and any(
             s in str(exc) for s in ("No space left", "file write failed", "File too large", "unexpected pos")))
         if full:
-            raise CheckpointError(f"cannot write {path}: {getattr(exc, 'strerror', None) or _first_line(exc)} "
+            raise CheckpointError(f"cannot write {path}: {getattr(exc, 'strerror', None) or first_line(exc)} "
                                   f"(disk full?); {'the previous one is kept' if path.exists() else 'nothing written'}"
                                   ) from None
         raise
@@ -125,13 +125,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             unsupported = next((ln.strip() for ln in str(exc).splitlines() if "Unsupported" in ln), "")
             raise CheckpointError(f"{path}: refused to load: the file holds objects other than weights, which could "
                                   f"run code ({unsupported[:160]})") from None
-        raise CheckpointError(f"{path}: not a readable checkpoint: {_first_line(exc)}") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint: {first_line(exc)}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): "
-                              f"{_first_line(exc)}") from None
+                              f"{first_line(exc)}") from None
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), at most 200 characters."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
@@ -145,7 +146,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
                 raise CheckpointError(f"{path}: its metadata is damaged: a {type(meta).__name__}, not an object")
             return {k: f.get_tensor(k) for k in f.keys()}, meta  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file: {_first_line(exc)}") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file: {first_line(exc)}") from None
 
 
 def resolve_model_path(path: str | Path) -> Path:
@@ -265,7 +266,7 @@ def load_model(path: str | Path, arch: str | None = None, num_classes: int | Non
         model = create_model(arch, num_classes=n, **kwargs)
     except (TypeError, ValueError) as exc:  # ModelError is a UserError already
         raise CheckpointError(f"{path}: its metadata is damaged: model_kwargs {kwargs} do not build {arch} "
-                              f"({_first_line(exc)})") from None
+                              f"({first_line(exc)})") from None
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import load_model
+from .checkpoint import first_line, load_model
 from .data import Batches, BatchTransform, DataError, fit_square, load_rgb, load_split, match_classes, store_size
 from .data.folder import IMAGE_EXTENSIONS
 from .distributed import all_sum
@@ -247,7 +247,7 @@ def predict(model: str | Path, inputs: list[str | Path], *, topk: int = 5, arch:
             try:
                 im = load_rgb(f, min_side=keep)
             except Exception as exc:  # one bad file costs its own prediction, not the others'
-                results.append({"path": str(f), "error": f"{type(exc).__name__}: {_first_line(exc)}"})
+                results.append({"path": str(f), "error": f"{type(exc).__name__}: {first_line(exc)}"})
                 continue
             im = fit_square(im, keep or min(im.size))  # seed: the centre square; its resize does the rest
             xs.append(transform(torch.from_numpy(np.array(im, dtype=np.uint8)).unsqueeze(0).to(dev)))
@@ -266,6 +266,3 @@ def predict(model: str | Path, inputs: list[str | Path], *, topk: int = 5, arch:
                         f"{results[0]['error']})")
     return results
 
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0][:200]

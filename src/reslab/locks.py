@@ -106,6 +106,13 @@ def _parse(f) -> Holder | None:
         return None
 
 
+def writer_pid(name: str) -> int | None:
+    """The PID in a temporary file's name (``<name>.tmp<PID>[.<ext>]``, as reslab's writers name them), or None."""
+    _, sep, rest = name.rpartition(".tmp")
+    pid = rest.split(".", 1)[0]
+    return int(pid) if sep and pid.isdigit() else None
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process ``pid`` runs on this host (a zombie counts as dead)."""
     try:

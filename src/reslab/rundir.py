@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from .errors import UserError
-from .locks import ProcessLock, pid_alive
+from .locks import ProcessLock, pid_alive, writer_pid
 from .log import say
 
 CONFIG_FILE, METRICS_FILE = "config.yaml", "metrics.jsonl"
@@ -62,7 +62,8 @@ def own(run: str | Path, new: bool, force: bool = False) -> Iterator[None]:
             say(f"reslab: {run} was left by {lock.previous}, which ended without releasing it (killed?); taking it "
                 f"over")
         for tmp in run.glob(".*.tmp[0-9]*"):  # a killed checkpoint write's temporary file (its writer is gone)
-            if not pid_alive(int(tmp.name.rsplit(".tmp", 1)[1] or 0)):
+            pid = writer_pid(tmp.name)
+            if pid is not None and not pid_alive(pid):
                 with contextlib.suppress(OSError):
                     tmp.unlink()
         yield

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import log
-from ..locks import ProcessLock, pid_alive
+from ..locks import ProcessLock, pid_alive, writer_pid
 
 FORMAT = 4  # 1-2: one .npz per entry (reslab 0.1); 3: raw .u8 rows + .json; 4: with checksums
 CRC_BLOCK = 64 * 2**20  # bytes of pixels per crc32 (~3 GB/s here: 50 ms for CIFAR-10's training images)
@@ -76,11 +76,10 @@ def read_entry(key: str, mapped: bool, files: int | None = None, quiet: bool = F
         if not quiet:
             say(f"cache entry {meta_file} is unreadable ({exc}); decoding again")
         return None
-    if quiet and (not isinstance(meta, dict) or meta.get("format") != FORMAT):
-        return None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        found = meta.get("format", "unknown") if isinstance(meta, dict) else "unknown"
-        say(f"cache entry {meta_file} was written by an older reslab (format {found}); decoding again")
+        if not quiet:
+            found = meta.get("format", "unknown") if isinstance(meta, dict) else "unknown"
+            say(f"cache entry {meta_file} was written by an older reslab (format {found}); decoding again")
         return None
     problem = _record_problem(meta, files)
     if problem is None:
@@ -294,13 +293,6 @@ class CacheEntry:
     writer_alive: bool | None = None  # ... and whether that process still runs (a dead one's file is debris)
 
 
-def _writer_pid(name: str) -> int | None:
-    """The PID in a temporary file's name ``<key>.tmp<PID>.<ext>``, or None for a complete file."""
-    _, sep, rest = name.partition(".tmp")
-    pid = rest.split(".", 1)[0]
-    return int(pid) if sep and pid.isdigit() else None
-
-
 def _typed(record: dict, key: str, kind: type) -> object:
     value = record.get(key)
     return value if isinstance(value, kind) else None
@@ -310,7 +302,7 @@ def list_cache() -> list[CacheEntry]:
     """The cache's entries and partial files, newest first (entries of older reslab versions included)."""
     entries = []
     for f in sorted(cache_dir().glob("*")) if cache_dir().is_dir() else []:
-        pid = _writer_pid(f.name)
+        pid = writer_pid(f.name)
         if f.suffix not in (".u8", ".npz") and pid is None:
             continue
         try:
@@ -340,7 +332,7 @@ def clear_cache() -> tuple[int, int]:
     files, freed = 0, 0
     folder = cache_dir()
     for f in folder.iterdir() if folder.is_dir() else []:
-        pid = _writer_pid(f.name)
+        pid = writer_pid(f.name)
         if pid is not None and pid_alive(pid):
             continue
         if (f.is_file() or f.is_symlink()) and (f.suffix in (".u8", ".npz", ".json", ".lock") or pid is not None):
