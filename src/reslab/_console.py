@@ -1,4 +1,5 @@
-"""The console script: imports the CLI inside a guard, so Ctrl-C during the imports is one line, not a traceback."""
+"""The console script: the CLI inside a guard, so Ctrl-C while it imports or builds its parser is one line, not a
+traceback (``cli.main`` catches it once a command runs)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import sys
 def run() -> None:
     try:
         from .cli import main
+
+        code = main()
     except KeyboardInterrupt:
         print("reslab: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
-    raise SystemExit(main())
+    raise SystemExit(code)
