@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from reslab.cli import COMMANDS, build_parser
+from reslab.cli import COMMANDS, build_parser, subcommand_parser
 from reslab.models import list_models
 
 
@@ -25,7 +25,7 @@ def test_every_subcommand_help_describes_every_option(name, cli, capsys):
         build_parser().parse_args([name, "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    sub = build_parser()._subcommands_action._name_parser_map[name]
+    sub = subcommand_parser(name)
     for action in sub._actions:
         for opt in action.option_strings:
             if opt.startswith("--") and opt not in ("--help", "--print_config"):

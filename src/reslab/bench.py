@@ -1,27 +1,33 @@
 """``reslab bench``: training throughput of the whole step, against a measured compute roof and the seed's pipeline.
 
-What is timed: ``steps`` full training steps (batch selection -> augmentation -> forward -> backward -> update)
-after ``warmup`` untimed ones, synchronising the device before reading the clock. The roof is a large GEMM in the
-same precision on the same device, timed the same way. The baseline (``--baseline``) is the seed's own pipeline:
-per-image PIL transforms in a DataLoader with 4 workers, fp32, NCHW, eager, with the same model and batch size.
-"""
+What is timed: ``steps`` steps of the training loop itself (``loop.step``: batch selection -> augmentation ->
+forward -> loss -> backward -> update -> the hooks that change the weights, such as lookahead and EMA), on a run
+that training's own builders made from the preset (its optimizer, parameter groups, schedule, BatchNorm settings and
+memory layout), after ``warmup`` untimed ones, synchronising the device before reading the clock. The roof is a
+large GEMM in the same precision on the same device, timed the same way. The baseline (``--baseline``) is the seed's
+own pipeline: per-image PIL transforms in a DataLoader with 4 workers, torch's SGD, fp32, NCHW, eager, with the same
+model and batch size."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from .config import make_config
-from .data import Batches, BatchTransform, Split, load_data, pil_transform
+from . import build, distributed
+from .config import TrainConfig, make_config, resolve_inputs
+from .data import DataBundle, Split, load_data, pil_transform
 from .data.loader import _FileDataset
 from .distributed import synchronize
 from .errors import UserError
-from .models import count_macs, create_model
-from .optim import SGD
-from .runtime import autocast, default_channels_last, resolve_device, resolve_precision, set_threads
+from .loop import EpochMeter, Run, step
+from .models import count_macs, create_model, model_info
+from .runtime import autocast, default_channels_last, prepare
 
 
 def gemm_roof(device: torch.device, precision: str, n: int = 2048, reps: int = 5) -> float:
@@ -63,28 +69,46 @@ def _cycle(batches):
         epoch += 1
 
 
-def _train_step(model, opt, device, precision):
+def _plain_step(model: nn.Module, opt: torch.optim.Optimizer):
+    """The seed tutorial's step: forward, cross-entropy, backward, update (fp32, nothing else)."""
     def step(x, y):
-        with autocast(device, precision):
-            loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     return step
 
 
-def _model(cfg, num_classes: int, device, channels_last: bool, compile: bool):
-    model = create_model(cfg.arch, num_classes=num_classes, **cfg.model_kwargs).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = SGD(list(model.parameters()), lr=1e-3, momentum=0.9)  # the optimizer training uses
-    return (torch.compile(model) if compile else model), opt
-
-
 def _random_split(n: int, size: int) -> Split:
     g = torch.Generator().manual_seed(0)
     return Split(torch.randint(0, 10, (n,), generator=g), [str(i) for i in range(10)],
                  images=torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=g))
+
+
+def _bench_data(cfg: TrainConfig, data: str | None, images: int) -> DataBundle:
+    """``images`` training images of the folder ``data`` (evaluated on the same ones), or random ones."""
+    if data is None:
+        split = _random_split(images, 32)
+        return DataBundle(split, None, split, split.classes, (0.5,) * 3, (0.25,) * 3)
+    bundle = load_data(data, augment=cfg.augment, input_size=cfg.input_size, train_samples=images)
+    if bundle.train.images is None:
+        raise UserError("bench times the in-memory path; this folder is too large to decode (use a subset)")
+    return dataclasses.replace(bundle, val=None, test=bundle.train)
+
+
+def _bench_run(cfg: TrainConfig, data: DataBundle, device: torch.device, precision: str) -> Run:
+    """A training run made by the builders training uses (batches, model, optimizer, the hooks that change the
+    weights), writing nothing: what ``loop.step`` needs."""
+    single = distributed.Dist()
+    train_batches, evaluation = build.build_batches(cfg, data, device, single)
+    model = build.build_model(cfg, data, device, precision, None, None)
+    run = Run(cfg, Path(cfg.out or "."), device, precision, single, data, train_batches, evaluation, model,
+              build.build_optimizer(cfg, model), torch.amp.GradScaler("cuda") if precision == "fp16" else None,
+              meta={}, hooks=build.weight_hooks(cfg, model), clock=time.perf_counter(), meter=EpochMeter(device),
+              total_steps=build.total_steps(cfg, len(data.train)))
+    if cfg.compile:
+        run.model = torch.compile(run.model)
+    return run
 
 
 @dataclass
@@ -132,62 +156,60 @@ def bench(arch: str | None = None, preset: str = "seed", data: str | None = None
     Returns:
         Training and evaluation images/s, achieved GFLOP/s against the roof, and the seed pipeline's images/s.
     """
-    cfg = make_config(preset, **({"arch": arch} if arch else {}), batch_size=batch_size)
-    dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
-    n_threads = set_threads(threads)
+    dev, prec = prepare(device, precision, threads)
     cl = channels_last if channels_last is not None else default_channels_last(dev, prec)
-    need = (warmup + steps) * batch_size
-    if data is not None:
-        bundle = load_data(data, augment=cfg.augment, input_size=cfg.input_size, train_samples=need)
-        split, mean, std = bundle.train, bundle.mean, bundle.std
-    elif baseline:
+    if baseline and data is None:
         raise UserError("--baseline reads real image files: pass --data PATH (an image folder)")
-    else:
-        split, mean, std = _random_split(need, 32), (0.5,) * 3, (0.25,) * 3
-    if split.images is None:
-        raise UserError("bench times the in-memory path; this folder is too large to decode (use a subset)")
-    batches = Batches(split, BatchTransform(cfg.augment, True, cfg.input_size, mean, std), batch_size,
-                      shuffle=True, drop_last=True, seed=0, device=dev)
-    num_classes = len(split.classes)
-    model, opt = _model(cfg, num_classes, dev, cl, compile)
-    ips = _time_steps(_train_step(model, opt, dev, prec), batches, warmup, steps, dev)
+    # The preset's recipe, as a run of exactly warmup + steps steps would train it (its schedule, optimizer groups,
+    # lookahead, EMA, ...). The finiteness check, a sync every log_every steps, is left out: random labels may diverge.
+    cfg = make_config(preset, **({"arch": arch} if arch else {}), batch_size=batch_size, device=str(dev),
+                      precision=prec, channels_last=cl, compile=compile, threads=torch.get_num_threads(),
+                      steps=warmup + steps, log_every=2**62, out=None)
+    if cfg.augment is None:
+        cfg, _ = resolve_inputs(cfg, model_info(cfg.arch).family, None)
+    bundle = _bench_data(cfg, data, (warmup + steps) * batch_size)
+    run = _bench_run(cfg, bundle, dev, prec)
+    run.model.train()
+    for hook in run.hooks:
+        hook.on_epoch_start(run)
+    ips = _time_steps(lambda x, y: step(run, x, y), run.train_batches, warmup, steps, dev)
 
-    eval_batches = Batches(split, BatchTransform(cfg.augment, False, cfg.input_size, mean, std), batch_size,
-                           shuffle=False, drop_last=True, seed=0, device=dev)
+    net = run.eval_model()
 
     @torch.no_grad()
     def eval_step(x, y):
         with autocast(dev, prec):
-            model(x).argmax(1)
+            net(x).argmax(1)  # a plain forward pass (no test-time augmentation)
 
-    model.eval()
-    eval_ips = _time_steps(eval_step, eval_batches, 1, max(3, steps // 2), dev)
+    net.eval()
+    eval_ips = _time_steps(eval_step, run.eval_batches["test"], 1, max(3, steps // 2), dev)
+    num_classes = len(bundle.classes)
     macs = count_macs(create_model(cfg.arch, num_classes=num_classes, **cfg.model_kwargs), cfg.input_size)
     gflops = 3 * 2 * macs * ips / 1e9  # a training step costs about three forward passes
     roof = gemm_roof(dev, prec)
-    result = BenchResult(cfg.arch, preset, str(dev), n_threads, prec, cl, compile, batch_size, steps, cfg.input_size,
-                         data or "random", num_classes, macs, round(ips, 1), round(eval_ips, 1), round(gflops, 1),
-                         round(roof, 1), round(gflops / roof, 3))
+    result = BenchResult(cfg.arch, preset, str(dev), cfg.threads, prec, cl, compile, batch_size, steps,
+                         cfg.input_size, data or "random", num_classes, macs, round(ips, 1), round(eval_ips, 1),
+                         round(gflops, 1), round(roof, 1), round(gflops / roof, 3))
     if baseline:
-        result.baseline_images_per_sec = round(_seed_pipeline(cfg, split, mean, std, warmup, steps, dev), 1)
+        result.baseline_images_per_sec = round(_seed_pipeline(cfg, bundle, warmup, steps, dev), 1)
         result.speedup = round(ips / result.baseline_images_per_sec, 2)
     return result
 
 
-def _seed_pipeline(cfg, split: Split, mean, std, warmup: int, steps: int, device: torch.device) -> float:
-    """The seed tutorial's way: ImageFolder-style dataset, PIL transforms per image, DataLoader(num_workers=4)."""
+def _seed_pipeline(cfg: TrainConfig, data: DataBundle, warmup: int, steps: int, device: torch.device) -> float:
+    """The seed tutorial's way: ImageFolder-style dataset, PIL transforms per image, DataLoader(num_workers=4),
+    torch's SGD, fp32, NCHW, eager."""
     import warnings
 
     from torch.utils.data import DataLoader
 
     warnings.filterwarnings("ignore", message="This DataLoader will create")  # 4 workers on fewer cores: as the seed
-    files = Split(split.labels, split.classes, paths=split.paths)
-    ds = _FileDataset(files, pil_transform(cfg.augment, True, cfg.input_size, mean, std))
+    files = Split(data.train.labels, data.classes, paths=data.train.paths)
+    ds = _FileDataset(files, pil_transform(cfg.augment, True, cfg.input_size, data.mean, data.std))
     loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=4,
                         persistent_workers=True)
-    model, opt = _model(cfg, len(split.classes), device, channels_last=False, compile=False)
-    step = _train_step(model, opt, device, "fp32")
+    model = create_model(cfg.arch, num_classes=len(data.classes), **cfg.model_kwargs).to(device)
+    step = _plain_step(model, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9))
 
     def to_device(batches):
         for x, y in batches:

@@ -20,7 +20,16 @@ from torch import nn
 
 from . import distributed, rundir, tune
 from .config import TrainConfig, budget_choices, resolve_inputs
-from .data import Batches, BatchTransform, DataBundle, data_changes, fingerprint, load_data, typical_image_size
+from .data import (
+    Batches,
+    BatchTransform,
+    DataBundle,
+    data_changes,
+    eval_batches,
+    fingerprint,
+    load_data,
+    typical_image_size,
+)
 from .errors import ConfigError, DataError, UserError
 from .hooks import (
     AccuracyMarks,
@@ -40,7 +49,7 @@ from .loop import Hook, Run
 from .models import create_model, model_info
 from .optim import SGD, Chain, Muon
 from .pretrained import Pretrained, apply_pretrained, load_pretrained
-from .runtime import default_channels_last, resolve_device, resolve_precision, set_threads, usable_cores
+from .runtime import default_channels_last, prepare, resolve_precision, usable_cores
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_bn_bias: bool, bias_lr_scale: float = 1.0,
@@ -177,6 +186,18 @@ def build_hooks(cfg: TrainConfig, model: nn.Module, out: Path, decision: tune.De
     hooks: list[Hook] = []
     if decision is not None:
         hooks.append(SlowSteps(decision.seconds_per_step * LOOP_STEP_OVERHEAD))
+    hooks += weight_hooks(cfg, model)
+    if cfg.time_budget:  # the evaluation's cost as measured by the probe, where it ran
+        hooks.append(TimeBudget(cfg.time_budget, eval_cost=decision.eval_cost if decision else None))
+    if cfg.accuracy_marks:
+        hooks.append(AccuracyMarks(cfg.accuracy_marks, out))
+    return [*hooks, ProgressLog(cfg.log_every), StopOnSignal(), MetricsLog(out, cfg.tensorboard),
+            Checkpointer(cfg.checkpoint_every)]
+
+
+def weight_hooks(cfg: TrainConfig, model: nn.Module) -> list[Hook]:
+    """The hooks that change the weights (part of the training step, and of what ``reslab bench`` times)."""
+    hooks: list[Hook] = []
     if cfg.freeze:
         hooks.append(FrozenBackbone())
     if cfg.lookahead:
@@ -188,12 +209,7 @@ def build_hooks(cfg: TrainConfig, model: nn.Module, out: Path, decision: tune.De
         hooks.append(WhiteningBiasWindow(cfg.whiten_bias_epochs))
     if cfg.ema:
         hooks.append(WeightEma(model, cfg.ema))
-    if cfg.time_budget:  # the evaluation's cost as measured by the probe, where it ran
-        hooks.append(TimeBudget(cfg.time_budget, eval_cost=decision.eval_cost if decision else None))
-    if cfg.accuracy_marks:
-        hooks.append(AccuracyMarks(cfg.accuracy_marks, out))
-    return [*hooks, ProgressLog(cfg.log_every), StopOnSignal(), MetricsLog(out, cfg.tensorboard),
-            Checkpointer(cfg.checkpoint_every)]
+    return hooks
 
 
 def _describe_classes(split, balance: str) -> str:
@@ -239,13 +255,11 @@ def restore(run: Run, state: dict[str, Any]) -> None:
 
 def build_runtime(cfg: TrainConfig) -> tuple[torch.device, distributed.Dist]:
     """The device and process group; an impossible device, precision or model name fails before anything loads."""
-    device = resolve_device(cfg.device)
+    device, _ = prepare(cfg.device, cfg.precision, cfg.threads)
     d = distributed.init(device.type)
     if d.enabled and device.type == "cuda":
         device = torch.device("cuda", d.local_rank)  # one process per GPU
         torch.cuda.set_device(device)
-    resolve_precision(cfg.precision, device)
-    set_threads(cfg.threads)
     model_info(cfg.arch)
     return device, d
 
@@ -299,12 +313,11 @@ def build_batches(cfg: TrainConfig, data: DataBundle, device: torch.device,
                             cfg.batch_size, shuffle=cfg.shuffle, drop_last=cfg.drop_last, seed=cfg.seed,
                             device=device, workers=cfg.workers, rank=d.rank, world=d.world,
                             alternate_flips=cfg.flip == "alternate")
-    eval_transform = eval_transform_of(cfg, data)
-    eval_batches = {name: Batches(split.subset(distributed.shard_for_eval(len(split), d)), eval_transform,
-                                  max(cfg.batch_size // d.world, 256), shuffle=False, drop_last=False,
-                                  seed=cfg.seed, device=device, workers=cfg.workers)
-                    for name, split in (("val", data.val), ("test", data.test)) if split is not None}
-    return train_batches, eval_batches
+    evaluation = {name: eval_batches(split.subset(distributed.shard_for_eval(len(split), d)), cfg.augment,
+                                     cfg.input_size, data.mean, data.std, max(cfg.batch_size // d.world, 256),
+                                     device, cfg.workers)
+                  for name, split in (("val", data.val), ("test", data.test)) if split is not None}
+    return train_batches, evaluation
 
 
 def eval_transform_of(cfg: TrainConfig, data: DataBundle) -> BatchTransform:

@@ -7,21 +7,19 @@ precedence is: defaults < ``--preset`` < ``--config FILE.yaml`` < flags (in the 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import sys
 import time
 from argparse import ArgumentError
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
-from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+from jsonargparse import ArgumentParser
 
 from .config import PRESETS, TrainConfig, budget_rule_fields
 from .errors import ConfigError, Interrupted, UserError
-
-set_parsing_settings(docstring_parse_attribute_docstrings=True)
+from .options import TRAIN_ONLY, FirstPass, command_parser, compare_parser, first_pass, given_options, train_parser
 
 
 def _print_json(obj: Any) -> None:
@@ -90,14 +88,16 @@ def train_cmd(config: TrainConfig, preset: Optional[str] = None, resume: Optiona
     from .train import train
 
     started = time.perf_counter() - process_age()  # --time-budget counts the whole command, imports included
+    ok = False
     try:
         if resume:
             train(resume=resume, preset=preset, started=started, data_changed=data_changed == "ok",
                   **{k: getattr(config, k) for k in given})
         else:
             train(config, started=started, force=force)
+        ok = True
     finally:
-        shutdown()
+        shutdown(wait_for_peers=ok)
 
 
 def eval_cmd(model: str, data: str, split: str = "test", arch: Optional[str] = None, device: str = "auto",
@@ -149,6 +149,16 @@ def eval_cmd(model: str, data: str, split: str = "test", arch: Optional[str] = N
 
 def predict_cmd(model: str, inputs: list[str], topk: int = 5, arch: Optional[str] = None, device: str = "auto",
                 json: bool = False) -> None:
+    """Top-k classes and probabilities for image files or folders.
+
+    Args:
+        model: run directory, model.safetensors, last.pt or a bare state_dict (with --arch).
+        inputs: image files or folders.
+        topk: classes to show per image.
+        arch: architecture of a bare state_dict.
+        device: auto, cpu, cuda or cuda:N.
+        json: print one JSON object per image and line.
+    """
     from .evaluate import predict
 
     for r in predict(model, inputs, topk=topk, arch=arch, device=device):
@@ -217,7 +227,7 @@ def bench_cmd(arch: Optional[str] = None, preset: str = "seed", data: Optional[s
 
 def compare_cmd(config: TrainConfig, archs: Optional[str] = None, schedules: Optional[str] = None,
                 budgets: Optional[str] = None, seeds: Optional[str] = None, preset: Optional[str] = None,
-                compare_out: str = "runs/compare", fixed: frozenset[str] = frozenset()) -> None:
+                compare_out: str = "runs/compare", given: frozenset[str] = frozenset()) -> None:
     from .compare import COMPARISONS, compare
 
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else []
@@ -229,7 +239,7 @@ def compare_cmd(config: TrainConfig, archs: Optional[str] = None, schedules: Opt
     chosen = dict(archs=split(archs), schedules=split(schedules), budgets=numbers[0])
     if not any(chosen.values()) and preset in COMPARISONS:  # the preset says what it compares
         chosen.update(COMPARISONS[preset])
-    summary = compare(config, **chosen, seeds=numbers[1], out=compare_out, preset=preset, fixed=fixed)
+    summary = compare(config, **chosen, seeds=numbers[1], out=compare_out, preset=preset, given=given)
     if budgets:
         print(f"{'budget min':>10}{'seeds':>7}{'test acc % mean':>17}{'std':>7}{'s to result':>13}")
         for t in summary["frontier"]:
@@ -247,7 +257,14 @@ def compare_cmd(config: TrainConfig, archs: Optional[str] = None, schedules: Opt
     print(f"report: {compare_out}/report.md")
 
 
-def plot_cmd(runs: list[str], out: str = "curves.png", metric: str = "error") -> None:
+def plot_cmd(runs: list[str], out: str = "curves.png", metric: Literal["error", "loss", "lr"] = "error") -> None:
+    """Draw curves from run directories' metrics.jsonl.
+
+    Args:
+        runs: run directories.
+        out: image file to write (.png, .pdf or .svg).
+        metric: error: train (dashed) and test (bold) error; loss: training loss; lr: learning rate.
+    """
     from .plots import plot_runs
     from .rundir import check_output
 
@@ -329,185 +346,85 @@ COMMANDS: dict[str, Callable[..., None]] = {
 }
 
 
-def _train_parser(preset: str | None, resume: bool = True) -> ArgumentParser:
-    p = ArgumentParser(description="Train a model; writes config.yaml, metrics.jsonl, last.pt, model.safetensors.")
-    p.add_argument("--preset", type=Optional[str],
-                   help=f"start from a preset ({', '.join(PRESETS)}); flags and --config override it")
-    p.add_argument("--config", action=ActionConfigFile, help="a YAML file of options (e.g. a run's config.yaml)")
-    if resume:
-        p.add_argument("--resume", type=Optional[str],
-                       help="continue the run in this directory from its last.pt; flags given with it may change "
-                            "its length (--epochs, --steps), evaluation, logging and device, nothing else")
-        p.add_argument("--data_changed", type=Optional[str], choices=["ok"],
-                       help="with --resume: continue on a data folder whose images changed since the run started")
-        p.add_argument("--force", type=bool, default=False,
-                       help="write over a config.yaml or metrics.jsonl in --out that no reslab run made")
-    p.add_class_arguments(TrainConfig, nested_key=None)
-    if preset:
-        p.set_defaults(PRESETS[preset])
-    return p
+TRAIN_DESCRIPTION = "Train a model; writes config.yaml, metrics.jsonl, last.pt, model.safetensors."
 
 
-def _compare_parser(preset: str | None) -> ArgumentParser:
-    p = _train_parser(preset, resume=False)
-    p.description = ("Train several models (or schedules) with one recipe into OUT/<name>/, then write "
-                     "report.md, summary.json and figures. --preset degradation compares plain20, plain56, resnet20 "
-                     "and resnet56 (He et al. Fig. 6); --preset decay compares step, cosine and constant schedules.")
-    p.add_argument("--archs", type=Optional[str], help="models to compare, e.g. plain20,resnet20,plain56,resnet56")
-    p.add_argument("--schedules", type=Optional[str], help="schedules to compare on --arch, e.g. step,constant")
-    p.add_argument("--budgets", type=Optional[str], help="--time-budget minutes to compare, e.g. 2.5,5,10,20")
-    p.add_argument("--seeds", type=Optional[str], help="repeat every model, schedule or budget with each of these "
-                   "seeds, e.g. 0,1,2 (the report and figures show the mean and spread)")
-    return p
-
-
-def _plot_parser() -> ArgumentParser:
-    p = ArgumentParser(description="Draw curves from run directories' metrics.jsonl.")
-    p.add_argument("runs", nargs="+", help="run directories")
-    p.add_argument("--out", type=str, default="curves.png", help="PNG file to write")
-    p.add_argument("--metric", type=str, default="error", choices=["error", "loss", "lr"],
-                   help="error: train (dashed) and test (bold) error; loss: training loss; lr: learning rate")
-    return p
-
-
-def _predict_parser() -> ArgumentParser:
-    p = ArgumentParser(description="Top-k classes and probabilities for image files or folders.")
-    p.add_argument("model", help="run directory, model.safetensors, last.pt or a bare state_dict (with --arch)")
-    p.add_argument("inputs", nargs="+", help="image files or folders")
-    p.add_argument("--topk", type=int, default=5, help="classes to show per image")
-    p.add_argument("--arch", type=Optional[str], help="architecture of a bare state_dict")
-    p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--json", type=bool, default=False, help="print one JSON object per image and line")
-    return p
-
-
-def build_parser(preset: str | None = None) -> ArgumentParser:
-    """The full ``reslab`` parser (``preset`` sets the train defaults, as ``--preset`` does)."""
-    parser = ArgumentParser(prog="reslab", description="Train, evaluate and compare residual networks.")
+def build_parser(preset: str | None = None, config: dict[str, Any] | None = None) -> ArgumentParser:
+    """The full ``reslab`` parser; ``preset`` and ``config`` (a ``--config`` file's values) set the train defaults."""
+    defaults = {**(PRESETS[preset] if preset else {}), **(config or {})}
+    parser = ArgumentParser(prog="reslab", description="Train, evaluate and compare residual networks.",
+                            exit_on_error=False)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subcommands(dest="command")
-    for name, fn in COMMANDS.items():
-        if name == "train":
-            p = _train_parser(preset)
-        elif name == "compare":
-            p = _compare_parser(preset)
-        elif name == "predict":
-            p = _predict_parser()
-        elif name == "plot":
-            p = _plot_parser()
-        else:
-            p = ArgumentParser(description=(fn.__doc__ or "").split("\n")[0])
-            # The first parameter is positional (``reslab summary ARCH``, ``reslab eval MODEL``); the rest are flags.
-            params = list(inspect.signature(fn).parameters.values())
-            first = params[0].name if params and params[0].default is inspect.Parameter.empty else None
-            if first is not None:
-                p.add_argument(first, help=_param_doc(fn, first))
-            p.add_function_arguments(fn, nested_key=None, skip={first} if first else None)
+    for name in COMMANDS:
+        p = subcommand_parser(name, defaults)
         sub.add_subcommand(name, p, help=(p.description or "").split("\n")[0])
     return parser
 
 
-def _bool_options() -> set[str]:
-    import dataclasses
-
-    names = {f.name for f in dataclasses.fields(TrainConfig) if "bool" in str(f.type)}
-    for fn in COMMANDS.values():
-        names |= {n for n, p in inspect.signature(fn).parameters.items() if "bool" in str(p.annotation)}
-    return names | {"json", "force"}
-
-
-def _normalise_argv(argv: list[str]) -> list[str]:
-    """Accept ``--image-size`` as well as jsonargparse's ``--image_size``, and bare switches: ``--json`` means
-    ``--json=true``, ``--no-nesterov`` means ``--nesterov=false``."""
-    bools, out = _bool_options(), []
-    for i, a in enumerate(argv):
-        if a == "--":
-            out += argv[i:]
-            break
-        if a.startswith("--") and len(a) > 2:
-            name, eq, value = a[2:].partition("=")
-            name = name.replace("-", "_")
-            nxt = argv[i + 1].lower() if i + 1 < len(argv) else ""
-            if not eq and nxt not in ("true", "false", "null"):
-                if name in bools:
-                    name, eq, value = name, "=", "true"
-                elif name.startswith("no_") and name[3:] in bools:
-                    name, eq, value = name[3:], "=", "false"
-            a = "--" + name + eq + value
-        out.append(a)
-    return out
+def subcommand_parser(name: str, defaults: dict[str, Any] | None = None) -> ArgumentParser:
+    """The parser of ``reslab NAME``; ``defaults`` are the train options' (a preset's and a config file's)."""
+    if name == "train":
+        return train_parser(defaults or {}, TRAIN_DESCRIPTION)
+    if name == "compare":
+        return compare_parser(defaults or {})
+    return command_parser(COMMANDS[name])
 
 
-def _param_doc(fn: Callable, name: str) -> str:
-    from docstring_parser import parse
-
-    return next((p.description for p in parse(fn.__doc__ or "").params if p.arg_name == name), "") or ""
-
-
-def _given_options(argv: list[str]) -> set[str]:
-    """Names of the options on a normalised command line (``--image_size=64`` -> ``image_size``)."""
-    return {a[2:].split("=", 1)[0] for a in argv if a.startswith("--") and len(a) > 2}
-
-
-def _preset_in(argv: list[str]) -> str | None:
-    for i, a in enumerate(argv):
-        if a == "--preset" and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith("--preset="):
-            return a.split("=", 1)[1]
-    return None
+def _train(args: dict[str, Any], given: frozenset[str], first: FirstPass) -> None:
+    special = {k: args.pop(k) for k in ("preset", "resume", "force", "data_changed")}
+    args.pop("config")
+    if special["data_changed"] and not special["resume"]:
+        raise ConfigError("--data-changed goes with --resume")
+    if special["resume"] and first.config_file:
+        raise ConfigError("--resume continues a run with its saved config: no --config with it")
+    if not special["resume"]:
+        args.update(budget_rule_fields(special["preset"], args["time_budget"], given))
+    COMMANDS["train"](TrainConfig(**args), given=given - set(TRAIN_ONLY), **special)
 
 
-def _dispatch(command: str, args: dict[str, Any], argv: list[str]) -> None:
-    """Run ``command`` with its parsed ``args``; ``train`` and ``compare`` build a ``TrainConfig`` first."""
-    if command == "train":
-        special = {k: args.pop(k, None) for k in ("preset", "resume", "force", "data_changed")}
-        if special["data_changed"] and not special["resume"]:
-            raise ConfigError("--data-changed goes with --resume")
-        options = _given_options(argv)
-        given = frozenset(options & set(args))
-        if special["resume"] and "config" in options:
-            raise ConfigError("--resume continues a run with its saved config: no --config with it")
-        if not special["resume"]:
-            args.update(budget_rule_fields(special["preset"], args["time_budget"], options))
-        special["force"] = bool(special["force"])
-        COMMANDS[command](TrainConfig(**args), given=given, **special)
-    elif command == "compare":
-        special = {k: args.pop(k, None) for k in ("preset", "archs", "schedules", "budgets", "seeds")}
-        out = args.pop("out", None) or "runs/compare"  # --out names the comparison directory
-        fixed = frozenset(_given_options(argv))  # as for train: flags and --config override the budget rule
-        COMMANDS[command](TrainConfig(**args), compare_out=out, fixed=fixed, **special)
-    else:
-        COMMANDS[command](**args)
+def _compare(args: dict[str, Any], given: frozenset[str], first: FirstPass) -> None:
+    special = {k: args.pop(k) for k in ("preset", "archs", "schedules", "budgets", "seeds")}
+    args.pop("config")
+    out = args.pop("out", None) or "runs/compare"  # --out names the comparison directory
+    COMMANDS["compare"](TrainConfig(**args), compare_out=out, given=given, **special)
+
+
+def _parse(argv: list[str]) -> tuple[str, dict[str, Any], frozenset[str], FirstPass]:
+    """The command, its arguments, the options given explicitly, and the first pass (raises ``ArgumentError``)."""
+    first = first_pass(argv)
+    parser = build_parser(first.preset, first.config)
+    ns = parser.parse_args(argv)
+    # Given: on the command line, and "config" for a --config file (its values then decide, not a budget rule).
+    given = given_options(parser, argv, ns.command) | ({"config"} if first.config_file else set())
+    return ns.command, ns[ns.command].as_dict(), given, first
+
+
+def _usage_error(exc: Exception, argv: list[str]) -> None:
+    msg = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    command = next((a for a in argv if a in COMMANDS), None)
+    print(f"reslab: error: {msg} (see {f'reslab {command} --help' if command else 'reslab --help'})",
+          file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``reslab`` console script; returns the exit status."""
-    argv = _normalise_argv(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    preset = _preset_in(argv)
-    if preset is not None and preset not in PRESETS:
-        print(f"reslab: error: unknown preset {preset!r}; known: {', '.join(PRESETS)}", file=sys.stderr)
-        return 2
-    parser = build_parser(preset)
-    for p in [parser, *parser._subcommands_action._name_parser_map.values()]:
-        p.exit_on_error = False  # a bad option is one line on stderr, not a screen of usage
     try:
-        ns = parser.parse_args(argv)
-    except ArgumentError as exc:
+        command, args, given, first = _parse(argv)
+    except (ArgumentError, ConfigError) as exc:  # a bad option is one line on stderr, not a screen of usage
         if debug:
             raise
-        msg = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        command = next((a for a in argv if a in COMMANDS), None)
-        hint = f"reslab {command} --help" if command else "reslab --help"
-        print(f"reslab: error: {msg} (see {hint})", file=sys.stderr)
+        _usage_error(exc, argv)
         return 2
-    command = ns.command
-    args = ns[command].as_dict()
-    for key in ("config", "__path__"):
-        args.pop(key, None)
     try:
-        _dispatch(command, args, argv)
+        if command == "train":
+            _train(args, given, first)
+        elif command == "compare":
+            _compare(args, given, first)
+        else:
+            COMMANDS[command](**args)
     except Interrupted as exc:
         print(f"reslab: {exc}", file=sys.stderr)
         return 130

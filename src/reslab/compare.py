@@ -14,18 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from . import rundir
-from .config import BUDGET_RULES, TrainConfig, budget_rule_fields
+from .config import BUDGET_RULES, NOT_RECIPE, TrainConfig, budget_rule_fields
 from .errors import ConfigError
 from .models import count_macs, count_params, create_model, model_info
 
-# Options that change where and how visibly a run trains, not its result: a finished run that differs from the
-# requested recipe only in these is still the same experiment.
-NOT_RECIPE = frozenset({"out", "device", "threads", "workers", "loader", "log_every", "tensorboard",
-                        "checkpoint_every", "strict", "data_dir", "compile"})
-
 
 def recipe_differences(saved: dict[str, Any], requested: TrainConfig) -> list[str]:
-    """The options (as flags) on which a saved run's config differs from ``requested``, outside ``NOT_RECIPE``.
+    """The options (as flags) on which a saved run's config differs from ``requested``, outside ``config.NOT_RECIPE``
+    (execution and the run directory).
 
     Options requested as ``None`` (chosen by reslab, e.g. the augmentation) match what the saved run chose."""
     want = requested.to_dict()
@@ -45,15 +41,15 @@ COMPARISONS: dict[str, dict[str, list]] = {
 
 def _variants(base: TrainConfig, archs: list[str], schedules: list[str], budgets: list[float],
               seeds: list[int], preset: str | None = None,
-              fixed: frozenset[str] = frozenset()) -> dict[str, tuple[str, TrainConfig]]:
+              given: frozenset[str] = frozenset()) -> dict[str, tuple[str, TrainConfig]]:
     """Run name -> (the group it belongs to, its config). With several seeds each group has one run per seed.
     A budget run is handed to ``preset``'s budget rule (``budget_rule_fields``), which keeps the options in
-    ``fixed``."""
+    ``given``."""
     if sum(map(bool, (archs, schedules, budgets))) > 1:
         raise ConfigError("give one of --archs, --schedules or --budgets")
     if budgets:
         return {f"{b:g}min-seed{s}": (f"{b:g}", dataclasses.replace(base, time_budget=b, seed=s,
-                                                                    **budget_rule_fields(preset, b, fixed)))
+                                                                    **budget_rule_fields(preset, b, given)))
                 for b in budgets for s in (seeds or [base.seed])}
     if schedules:
         groups = {s: dataclasses.replace(base, schedule=s) for s in schedules}
@@ -200,7 +196,7 @@ def decay_lessons(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def compare(config: TrainConfig, *, archs: list[str] | None = None, schedules: list[str] | None = None,
             budgets: list[float] | None = None, seeds: list[int] | None = None, out: str | Path = "runs/compare",
-            plots: bool = True, preset: str | None = None, fixed: frozenset[str] = frozenset()) -> dict[str, Any]:
+            plots: bool = True, preset: str | None = None, given: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Train every variant with the same recipe and seed into ``out/<name>/``, then write the report.
 
     Args:
@@ -212,14 +208,14 @@ def compare(config: TrainConfig, *, archs: list[str] | None = None, schedules: l
         out: the comparison directory.
         plots: draw the PNG figures (needs matplotlib).
         preset: the preset ``config`` came from: each budget run is handed to that preset's budget rule
-            (``presets.BUDGET_RULES``, e.g. the fast net's width), except the options named in ``fixed``.
+            (``presets.BUDGET_RULES``, e.g. the fast net's width), except the options named in ``given``.
 
     Returns:
         The summary: one row per run (also written to ``out/summary.json`` and ``out/report.md``).
     """
     from .train import train
 
-    variants = _variants(config, archs or [], schedules or [], budgets or [], seeds or [], preset, fixed)
+    variants = _variants(config, archs or [], schedules or [], budgets or [], seeds or [], preset, given)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for name, (_, cfg) in variants.items():

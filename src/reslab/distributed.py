@@ -113,7 +113,14 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
-    """Leave the process group (at the end of a command under torchrun: a clean exit, no leaked group warning)."""
+def shutdown(wait_for_peers: bool = False) -> None:
+    """Leave the process group (at the end of a command under torchrun: a clean exit, no leaked group warning).
+
+    ``wait_for_peers`` (after a command that succeeded on every rank): first wait until every rank is done, so no
+    rank tears its connections down while a peer's last collective still uses them (seen once in the suite: the
+    peer aborted with "terminate called without an active exception"). Never after a failure: a dead peer would
+    never arrive."""
     if dist.is_available() and dist.is_initialized():
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()

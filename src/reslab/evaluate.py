@@ -19,12 +19,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import first_line, load_model
-from .data import Batches, BatchTransform, DataError, fit_square, load_rgb, load_split, match_classes, store_size
+from .data import (
+    Batches,
+    BatchTransform,
+    DataError,
+    eval_batches,
+    fit_square,
+    load_rgb,
+    load_split,
+    match_classes,
+    store_size,
+)
 from .data.folder import IMAGE_EXTENSIONS
 from .distributed import all_sum
 from .errors import ConfigError
 from .log import say
-from .runtime import autocast, resolve_device, resolve_precision, set_threads
+from .runtime import autocast, prepare
 
 TTA_VIEWS = {"none": 1, "flip": 2, "flip_shift": 6}
 
@@ -169,9 +179,7 @@ def evaluate(model: str | Path, data: str, *, split: str = "test", arch: str | N
         raise ConfigError(f"--batch-size and --samples must be at least 1, got {batch_size} and {samples}")
     if tta_fraction is not None and not 0 < tta_fraction <= 1:
         raise ConfigError(f"--tta-fraction is a fraction in (0, 1], got {tta_fraction}")
-    dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
-    set_threads(None)
+    dev, prec = prepare(device, precision)
     net, meta = _load(model, arch, dev)
     classes = meta["classes"]
     input_size = meta.get("input_size") or 32
@@ -187,8 +195,7 @@ def evaluate(model: str | Path, data: str, *, split: str = "test", arch: str | N
     if samples:
         from .data import balanced_indices
         s = s.subset(balanced_indices(s.labels, samples, seed=0))
-    transform = BatchTransform(meta["augment"], False, input_size, tuple(meta["mean"]), tuple(meta["std"]))
-    batches = Batches(s, transform, batch_size, shuffle=False, drop_last=False, seed=0, device=dev)
+    batches = eval_batches(s, meta["augment"], input_size, tuple(meta["mean"]), tuple(meta["std"]), batch_size, dev)
     t0 = time.perf_counter()
     if tta_fraction is None:  # the trained fraction goes with the trained TTA, not with one asked for here
         tta_fraction = (meta.get("tta_fraction") or 1.0) if tta is None else 1.0
@@ -233,8 +240,7 @@ def predict(model: str | Path, inputs: list[str | Path], *, topk: int = 5, arch:
     """
     if topk < 1 or batch_size < 1:
         raise ConfigError(f"--topk and the batch size must be at least 1, got {topk} and {batch_size}")
-    dev = resolve_device(device)
-    set_threads(None)
+    dev, _ = prepare(device)
     net, meta = _load(model, arch, dev)
     classes, input_size = meta["classes"], meta.get("input_size") or 32
     transform = BatchTransform(meta["augment"], False, input_size, tuple(meta["mean"]), tuple(meta["std"]))

@@ -272,36 +272,48 @@ def fit(run: Run) -> TrainResult:
 
 def _train_epoch(run: Run) -> None:
     """Train from ``run.step`` to the end of its epoch, the end of the run, or a stop request."""
-    cfg, model, opt = run.cfg, run.model, run.optimizer
-    steps_per_epoch = len(run.train_batches)
-    epoch, first = divmod(run.step, steps_per_epoch)
-    model.train()
+    epoch, first = divmod(run.step, len(run.train_batches))
+    run.model.train()
     for hook in run.hooks:
         hook.on_epoch_start(run)
     run.meter.start()
     for x, y in run.train_batches.epoch(epoch, start=first):
-        lr = lr_at(run.step, cfg, steps_per_epoch, run.total_steps)
-        for group in opt.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        target = y
-        if cfg.mixup or cfg.cutmix:  # drawn from (seed, step): the same mix on resume
-            g = torch.Generator().manual_seed(mix_seed(cfg.seed, run.step, 2))
-            x, target = mix_batch(x, y, len(run.data.classes), cfg.mixup, cfg.cutmix, g)
-        with autocast(run.device, run.precision):
-            logits = model(x)
-            loss = F.cross_entropy(logits, target, weight=run.loss_weight, label_smoothing=cfg.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        _backward_and_step(run, loss)
-        run.step += 1
-        run.meter.add(loss, logits, y, run.step, lr)
-        if run.step % cfg.log_every == 0:  # finiteness costs a device sync: checked here and before checkpoints
-            run.raise_if_nonfinite()
-        for hook in run.hooks:
-            hook.on_step_end(run, loss, lr)
+        step(run, x, y)
         if run.stop:
             raise run.interrupted()
         if run.step >= run.total_steps:
             break
+
+
+def step(run: Run, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One step of the loop (what ``reslab bench`` times): ``train_step``, the meter, the hooks."""
+    loss, logits, lr = train_step(run, x, y)
+    run.step += 1
+    run.meter.add(loss, logits, y, run.step, lr)
+    if run.step % run.cfg.log_every == 0:  # finiteness costs a device sync: checked here and before checkpoints
+        run.raise_if_nonfinite()
+    for hook in run.hooks:
+        hook.on_step_end(run, loss, lr)
+
+
+def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One optimizer step on the batch ``(x, y)`` at ``run.step``: the scheduled
+    learning rate, MixUp/CutMix, forward and loss under autocast, backward, clipping, update. Returns the loss, the
+    logits and the learning rate."""
+    cfg, opt = run.cfg, run.optimizer
+    lr = lr_at(run.step, cfg, len(run.train_batches), run.total_steps)
+    for group in opt.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+    target = y
+    if cfg.mixup or cfg.cutmix:  # drawn from (seed, step): the same mix on resume
+        g = torch.Generator().manual_seed(mix_seed(cfg.seed, run.step, 2))
+        x, target = mix_batch(x, y, len(run.data.classes), cfg.mixup, cfg.cutmix, g)
+    with autocast(run.device, run.precision):
+        logits = run.model(x)
+        loss = F.cross_entropy(logits, target, weight=run.loss_weight, label_smoothing=cfg.label_smoothing)
+    opt.zero_grad(set_to_none=True)
+    _backward_and_step(run, loss)
+    return loss, logits, lr
 
 
 def _backward_and_step(run: Run, loss: torch.Tensor) -> None:

@@ -80,6 +80,15 @@ def set_threads(threads: int | None) -> int:
     return n
 
 
+def prepare(device: str = "auto", precision: str = "auto", threads: int | None = None) -> tuple[torch.device, str]:
+    """The device and the precision it computes in (``auto`` resolved), with the CPU threads set: how training,
+    evaluation, prediction and the benchmark all start, so an impossible choice fails the same way in each."""
+    dev = resolve_device(device)
+    resolved = resolve_precision(precision, dev)
+    set_threads(threads)
+    return dev, resolved
+
+
 def process_age() -> float:
     """Seconds since this process started (Linux: from /proc; elsewhere 0), so a time budget counts the imports."""
     try:

@@ -18,12 +18,12 @@ import torch
 from . import build, distributed, rundir
 from .build import make_optimizer, param_groups
 from .checkpoint import load_checkpoint
-from .config import TrainConfig, make_config
+from .config import RESUMABLE, TrainConfig, make_config
 from .errors import CheckpointError, ConfigError, UserError
 from .log import say
 from .loop import EpochMeter, Run, TrainResult, fit, lr_at
 
-__all__ = ["RESUME_OVERRIDES", "EpochMeter", "Run", "TrainResult", "fit", "lr_at", "make_optimizer", "param_groups",
+__all__ = ["EpochMeter", "Run", "TrainResult", "fit", "lr_at", "make_optimizer", "param_groups",
            "resume_config", "run_dir", "setup", "train"]
 
 # --- setup ----
@@ -54,7 +54,7 @@ def setup(cfg: TrainConfig, resume: dict[str, Any] | None = None, started: float
         if scaler is not None and resume.get("scaler"):
             scaler.load_state_dict(resume["scaler"])
         torch.set_rng_state(resume["rng"]["torch"])
-    cfg.out = str(out)
+    cfg = dataclasses.replace(cfg, out=str(out))
     if d.main:  # only rank 0 writes
         out.mkdir(parents=True, exist_ok=True)
         rundir.write_config(out, cfg.to_dict())
@@ -72,17 +72,10 @@ def setup(cfg: TrainConfig, resume: dict[str, Any] | None = None, started: float
 
 # --- the entry point ----
 
-# Options that may change when a run is resumed: its length, evaluation, logging and where it runs. Everything
-# else (model, data, batch size, optimiser, augmentation, seed) defines the run and is refused.
-RESUME_OVERRIDES = frozenset({"epochs", "steps", "eval_every", "tta", "tta_fraction", "log_every", "tensorboard",
-                              "checkpoint_every", "device", "precision", "threads", "workers", "loader", "compile",
-                              "channels_last", "strict", "data_dir"})
-
-
 def resume_config(saved: dict[str, Any], overrides: dict[str, Any], run_dir: str | Path) -> TrainConfig:
     """The config of a resumed run: the saved one, with the ``overrides`` that may change (refused otherwise)."""
     changed = {k: v for k, v in overrides.items() if k not in saved or saved[k] != v}
-    refused = sorted(set(changed) - RESUME_OVERRIDES)
+    refused = sorted(set(changed) - RESUMABLE)  # what the config's sections allow
     if refused:
         k = refused[0]
         raise ConfigError(f"--{k.replace('_', '-')} cannot change when resuming: the run in {run_dir} has "
@@ -104,7 +97,7 @@ def train(config: TrainConfig | None = None, *, preset: str | None = None, resum
         config: a full config; otherwise one is made from ``preset`` and ``overrides``.
         preset: ``seed``, ``paper`` or ``fast`` (see ``reslab.presets.PRESETS``).
         resume: a run directory to continue from its ``last.pt``; ``overrides`` may then change its length,
-            evaluation, logging and device (see ``RESUME_OVERRIDES``), nothing else.
+            evaluation, logging and device (``config.RESUMABLE``), nothing else.
         started: origin of ``time_budget`` as a ``time.perf_counter()`` value (default: this call).
         force: a new run may write over a ``config.yaml`` or ``metrics.jsonl`` in ``out`` that no reslab run made.
         data_changed: a resumed run may continue on images that changed since it started (same classes).

@@ -12,12 +12,11 @@ from ..errors import DataError
 from .augment import BatchTransform, channel_stats, pil_transform, store_size
 from .datasets import Split, balanced_indices, load_split, typical_image_size
 from .folder import channel_histogram, fit_square, load_rgb, sample_histogram
-from .loader import Batches, mix_seed
+from .loader import Batches, eval_batches, mix_seed
 
 __all__ = ["BatchTransform", "Batches", "DataBundle", "DataError", "Split", "balanced_indices", "channel_stats",
-           "data_changes", "fingerprint",
-           "fit_square", "load_data", "load_rgb", "load_split", "match_classes", "mix_seed", "pil_transform",
-           "store_size", "typical_image_size"]
+           "data_changes", "eval_batches", "fingerprint", "fit_square", "load_data", "load_rgb", "load_split",
+           "match_classes", "mix_seed", "pil_transform", "store_size", "typical_image_size"]
 
 
 @dataclass

@@ -100,6 +100,14 @@ class Batches:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
+def eval_batches(split: Split, augment: str | None, input_size: int, mean: tuple[float, ...],
+                 std: tuple[float, ...], batch_size: int, device: torch.device, workers: int = 2) -> Batches:
+    """``split`` as evaluation sees it: every image once, in order, resized and normalised without augmentation
+    (training's evaluations, ``reslab eval`` and ``reslab bench`` all read it this way)."""
+    return Batches(split, BatchTransform(augment, False, input_size, mean, std), batch_size, shuffle=False,
+                   drop_last=False, seed=0, device=device, workers=workers)
+
+
 class _FileDataset(Dataset):
     """Image files through PIL transforms; JPEGs decoded at a reduced scale when ``min_side`` pixels suffice."""
 
