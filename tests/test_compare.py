@@ -111,3 +111,23 @@ def test_decay_preset_compares_schedules_and_says_what_the_curves_show(tmp_path,
     for lesson in summary["lessons"]:
         assert lesson["shown"] == (lesson["train_loss"] < lesson["constant_train_loss"]) and lesson["text"] in stdout
     assert (out / "loss.png").stat().st_size > 5000
+
+
+def test_the_report_says_why_a_depth_lesson_is_not_shown():
+    from reslab.compare import MARGIN, depth_lessons, group_stats
+
+    def rows(r20, r56):
+        return [{"name": f"{a}-seed0", "group": a, "arch": a, "schedule": "cosine", "residual": True, "depth": d,
+                 "params": 1, "macs": 1, "seed": 0, "final_train_error": train, "final_test_error": test,
+                 "final_train_loss": 1.0, "wall_seconds": 1.0} for a, d, (train, test) in
+                (("resnet20", 20, r20), ("resnet56", 56, r56))]
+
+    # Ordered as in Fig. 6 on both errors, but by 0.3 points: too small to call, and the margin is said.
+    (small,) = depth_lessons(group_stats(rows((0.300, 0.320), (0.297, 0.317))), rows((0.3, 0.32), (0.297, 0.317)))
+    assert not small["shown"] and f"less than the {100 * MARGIN:.1f}-point margin" in small["text"]
+    assert "1 of 1 seeds" in small["text"]
+    # Training error ordered, test error the other way (the complaint: 0.78 points less training error, NOT SHOWN).
+    split = rows((0.3000, 0.30), (0.2922, 0.31))
+    (other,) = depth_lessons(group_stats(split), split)
+    assert not other["shown"] and "the test error goes the other way" in other["text"]
+    assert other["text"].startswith("resnet56 ends with 0.78 points less training error than resnet20")

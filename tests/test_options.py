@@ -117,14 +117,14 @@ def test_train_help_groups_the_options_by_section(cli, capsys):
 
 
 def test_bench_times_the_loops_step_on_the_parts_training_builds():
-    from reslab.bench import _bench_data, _bench_run
+    from reslab.bench import _bench_data
     from reslab.loop import step
     from reslab.optim import SGD
 
     cfg = make_config("fast", batch_size=8, steps=4, precision="fp32", channels_last=False, log_every=10**9,
                       whiten_bias_epochs=3)
     data = _bench_data(cfg, None, 32)
-    run = _bench_run(cfg, data, torch.device("cpu"), "fp32")
+    run = build.bare_run(cfg, data, torch.device("cpu"), "fp32")
     assert [type(h).__name__ for h in run.hooks] == ["Lookahead", "WhiteningBiasWindow"]
     trained = build.build_optimizer(cfg, build.build_model(cfg, data, torch.device("cpu"), "fp32", None, None))
     assert isinstance(run.optimizer, SGD) and type(run.optimizer) is type(trained)

@@ -13,19 +13,18 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import build, distributed
+from . import build
 from .config import TrainConfig, make_config, resolve_inputs
 from .data import DataBundle, Split, load_data, pil_transform
 from .data.loader import _FileDataset
 from .distributed import synchronize
 from .errors import UserError
-from .loop import EpochMeter, Run, step
+from .loop import step
 from .models import count_macs, create_model, model_info
 from .runtime import autocast, default_channels_last, prepare
 
@@ -96,21 +95,6 @@ def _bench_data(cfg: TrainConfig, data: str | None, images: int) -> DataBundle:
     return dataclasses.replace(bundle, val=None, test=bundle.train)
 
 
-def _bench_run(cfg: TrainConfig, data: DataBundle, device: torch.device, precision: str) -> Run:
-    """A training run made by the builders training uses (batches, model, optimizer, the hooks that change the
-    weights), writing nothing: what ``loop.step`` needs."""
-    single = distributed.Dist()
-    train_batches, evaluation = build.build_batches(cfg, data, device, single)
-    model = build.build_model(cfg, data, device, precision, None, None)
-    run = Run(cfg, Path(cfg.out or "."), device, precision, single, data, train_batches, evaluation, model,
-              build.build_optimizer(cfg, model), torch.amp.GradScaler("cuda") if precision == "fp16" else None,
-              meta={}, hooks=build.weight_hooks(cfg, model), clock=time.perf_counter(), meter=EpochMeter(device),
-              total_steps=build.total_steps(cfg, len(data.train)))
-    if cfg.compile:
-        run.model = torch.compile(run.model)
-    return run
-
-
 @dataclass
 class BenchResult:
     """Throughput of one model and recipe on one device, and how close it runs to the device's compute roof."""
@@ -168,7 +152,7 @@ def bench(arch: str | None = None, preset: str = "seed", data: str | None = None
     if cfg.augment is None:
         cfg, _ = resolve_inputs(cfg, model_info(cfg.arch).family, None)
     bundle = _bench_data(cfg, data, (warmup + steps) * batch_size)
-    run = _bench_run(cfg, bundle, dev, prec)
+    run = build.bare_run(cfg, bundle, dev, prec)
     run.model.train()
     for hook in run.hooks:
         hook.on_epoch_start(run)

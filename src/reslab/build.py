@@ -45,7 +45,7 @@ from .hooks import (
     WhiteningBiasWindow,
 )
 from .log import say
-from .loop import Hook, Run
+from .loop import EpochMeter, Hook, Run
 from .models import create_model, model_info
 from .optim import SGD, Chain, Muon
 from .pretrained import Pretrained, apply_pretrained, load_pretrained
@@ -367,3 +367,20 @@ def model_meta(cfg: TrainConfig, data: DataBundle, pretrained: Pretrained | None
             "reslab_version": rundir.package_version(),
             "torch_version": str(torch.__version__),
             "pretrained": pretrained.source if pretrained else (resume or {}).get("meta", {}).get("pretrained")}
+
+
+def bare_run(cfg: TrainConfig, data: DataBundle, device: torch.device, precision: str,
+             pretrained: Pretrained | None = None) -> Run:
+    """A run made by the same builders as a training run (batches, model, optimizer, the hooks that change the
+    weights) that writes nothing and has no run directory: what ``reslab bench`` times and ``reslab lr-find`` trains.
+    One process; the execution choices are the config's as given (no probe)."""
+    single = distributed.Dist()
+    train_batches, evaluation = build_batches(cfg, data, device, single)
+    model = build_model(cfg, data, device, precision, pretrained, None)
+    run = Run(cfg, Path(cfg.out or "."), device, precision, single, data, train_batches, evaluation, model,
+              build_optimizer(cfg, model), torch.amp.GradScaler("cuda") if precision == "fp16" else None,
+              meta={}, hooks=weight_hooks(cfg, model), clock=time.perf_counter(), meter=EpochMeter(device),
+              total_steps=total_steps(cfg, len(data.train)))
+    if cfg.compile:
+        run.model = torch.compile(run.model)
+    return run

@@ -19,7 +19,16 @@ from jsonargparse import ArgumentParser
 
 from .config import PRESETS, TrainConfig, budget_rule_fields
 from .errors import ConfigError, Interrupted, UserError
-from .options import TRAIN_ONLY, FirstPass, command_parser, compare_parser, first_pass, given_options, train_parser
+from .options import (
+    TRAIN_ONLY,
+    FirstPass,
+    command_parser,
+    compare_parser,
+    first_pass,
+    given_options,
+    lr_find_parser,
+    train_parser,
+)
 
 
 def _print_json(obj: Any) -> None:
@@ -257,6 +266,20 @@ def compare_cmd(config: TrainConfig, archs: Optional[str] = None, schedules: Opt
     print(f"report: {compare_out}/report.md")
 
 
+def lr_find_cmd(config: TrainConfig, start_lr: float = 1e-6, end_lr: float = 10.0, range_steps: int = 200,
+                json: bool = False) -> None:
+    """The learning-rate range test on ``config``'s data and recipe; prints the suggestion and its rule."""
+    from .lrfind import lr_find
+
+    r = lr_find(config, config.out or "runs/lr-find", start_lr, end_lr, range_steps)
+    if json:
+        _print_json(r)
+        return
+    print(f"suggested lr {r.suggested_lr:.3g} ({r.rule}: minimum at {r.min_loss_lr:.3g}); steepest descent at "
+          f"{r.steepest_lr:.3g}; the config's --lr is {r.preset_lr:g}")
+    print(f"{len(r.lrs)} steps, {r.stopped}; curve: {r.files[0]}, plot: {r.files[1]}")
+
+
 def plot_cmd(runs: list[str], out: str = "curves.png", metric: Literal["error", "loss", "lr"] = "error") -> None:
     """Draw curves from run directories' metrics.jsonl.
 
@@ -340,6 +363,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "predict": predict_cmd,
     "bench": bench_cmd,
     "compare": compare_cmd,
+    "lr-find": lr_find_cmd,
     "plot": plot_cmd,
     "export": export_cmd,
     "cache": cache_cmd,
@@ -368,6 +392,8 @@ def subcommand_parser(name: str, defaults: dict[str, Any] | None = None) -> Argu
         return train_parser(defaults or {}, TRAIN_DESCRIPTION)
     if name == "compare":
         return compare_parser(defaults or {})
+    if name == "lr-find":
+        return lr_find_parser(defaults or {})
     return command_parser(COMMANDS[name])
 
 
@@ -388,6 +414,13 @@ def _compare(args: dict[str, Any], given: frozenset[str], first: FirstPass) -> N
     args.pop("config")
     out = args.pop("out", None) or "runs/compare"  # --out names the comparison directory
     COMMANDS["compare"](TrainConfig(**args), compare_out=out, given=given, **special)
+
+
+def _lr_find(args: dict[str, Any]) -> None:
+    for key in ("preset", "config"):
+        args.pop(key)
+    own = {k: args.pop(k) for k in ("start_lr", "end_lr", "range_steps", "json")}
+    COMMANDS["lr-find"](TrainConfig(**args), **own)
 
 
 def _parse(argv: list[str]) -> tuple[str, dict[str, Any], frozenset[str], FirstPass]:
@@ -423,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
             _train(args, given, first)
         elif command == "compare":
             _compare(args, given, first)
+        elif command == "lr-find":
+            _lr_find(args)
         else:
             COMMANDS[command](**args)
     except Interrupted as exc:

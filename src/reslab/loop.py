@@ -296,12 +296,14 @@ def step(run: Run, x: torch.Tensor, y: torch.Tensor) -> None:
         hook.on_step_end(run, loss, lr)
 
 
-def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """One optimizer step on the batch ``(x, y)`` at ``run.step``: the scheduled
-    learning rate, MixUp/CutMix, forward and loss under autocast, backward, clipping, update. Returns the loss, the
-    logits and the learning rate."""
+def train_step(run: Run, x: torch.Tensor, y: torch.Tensor,
+               lr: float | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One optimizer step on the batch ``(x, y)`` at ``run.step``: the learning rate (``lr``, else the schedule's),
+    MixUp/CutMix, forward and loss under autocast, backward, clipping, update. Returns the loss, the logits and the
+    learning rate."""
     cfg, opt = run.cfg, run.optimizer
-    lr = lr_at(run.step, cfg, len(run.train_batches), run.total_steps)
+    if lr is None:
+        lr = lr_at(run.step, cfg, len(run.train_batches), run.total_steps)
     for group in opt.param_groups:
         group["lr"] = lr * group["lr_scale"]
     target = y

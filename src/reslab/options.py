@@ -172,3 +172,17 @@ def command_parser(fn: Callable[..., Any]) -> ArgumentParser:
     p = ArgumentParser(description=(fn.__doc__ or "").split("\n")[0], exit_on_error=False)
     add_params(p, function_params(fn))
     return p
+
+
+def lr_find_parser(defaults: dict[str, Any]) -> ArgumentParser:
+    """The parser of ``lr-find``: ``train``'s options (the recipe whose learning rate is sought), and the range."""
+    p = train_parser(defaults, resume=False, description=(
+        "The learning-rate range test: train a copy of the model with an exponentially growing lr on the real data "
+        "and recipe, stop at divergence, and suggest an lr. --out DIR receives lr_find.png and lr_find.json."))
+    add_params(p, [
+        Param("start_lr", float, 1e-6, "learning rate of the first step"),
+        Param("end_lr", float, 10.0, "learning rate of the last step (the test usually diverges before)"),
+        Param("range_steps", int, 200, "optimizer steps of the test (a few hundred: a smooth curve)"),
+        Param("json", bool, False, "print one JSON object (the curve and the suggestion)")],
+        p.add_argument_group("the range test"))
+    return p

@@ -1,18 +1,21 @@
-"""Figures (matplotlib is optional: ``pip install 'reslab[plot]'``)."""
+"""Figures (matplotlib, drawing into files: no display needed)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from . import rundir
 from .errors import UserError
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the file-only backend; a broken install is one line, before any training."""
     try:
         import matplotlib
     except ImportError:
-        raise UserError("plots need matplotlib: pip install 'reslab[plot]'") from None
+        raise UserError("figures need matplotlib, a dependency of reslab that is missing here: pip install "
+                        "matplotlib") from None
     matplotlib.use("Agg")  # files only: works without a display
     import matplotlib.pyplot as plt
 
@@ -23,7 +26,7 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], out: str | Pa
     """Draw a confusion matrix (rows: true class, columns: predicted; cells: share of the true class) to PNG."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     m = np.asarray(confusion, dtype=float)
     share = m / np.maximum(m.sum(1, keepdims=True), 1)
     size = max(4.0, 0.55 * len(classes) + 2)
@@ -64,7 +67,7 @@ def plot_groups(groups: dict[str, list[str | Path]], out: str | Path, metric: st
             ``lr`` (learning rate, log scale).
         split_plain: put plain nets in a left panel and residual nets in a right one (Fig. 6).
     """
-    plt = _pyplot()
+    plt = pyplot()
     data = [(label, [rundir.read_metrics(r) for r in runs], _is_plain(runs[0])) for label, runs in groups.items()]
     panels = [("plain networks", [d for d in data if d[2]]), ("residual networks", [d for d in data if not d[2]])]
     panels = [p for p in panels if p[1]] if split_plain else [("", data)]
@@ -122,7 +125,7 @@ def _band(ax, runs: list[list[dict]], value, colour: str, ls: str, lw: float, la
 
 def plot_depth(groups: list[dict], out: str | Path) -> Path:
     """Final training and test error against depth, plain and residual nets as two lines (mean ± std over seeds)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     for residual, colour, name in ((False, "tab:red", "plain"), (True, "tab:blue", "ResNet")):
         pts = sorted((g["depth"], g) for g in groups if g["residual"] == residual and g["test_error"] is not None)
@@ -155,7 +158,7 @@ def _finish_line_plot(fig, ax, xlabel: str, ylabel: str, title: str, out: str | 
 
 
 def _save(fig, out: str | Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
@@ -165,7 +168,7 @@ def _save(fig, out: str | Path) -> Path:
 
 def plot_frontier(table: list[dict], rows: list[dict], out: str | Path) -> Path:
     """Final test accuracy against the time budget: every seed as a dot, the mean as a line with its spread."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     dots = [(r["time_budget"], 100 * r["final_test_acc"]) for r in rows if r["final_test_acc"] is not None]
     ax.scatter(*zip(*dots), color="tab:blue", alpha=0.45, s=18, label="one seed")
@@ -181,3 +184,25 @@ def plot_frontier(table: list[dict], rows: list[dict], out: str | Path) -> Path:
     ax.margins(y=0.12)
     return _finish_line_plot(fig, ax, "time budget (minutes, whole run)", "test accuracy (%)", "accuracy against time",
                              out)
+
+
+def plot_lr_find(result: Any, out: str | Path) -> Path:
+    """The range test's loss (raw, faint; smoothed, bold) against the learning rate (log scale), with the suggested,
+    the minimum's and the config's own learning rates marked."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(result.lrs, result.losses, color="0.75", lw=0.8, label="loss per step")
+    ax.plot(result.lrs, result.smoothed, color="C0", lw=2, label="smoothed")
+    finite = [v for v in result.smoothed if v == v and abs(v) != float("inf")]
+    low = min(finite)
+    ax.set_ylim(low - 0.1 * abs(low), min(max(finite), 3 * low + 1e-3) * 1.05)
+    for lr, colour, text in ((result.suggested_lr, "C2", "suggested"), (result.min_loss_lr, "C3", "minimum"),
+                             (result.preset_lr, "0.3", "config's --lr")):
+        ax.axvline(lr, color=colour, ls="--", lw=1, label=f"{text} {lr:.2g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"learning-rate range test: {result.arch}, batch {result.batch_size}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out)
