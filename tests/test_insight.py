@@ -62,3 +62,106 @@ def test_lr_find_refuses_a_run_directory_as_its_output(tmp_path, folder, cli):
     (tmp_path / "run" / "config.yaml").write_text("arch: resnet20\n")
     code, _, err = cli("lr-find", "--data", folder, *TINY, "--out", tmp_path / "run")
     assert code == 1 and "holds a training run" in err
+
+
+def _trained(tmp_path, folder, cli) -> str:
+    run = tmp_path / "run"
+    code, _, err = cli("train", "--data", folder, *TINY, "--epochs", "3", "--lr", "0.05", "--out", run)
+    assert code == 0, err
+    return str(run)
+
+
+def test_the_gallery_shows_planted_mistakes_first_and_the_pair_they_make(tmp_path, folder, cli):
+    run = _trained(tmp_path, folder, cli)
+    # Four red test images filed as blue: a good model calls them red, confidently; they lead the gallery.
+    planted = []
+    for k in range(4):
+        src = folder / "test" / "red" / f"{k:04d}.png"
+        dst = folder / "test" / "blue" / f"planted{k}.png"
+        src.rename(dst)
+        planted.append(str(dst))
+    out = tmp_path / "gallery"
+    code, stdout, err = cli("eval", run, "--data", folder, "--gallery", out, "--json")
+    assert code == 0, err
+    g = json.loads((out / "gallery.json").read_text())
+    r = json.loads(stdout)
+    for name in ("mistakes.png", "confused.png", "per_class.png"):
+        assert (out / name).stat().st_size > 5_000
+    assert len(g["mistakes"]) == r["n"] - round(r["accuracy"] * r["n"]) >= 4
+    probs = [m["probability"] for m in g["mistakes"]]
+    assert probs == sorted(probs, reverse=True)
+    assert {m["image"] for m in g["mistakes"][:4]} == set(planted)
+    assert all((m["true"], m["predicted"]) == ("blue", "red") for m in g["mistakes"][:4])
+    top = g["pairs"][0]
+    assert (top["true"], top["predicted"]) == ("blue", "red") and top["count"] == r["confusion"][0][2] >= 4
+    assert set(planted) <= set(top["examples"])
+    rows = {row["class"]: row for row in g["per_class"]}
+    assert rows["blue"]["recall"] == pytest.approx(r["per_class"]["blue"]) and rows["blue"]["support"] == 28
+    assert rows["red"]["precision"] < 1.0 and 0 <= rows["red"]["f1"] <= 1
+    assert "gallery: " in err and "mistakes" in err
+
+
+def test_a_gallery_without_mistakes_and_a_gallery_path_that_is_a_file(tmp_path, folder, cli):
+    run = _trained(tmp_path, folder, cli)
+    code, _, err = cli("eval", run, "--data", folder, "--gallery", tmp_path / "g", "--samples", "6")
+    assert code == 0, err
+    g = json.loads((tmp_path / "g" / "gallery.json").read_text())
+    assert g["n"] == 6 and len(g["per_class"]) == 3 and (tmp_path / "g" / "mistakes.png").exists()
+    (tmp_path / "file.png").write_bytes(b"x")
+    code, _, err = cli("eval", run, "--data", folder, "--gallery", tmp_path / "file.png")
+    assert code == 1 and "is a file" in err
+
+
+def _patch_image(colour: tuple[int, int, int], top: int, left: int, rng, size: int = 32, patch: int = 10):
+    import numpy as np
+    from PIL import Image
+
+    img = rng.normal(128, 30, (size, size, 3))
+    if patch:
+        img[top:top + patch, left:left + patch] = colour
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def test_grad_cam_heat_lies_on_the_patch_that_decides_the_class(tmp_path, cli):
+    import numpy as np
+    from PIL import Image
+
+    # The class is the colour of a 10x10 patch at a random place on grey noise: only the patch carries it.
+    rng = np.random.default_rng(0)
+    # A third class of plain noise, so that no patch class can be told by the absence of the other's patch (with red
+    # and blue alone, "blue" was learned as "no red" and its map lit everything but the patch, uniformly).
+    colours = {"blue": (30, 40, 230), "none": None, "red": (230, 30, 30)}
+    for split, n in (("train", 80), ("test", 8)):
+        for name, colour in colours.items():
+            (tmp_path / "d" / split / name).mkdir(parents=True)
+            for i in range(n):
+                top, left = rng.integers(0, 23, 2)
+                _patch_image(colour, top, left, rng, patch=10 if colour else 0).save(
+                    tmp_path / "d" / split / name / f"{i}.png")
+    run = tmp_path / "run"
+    code, _, err = cli("train", "--data", tmp_path / "d", *TINY, "--epochs", "4", "--lr", "0.05", "--out", run)
+    assert code == 0, err
+    places = {"red_topleft.png": ("red", 2, 2), "blue_bottomright.png": ("blue", 20, 20)}
+    for name, (colour, top, left) in places.items():
+        _patch_image(colours[colour], top, left, rng).save(tmp_path / name)
+    code, stdout, err = cli("predict", run, *(tmp_path / n for n in places), "--cam", tmp_path / "cams", "--json")
+    assert code == 0, err
+    rows = [json.loads(line) for line in stdout.splitlines()]
+    for row, (name, (colour, _, _)) in zip(rows, places.items()):
+        assert row["top"][0]["class"] == colour
+        overlay = Image.open(row["cam"])
+        assert row["cam"].endswith(name.replace(".png", ".cam.png")) and min(overlay.size) >= 192
+    # The map itself: its mass on the patch is far above the patch's share of the image (100 of 1024 pixels).
+    from reslab.cam import grad_cam
+    from reslab.checkpoint import load_model
+    from reslab.data import BatchTransform
+
+    net, meta = load_model(run, device=torch.device("cpu"))
+    transform = BatchTransform(meta["augment"], False, 32, tuple(meta["mean"]), tuple(meta["std"]))
+    for name, (colour, top, left) in places.items():
+        x = transform(torch.from_numpy(np.array(Image.open(tmp_path / name))).unsqueeze(0))
+        heat = grad_cam(net, x, meta["classes"].index(colour))
+        on_patch = heat[top:top + 10, left:left + 10].sum() / heat.sum()
+        assert on_patch > 0.3, f"{name}: {on_patch:.2f} of the heat on the patch"
+        peak = divmod(int(heat.argmax()), 32)
+        assert top - 3 <= peak[0] < top + 13 and left - 3 <= peak[1] < left + 13, (name, peak)

@@ -19,6 +19,7 @@ from jsonargparse import ArgumentParser
 
 from .config import PRESETS, TrainConfig, budget_rule_fields
 from .errors import ConfigError, Interrupted, UserError
+from .log import say
 from .options import (
     TRAIN_ONLY,
     FirstPass,
@@ -112,7 +113,7 @@ def train_cmd(config: TrainConfig, preset: Optional[str] = None, resume: Optiona
 def eval_cmd(model: str, data: str, split: str = "test", arch: Optional[str] = None, device: str = "auto",
              precision: str = "auto", batch_size: int = 256, samples: Optional[int] = None,
              data_dir: Optional[str] = None, tta: Optional[str] = None, tta_fraction: Optional[float] = None,
-             plot: Optional[str] = None,
+             plot: Optional[str] = None, gallery: Optional[str] = None, gallery_size: int = 24,
              json: bool = False) -> None:
     """Evaluate a saved model on an image folder (or cifar10, digits): accuracy, per class, confusion matrix.
 
@@ -129,6 +130,9 @@ def eval_cmd(model: str, data: str, split: str = "test", arch: Optional[str] = N
         tta: test-time augmentation none, flip or flip_shift (default: as the model was trained).
         tta_fraction: apply the TTA to this least-confident fraction of the images only (default: as trained).
         plot: also draw the confusion matrix into this PNG file.
+        gallery: also draw the mistakes into this folder: the most confident mistakes, the most-confused class
+            pairs with examples, per-class precision/recall/F1 (PNGs and gallery.json).
+        gallery_size: mistakes shown in the gallery's grid.
         json: print one JSON object on stdout (progress and warnings go to stderr).
     """
     from .evaluate import evaluate
@@ -137,9 +141,16 @@ def eval_cmd(model: str, data: str, split: str = "test", arch: Optional[str] = N
         from .rundir import check_output
 
         check_output(plot, (".png",), option="--plot")
-    r = evaluate(model, data, split=split, arch=arch, device=device, precision=precision, batch_size=batch_size,
-                 samples=samples, data_dir=data_dir, tta=tta,
-                 tta_fraction=tta_fraction)
+    options = dict(split=split, arch=arch, device=device, precision=precision, batch_size=batch_size,
+                   samples=samples, data_dir=data_dir, tta=tta, tta_fraction=tta_fraction)
+    if gallery:
+        from .gallery import gallery as draw_gallery
+
+        g = draw_gallery(model, data, gallery, size=gallery_size, **options)
+        r = g.result
+        say(f"gallery: {len(g.mistakes)} mistakes, {len(g.pairs)} confused pairs -> {', '.join(g.files)}")
+    else:
+        r = evaluate(model, data, **options)
     if plot:
         from .plots import plot_confusion
         plot_confusion(r.confusion, r.classes, plot)
@@ -157,7 +168,7 @@ def eval_cmd(model: str, data: str, split: str = "test", arch: Optional[str] = N
 
 
 def predict_cmd(model: str, inputs: list[str], topk: int = 5, arch: Optional[str] = None, device: str = "auto",
-                json: bool = False) -> None:
+                cam: Optional[str] = None, json: bool = False) -> None:
     """Top-k classes and probabilities for image files or folders.
 
     Args:
@@ -166,17 +177,19 @@ def predict_cmd(model: str, inputs: list[str], topk: int = 5, arch: Optional[str
         topk: classes to show per image.
         arch: architecture of a bare state_dict.
         device: auto, cpu, cuda or cuda:N.
+        cam: also write a Grad-CAM overlay of each image's top class into this folder.
         json: print one JSON object per image and line.
     """
     from .evaluate import predict
 
-    for r in predict(model, inputs, topk=topk, arch=arch, device=device):
+    for r in predict(model, inputs, topk=topk, arch=arch, device=device, cam=cam):
         if "error" in r:
             print(f"reslab: cannot read {r['path']}: {r['error']}", file=sys.stderr)
         elif json:
             _print_json(r)
         else:
-            print(r["path"] + "  " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"]))
+            print(r["path"] + "  " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"])
+                  + (f"  (cam: {r['cam']})" if "cam" in r else ""))
 
 
 def bench_cmd(arch: Optional[str] = None, preset: str = "seed", data: Optional[str] = None, batch_size: int = 128,

@@ -23,6 +23,7 @@ from .data import (
     Batches,
     BatchTransform,
     DataError,
+    Split,
     eval_batches,
     fit_square,
     load_rgb,
@@ -107,6 +108,7 @@ class Scores:
     top5: float | None
     n: int
     confusion: Tensor
+    probs: Tensor | None = None  # (n, classes) softmax of every image, in order (with ``probabilities=True``)
 
 
 @dataclass
@@ -125,11 +127,14 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate_batches(model: nn.Module, batches: Batches, device: torch.device, precision: str,
-                     num_classes: int, tta: str = "none", tta_fraction: float = 1.0) -> Scores:
-    """Mean loss, top-1/top-5 accuracy and the confusion matrix of ``model`` on ``batches``.
+                     num_classes: int, tta: str = "none", tta_fraction: float = 1.0,
+                     probabilities: bool = False) -> Scores:
+    """Mean loss, top-1/top-5 accuracy and the confusion matrix of ``model`` on ``batches`` (and, with
+    ``probabilities``, every image's class probabilities, this process's shard only).
 
     Under torchrun each rank scores its own shard and the sums are added over ranks: exact, nothing padded.
     """
+    kept = []
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct5 = torch.zeros((), dtype=torch.long, device=device)
@@ -138,6 +143,8 @@ def evaluate_batches(model: nn.Module, batches: Batches, device: torch.device, p
         with autocast(device, precision):
             logits = tta_logits(model, x, tta, tta_fraction)
         logits = logits.float()
+        if probabilities:
+            kept.append(logits.softmax(1).cpu())
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         pred = logits.argmax(1)
         correct5 += (logits.topk(min(5, num_classes), 1).indices == y[:, None]).any(1).sum()
@@ -145,7 +152,8 @@ def evaluate_batches(model: nn.Module, batches: Batches, device: torch.device, p
     loss_sum, correct5, confusion = all_sum(loss_sum, correct5, confusion)
     n = confusion.sum().item()
     return Scores(loss_sum.item() / n, confusion.trace().item() / n,
-                  correct5.item() / n if num_classes >= 5 else None, n, confusion.cpu())
+                  correct5.item() / n if num_classes >= 5 else None, n, confusion.cpu(),
+                  torch.cat(kept) if probabilities else None)
 
 
 def _log(msg: str) -> None:
@@ -156,6 +164,16 @@ def _load(model: str | Path | nn.Module, arch: str | None, device: torch.device)
     if isinstance(model, nn.Module):
         raise TypeError("pass a model file or run directory (its metadata says how to feed it)")
     return load_model(model, arch=arch, device=device)
+
+
+@dataclass
+class SplitScores:
+    """An evaluation with what it was made on: the report, the images (matched to the model's classes) and every
+    image's class probabilities, for the tools that look at single images (``reslab eval --gallery``)."""
+
+    result: EvalResult
+    split: Split
+    probs: Tensor
 
 
 def evaluate(model: str | Path, data: str, *, split: str = "test", arch: str | None = None, device: str = "auto",
@@ -175,6 +193,16 @@ def evaluate(model: str | Path, data: str, *, split: str = "test", arch: str | N
     Returns:
         Accuracy, top-5, loss, per-class accuracy and the confusion matrix.
     """
+    return evaluate_split(model, data, split=split, arch=arch, device=device, precision=precision,
+                          batch_size=batch_size, samples=samples, data_dir=data_dir, tta=tta,
+                          tta_fraction=tta_fraction).result
+
+
+def evaluate_split(model: str | Path, data: str, *, split: str = "test", arch: str | None = None,
+                   device: str = "auto", precision: str = "auto", batch_size: int = 256, samples: int | None = None,
+                   data_dir: str | None = None, tta: str | None = None,
+                   tta_fraction: float | None = None) -> SplitScores:
+    """``evaluate``, keeping the split and every image's probabilities."""
     if batch_size < 1 or (samples is not None and samples < 1):
         raise ConfigError(f"--batch-size and --samples must be at least 1, got {batch_size} and {samples}")
     if tta_fraction is not None and not 0 < tta_fraction <= 1:
@@ -200,12 +228,14 @@ def evaluate(model: str | Path, data: str, *, split: str = "test", arch: str | N
     if tta_fraction is None:  # the trained fraction goes with the trained TTA, not with one asked for here
         tta_fraction = (meta.get("tta_fraction") or 1.0) if tta is None else 1.0
     r = evaluate_batches(net, batches, dev, prec, len(classes), tta or meta.get("tta") or "none",
-                         tta_fraction)
+                         tta_fraction, probabilities=True)
     seconds = time.perf_counter() - t0
     conf = r.confusion
     present = sorted(set(s.labels.tolist()))
     per_class = {classes[c]: conf[c, c].item() / conf[c].sum().item() for c in present}
-    return EvalResult(r.accuracy, r.top5, r.n, r.loss, per_class, conf.tolist(), classes, round(r.n / seconds, 1))
+    result = EvalResult(r.accuracy, r.top5, r.n, r.loss, per_class, conf.tolist(), classes,
+                        round(r.n / seconds, 1))
+    return SplitScores(result, s, r.probs)
 
 
 def _image_files(inputs: list[str | Path]) -> list[Path]:
@@ -229,15 +259,19 @@ def _image_files(inputs: list[str | Path]) -> list[Path]:
     return files
 
 
-@torch.no_grad()
 def predict(model: str | Path, inputs: list[str | Path], *, topk: int = 5, arch: str | None = None,
-            device: str = "auto", batch_size: int = 256) -> list[dict[str, Any]]:
+            device: str = "auto", batch_size: int = 256, cam: str | Path | None = None) -> list[dict[str, Any]]:
     """Top-``topk`` classes and probabilities for each image file (folders are searched recursively).
+
+    ``cam``: also write a Grad-CAM overlay of each image's top class into this folder (``<name>.cam.png``, from the
+    input exactly as the model saw it); each row then names its file under ``"cam"``.
 
     Returns:
         One ``{"path": ..., "top": [{"class": ..., "prob": ...}, ...]}`` per image, in input order; an image that
         cannot be read gets ``{"path": ..., "error": "..."}`` instead (a ``DataError`` only when none can be read).
     """
+    if cam is not None and Path(cam).exists() and not Path(cam).is_dir():
+        raise DataError(f"--cam {cam} is a file; the maps go into a folder")
     if topk < 1 or batch_size < 1:
         raise ConfigError(f"--topk and the batch size must be at least 1, got {topk} and {batch_size}")
     dev, _ = prepare(device)
@@ -260,11 +294,17 @@ def predict(model: str | Path, inputs: list[str | Path], *, topk: int = 5, arch:
             read.append(f)
         if not xs:
             continue
-        probs = net(torch.cat(xs)).float().softmax(1)
+        with torch.no_grad():
+            probs = net(torch.cat(xs)).float().softmax(1)
         top = probs.topk(min(topk, len(classes)), 1)
-        for f, p, c in zip(read, top.values.tolist(), top.indices.tolist()):
-            results.append({"path": str(f), "top": [{"class": classes[j], "prob": round(q, 6)}
-                                                    for q, j in zip(p, c)]})
+        for f, x, p, c in zip(read, xs, top.values.tolist(), top.indices.tolist()):
+            row = {"path": str(f), "top": [{"class": classes[j], "prob": round(q, 6)} for q, j in zip(p, c)]}
+            if cam is not None:
+                from .cam import save_cam
+
+                row["cam"] = str(Path(cam) / _cam_name(f, files))
+                save_cam(net, x, c[0], tuple(meta["mean"]), tuple(meta["std"]), Path(row["cam"]))
+            results.append(row)
     order = {str(f): k for k, f in enumerate(files)}
     results.sort(key=lambda r: order[r["path"]])
     if all("error" in r for r in results):
@@ -272,3 +312,25 @@ def predict(model: str | Path, inputs: list[str | Path], *, topk: int = 5, arch:
                         f"{results[0]['error']})")
     return results
 
+
+def _cam_name(file: Path, files: list[Path]) -> str:
+    """``<stem>.cam.png``, prefixed by its folder's name where two inputs share a stem."""
+    same = sum(f.stem == file.stem for f in files) > 1
+    return f"{file.parent.name}_{file.stem}.cam.png" if same else f"{file.stem}.cam.png"
+
+
+def class_metrics(confusion: list[list[int]], classes: list[str]) -> list[dict[str, Any]]:
+    """Per-class precision, recall, F1 and support from a confusion matrix (rows: true, columns: predicted); a
+    class never predicted has precision ``None`` (undefined), one absent from the data is left out."""
+    rows = []
+    for c, name in enumerate(classes):
+        support = sum(confusion[c])
+        if support == 0:
+            continue
+        predicted = sum(row[c] for row in confusion)
+        hit = confusion[c][c]
+        precision = hit / predicted if predicted else None
+        recall = hit / support
+        f1 = 2 * precision * recall / (precision + recall) if precision and recall else 0.0
+        rows.append({"class": name, "precision": precision, "recall": recall, "f1": f1, "support": support})
+    return rows

@@ -206,3 +206,38 @@ def plot_lr_find(result: Any, out: str | Path) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, out)
+
+
+def plot_image_grid(tiles: list[Any], out: str | Path, title: str, columns: int = 6) -> Path:
+    """Images with a caption each (``(uint8 array, caption)``; ``None`` leaves a cell blank) in a grid."""
+    plt = pyplot()
+    rows = max(1, -(-len(tiles) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(1.9 * columns, 2.2 * rows + 0.4), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k < len(tiles) and tiles[k] is not None:
+            image, caption = tiles[k]
+            ax.imshow(image, interpolation="nearest" if max(image.shape[:2]) < 64 else "antialiased")
+            ax.set_title(caption, fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_class_metrics(rows: list[dict[str, Any]], out: str | Path) -> Path:
+    """Precision, recall and F1 of every class as grouped horizontal bars (worst F1 at the top)."""
+    import numpy as np
+
+    plt = pyplot()
+    rows = sorted(rows, key=lambda r: r["f1"], reverse=True)
+    y = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(6.4, 0.42 * len(rows) + 1.2))
+    for k, (key, colour) in enumerate((("precision", "C0"), ("recall", "C1"), ("f1", "C2"))):
+        ax.barh(y + (k - 1) * 0.27, [r[key] or 0 for r in rows], height=0.27, color=colour, label=key)
+    ax.set_yticks(y, [f"{r['class']} (n={r['support']})" for r in rows])
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("score")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("per class: precision, recall, F1")
+    fig.tight_layout()
+    return _save(fig, out)
