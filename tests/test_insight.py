@@ -165,3 +165,75 @@ def test_grad_cam_heat_lies_on_the_patch_that_decides_the_class(tmp_path, cli):
         assert on_patch > 0.3, f"{name}: {on_patch:.2f} of the heat on the patch"
         peak = divmod(int(heat.argmax()), 32)
         assert top - 3 <= peak[0] < top + 13 and left - 3 <= peak[1] < left + 13, (name, peak)
+
+
+def _planted_folder(root):
+    """A colour-class folder with known defects: copies within train, near copies, train images in test, swapped
+    labels, a broken file, and a near-empty class. Returns what was planted."""
+    import shutil
+
+    from PIL import Image, ImageEnhance
+
+    from conftest import make_folder
+
+    make_folder(root, per_class=30)
+    train, test = root / "train", root / "test"
+    planted = {"exact": [], "near": [], "leak": [], "swapped": []}
+    for k in range(3):  # byte-identical copies within train
+        src = train / "green" / f"{k:04d}.png"
+        shutil.copy(src, train / "green" / f"copy{k}.png")
+        planted["exact"].append({str(src), str(train / "green" / f"copy{k}.png")})
+    for k in range(3, 5):  # re-encoded (JPEG q95) and 3 % brighter copies within train
+        src = train / "blue" / f"{k:04d}.png"
+        ImageEnhance.Brightness(Image.open(src)).enhance(1.03).save(train / "blue" / f"near{k}.jpg", quality=95)
+        planted["near"].append({str(src), str(train / "blue" / f"near{k}.jpg")})
+    for k in range(5, 8):  # training images copied into test
+        src = train / "red" / f"{k:04d}.png"
+        shutil.copy(src, test / "red" / f"leak{k}.png")
+        planted["leak"].append({str(src), str(test / "red" / f"leak{k}.png")})
+    src = train / "red" / "0008.png"  # and one enlarged to 48 px
+    Image.open(src).resize((48, 48), Image.BICUBIC).save(test / "red" / "leak8.png")
+    planted["leak"].append({str(src), str(test / "red" / "leak8.png")})
+    for k in range(20, 24):  # red images filed as blue
+        dst = train / "blue" / f"swapped{k}.png"
+        (train / "red" / f"{k:04d}.png").rename(dst)
+        planted["swapped"].append(str(dst))
+    (train / "green" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (train / "tiny").mkdir()
+    for k in range(3):
+        shutil.copy(train / "green" / f"{10 + k:04d}.png", train / "tiny" / f"{k}.png")
+    return planted
+
+
+def test_the_audit_finds_what_was_planted_and_touches_nothing(tmp_path, cli):
+    root = tmp_path / "data"
+    planted = _planted_folder(root)
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in root.rglob("*"))
+    code, stdout, err = cli("audit", root, "--folds", "2", "--fold-epochs", "6", "--json")
+    assert code == 0, err
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in root.rglob("*")) == before  # nothing moved or written
+    r = json.loads(stdout)
+    kinds = {}
+    for f in r["findings"]:
+        kinds.setdefault(f["kind"], []).append(f)
+    assert kinds["unreadable"][0]["files"] == [str(root / "train" / "green" / "broken.jpg")]
+    assert "tiny (3)" in kinds["near_empty"][0]["message"]
+
+    def pairs(kind, sub):
+        return [{p["a"], p["b"]} for f in kinds.get(kind, []) if f["details"]["kind"] == sub
+                for p in f["details"]["pairs"]]
+
+    # The tiny class is three copies of green images: exact pairs across classes, so they are found too.
+    exact = pairs("duplicate", "exact")
+    assert all(p in exact for p in planted["exact"])  # recall 3/3
+    assert all(p in pairs("duplicate", "near") for p in planted["near"])  # recall 2/2
+    assert len([p for p in exact if p not in planted["exact"]]) == 3  # only the tiny class's copies
+    assert not [p for p in pairs("duplicate", "near") if p not in planted["near"]]  # no false positives
+    leaks = pairs("leak", "exact") + pairs("leak", "near")
+    assert sorted(map(sorted, leaks)) == sorted(map(sorted, planted["leak"]))  # recall 4/4, no false positives
+    flagged = kinds["mislabeled"][0]["details"]["images"]
+    found = [row for row in flagged if row["file"] in planted["swapped"]]
+    assert len(found) == 4 and all(row["suggested"] == "red" for row in found)  # recall 4/4
+    assert len(flagged) - len(found) <= 3  # false positives (the tiny class's near-empty copies among them)
+    code, text, _ = cli("audit", root)
+    assert code == 0 and "what to do:" in text and "[error]" in text and "labels: not checked" in text

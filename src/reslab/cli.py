@@ -293,6 +293,39 @@ def lr_find_cmd(config: TrainConfig, start_lr: float = 1e-6, end_lr: float = 10.
     print(f"{len(r.lrs)} steps, {r.stopped}; curve: {r.files[0]}, plot: {r.files[1]}")
 
 
+def audit_cmd(data: str, run: Optional[str] = None, folds: int = 0, fold_epochs: float = 8.0, seed: int = 0,
+              json: bool = False) -> None:
+    """Check an image folder for the classic mistakes: unreadable or odd files, class counts, duplicates and
+    train/test leakage, likely mislabeled images. Reads only: never moves or deletes a file.
+
+    Args:
+        data: an image folder with train/<class>/ (and test/, val/).
+        run: a trained run: its predictions on test/ (which it never trained on) check the test labels.
+        folds: check the training labels with this many cross-validated reslab runs (the fast preset; 0: off).
+        fold_epochs: epochs of each fold's run.
+        seed: seed of the folds and their runs.
+        json: print one JSON object whose findings name their files.
+    """
+    from .audit import as_dict, audit
+
+    r = audit(data, run=run, folds=folds, fold_epochs=fold_epochs, seed=seed)
+    if json:
+        _print_json(as_dict(r))
+        return
+    print(f"{r.data}: " + ", ".join(f"{s} {n} images" for s, n in r.splits.items())
+          + f"; {len(r.counts['train'])} classes")
+    if not r.findings:
+        print("no problems found")
+    for f in r.findings:
+        print(f"[{f.severity}] {f.message}")
+        print(f"    what to do: {f.advice}")
+        for path in f.files[:5]:
+            print(f"    {path}")
+        if len(f.files) > 5:
+            print(f"    ... and {len(f.files) - 5} more (--json lists them all)")
+    print(f"labels: {r.labels_checked}")
+
+
 def plot_cmd(runs: list[str], out: str = "curves.png", metric: Literal["error", "loss", "lr"] = "error") -> None:
     """Draw curves from run directories' metrics.jsonl.
 
@@ -377,6 +410,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "bench": bench_cmd,
     "compare": compare_cmd,
     "lr-find": lr_find_cmd,
+    "audit": audit_cmd,
     "plot": plot_cmd,
     "export": export_cmd,
     "cache": cache_cmd,
