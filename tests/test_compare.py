@@ -24,6 +24,7 @@ def test_compare_archs_writes_report_summary_and_figures(tmp_path, cli):
         last = json.loads((out / name / "metrics.jsonl").read_text().splitlines()[-1])
         assert r["final_test_error"] == 1 - last["test_acc"] and r["final_train_error"] == 1 - last["train_acc"]
         assert r["depth"] == 20 and r["epochs"] == 2
+    assert "<img" in (out / "report.html").read_text()  # the same report in one page, figures inside
     report = (out / "report.md").read_text()
     assert "| plain20 | 20 |" in report and "![curves.png](curves.png)" in report
     for fig in ("curves.png", "depth.png"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -237,3 +238,62 @@ def test_the_audit_finds_what_was_planted_and_touches_nothing(tmp_path, cli):
     assert len(flagged) - len(found) <= 3  # false positives (the tiny class's near-empty copies among them)
     code, text, _ = cli("audit", root)
     assert code == 0 and "what to do:" in text and "[error]" in text and "labels: not checked" in text
+
+
+def _chromium() -> str | None:
+    import os
+    import shutil
+
+    found = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
+                 None)
+    if found is None and os.environ.get("CI"):
+        pytest.fail("CI installs Chromium (.ci/run) for the report's browser test, and none was found")
+    return found
+
+
+def test_the_run_report_is_one_page_that_a_browser_shows_whole(tmp_path, folder, cli):
+    import re
+    import subprocess
+
+    import numpy as np
+    from PIL import Image
+
+    run = _trained(tmp_path, folder, cli)
+    assert cli("eval", run, "--data", folder, "--gallery", f"{run}/gallery")[0] == 0
+    code, audit_json, _ = cli("audit", folder, "--json")
+    Path(run, "audit.json").write_text(audit_json)
+    code, stdout, err = cli("report", run)
+    assert code == 0, err
+    page = Path(run, "report.html").read_text()
+    assert stdout.strip() == f"report: {run}/report.html"
+    for heading in ("Machine", "Curves", "Evaluation", "Mistakes", "Data audit", "Config", "the network"):
+        assert f">{heading}<" in page
+    assert "AMD" in page or "Intel" in page or "cpu" in page
+    srcs = re.findall(r'src="([^"]+)"', page)
+    assert len(srcs) >= 3 and all(s.startswith("data:image/png;base64,") for s in srcs)  # self-contained
+    assert "http://" not in page and "https://" not in page
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no Chromium here (CI installs one)")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    dom = subprocess.run([browser, *flags, "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000",
+                          "--dump-dom", f"file://{run}/report.html"], capture_output=True, text=True, timeout=120)
+    assert f'data-images="{len(srcs)}/{len(srcs)}"' in dom.stdout  # every image decoded in the browser
+    console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert not console, console
+    shot = tmp_path / "shot.png"
+    subprocess.run([browser, *flags, "--window-size=1200,2000", f"--screenshot={shot}", f"file://{run}/report.html"],
+                   capture_output=True, timeout=120, check=True)
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert pixels.shape == (2000, 1200) and pixels.std() > 20 and (pixels < 128).mean() > 0.01  # not blank
+
+
+def test_a_report_of_an_older_run_without_gallery_or_machine(tmp_path, folder, cli):
+    run = _trained(tmp_path, folder, cli)
+    Path(run, "machine.json").unlink()  # as a run of an older reslab has none
+    code, _, err = cli("report", run, "--no-evaluate")
+    assert code == 0, err
+    page = Path(run, "report.html").read_text()
+    assert "not recorded (a run of an older reslab)" in page and "no gallery" in page and "not evaluated" in page
+    code, _, err = cli("report", tmp_path)
+    assert code == 1 and "neither a run directory" in err

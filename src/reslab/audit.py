@@ -167,10 +167,13 @@ def _class_findings(counts: dict[str, dict[str, int]]) -> list[Finding]:
 def dhash(images: torch.Tensor) -> np.ndarray:
     """64-bit difference hashes of uint8 images (N, H, W, 3): 9x8 grayscale, each pixel brighter than its right
     neighbour or not (Krawetz's dHash)."""
-    gray = images.float().mul(torch.tensor([0.299, 0.587, 0.114])).sum(-1)[:, None]
-    small = torch.nn.functional.interpolate(gray, size=(8, 9), mode="area")[:, 0]
-    bits = (small[:, :, 1:] > small[:, :, :-1]).reshape(len(images), 64).numpy()
-    return np.packbits(bits, axis=1).view(">u8").ravel().astype(np.uint64)
+    out = []
+    for start in range(0, len(images), 4096):  # bounded memory: 4096 float images at a time
+        gray = images[start:start + 4096].float().mul(torch.tensor([0.299, 0.587, 0.114])).sum(-1)[:, None]
+        small = torch.nn.functional.interpolate(gray, size=(8, 9), mode="area")[:, 0]
+        bits = (small[:, :, 1:] > small[:, :, :-1]).reshape(len(gray), 64).numpy()
+        out.append(np.packbits(bits, axis=1).view(">u8").ravel().astype(np.uint64))
+    return np.concatenate(out) if out else np.zeros(0, np.uint64)
 
 
 def _pairs(a: np.ndarray, b: np.ndarray, same: bool) -> list[tuple[int, int]]:

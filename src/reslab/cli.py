@@ -267,7 +267,7 @@ def compare_cmd(config: TrainConfig, archs: Optional[str] = None, schedules: Opt
         for t in summary["frontier"]:
             print(f"{t['time_budget']:>10g}{t['seeds']:>7}{100 * t['mean']:>17.2f}{100 * t['std']:>7.2f}"
                   f"{t['mean_seconds_to_result']:>13.0f}")
-        print(f"report: {compare_out}/report.md")
+        print(f"report: {compare_out}/report.md, {compare_out}/report.html")
         return
     print(f"{'run':<18}{'depth':>6}{'test err %':>12}{'train err %':>13}{'train loss':>12}{'wall s':>9}")
     for r in summary["runs"]:
@@ -276,7 +276,7 @@ def compare_cmd(config: TrainConfig, archs: Optional[str] = None, schedules: Opt
               f"{r['wall_seconds']:>9.0f}")
     for lesson in summary.get("lessons", []):
         print(lesson["text"])
-    print(f"report: {compare_out}/report.md")
+    print(f"report: {compare_out}/report.md, {compare_out}/report.html")
 
 
 def lr_find_cmd(config: TrainConfig, start_lr: float = 1e-6, end_lr: float = 10.0, range_steps: int = 200,
@@ -324,6 +324,19 @@ def audit_cmd(data: str, run: Optional[str] = None, folds: int = 0, fold_epochs:
         if len(f.files) > 5:
             print(f"    ... and {len(f.files) - 5} more (--json lists them all)")
     print(f"labels: {r.labels_checked}")
+
+
+def report_cmd(path: str, samples: Optional[int] = None, evaluate: bool = True) -> None:
+    """Write one self-contained HTML page (report.html) for a run directory or a comparison directory.
+
+    Args:
+        path: a run directory, or a comparison's --out directory.
+        samples: evaluate the run on a seeded subset of this many test images (default: all).
+        evaluate: evaluate the run's model on its test data for the confusion matrix and per-class table.
+    """
+    from .report import report
+
+    print(f"report: {report(path, samples=samples, evaluate=evaluate)}")
 
 
 def plot_cmd(runs: list[str], out: str = "curves.png", metric: Literal["error", "loss", "lr"] = "error") -> None:
@@ -411,6 +424,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "compare": compare_cmd,
     "lr-find": lr_find_cmd,
     "audit": audit_cmd,
+    "report": report_cmd,
     "plot": plot_cmd,
     "export": export_cmd,
     "cache": cache_cmd,

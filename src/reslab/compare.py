@@ -279,6 +279,9 @@ def compare(config: TrainConfig, *, archs: list[str] | None = None, schedules: l
             figures.append(plot_groups(groups, out / "curves.png", metric="error", split_plain=True))
             figures.append(plot_depth(summary["groups"], out / "depth.png"))
     (out / "report.md").write_text(_report(summary, [f.name for f in figures]))
+    from .report import compare_report
+
+    compare_report(out)  # report.html beside report.md: the same, in one page with the figures inside
     return summary
 
 

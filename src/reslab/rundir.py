@@ -22,6 +22,7 @@ from .locks import ProcessLock, pid_alive, writer_pid
 from .log import say
 
 CONFIG_FILE, METRICS_FILE = "config.yaml", "metrics.jsonl"
+MACHINE_FILE = "machine.json"
 CHECKPOINT_FILE, MODEL_FILE = "last.pt", "model.safetensors"
 LOCK_FILE = ".reslab.lock"  # held by the process training the run; its presence also marks a folder reslab made
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, MODEL_FILE)
@@ -112,6 +113,23 @@ def has_checkpoint(run: str | Path) -> bool:
 
 def write_config(run: str | Path, config: dict[str, Any]) -> None:
     Path(run, CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def write_machine(run: str | Path, info: dict[str, Any]) -> None:
+    """Record the machine a run trains on (``machine.json``; a resumed run adds its machine to the list)."""
+    path = Path(run, MACHINE_FILE)
+    seen = read_machines(run)
+    if not seen or seen[-1] != info:
+        path.write_text(json.dumps([*seen, info], indent=1))
+
+
+def read_machines(run: str | Path) -> list[dict[str, Any]]:
+    """The machines a run trained on, first to last (empty for runs of an older reslab)."""
+    try:
+        machines = json.loads(Path(run, MACHINE_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    return machines if isinstance(machines, list) else []
 
 
 def read_config(run: str | Path) -> dict[str, Any] | None:

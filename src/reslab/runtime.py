@@ -99,3 +99,28 @@ def process_age() -> float:
     except (OSError, ValueError, IndexError):
         return 0.0
     return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def machine_info(device: torch.device, precision: str) -> dict[str, object]:
+    """What a run's numbers depend on: CPU model and its matrix extensions, cores, threads, GPU, versions."""
+    import platform
+
+    cpu, flags = platform.processor() or "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and cpu in ("unknown", "", platform.machine()):
+                    cpu = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    info: dict[str, object] = {
+        "cpu": cpu, "cpu_extensions": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
+        "cores": usable_cores(), "threads": torch.get_num_threads(), "device": str(device), "precision": precision,
+        "python": platform.python_version(), "torch": str(torch.__version__), "os": platform.platform(terse=True)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info

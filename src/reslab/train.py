@@ -22,6 +22,7 @@ from .config import RESUMABLE, TrainConfig, make_config
 from .errors import CheckpointError, ConfigError, UserError
 from .log import say
 from .loop import EpochMeter, Run, TrainResult, fit, lr_at
+from .runtime import machine_info
 
 __all__ = ["EpochMeter", "Run", "TrainResult", "fit", "lr_at", "make_optimizer", "param_groups",
            "resume_config", "run_dir", "setup", "train"]
@@ -58,6 +59,7 @@ def setup(cfg: TrainConfig, resume: dict[str, Any] | None = None, started: float
     if d.main:  # only rank 0 writes
         out.mkdir(parents=True, exist_ok=True)
         rundir.write_config(out, cfg.to_dict())
+        rundir.write_machine(out, machine_info(device, precision))
     run = Run(cfg, out, device, precision, d, data, train_batches, eval_batches, model, optimizer, scaler,
               build.model_meta(cfg, data, pretrained, resume), hooks=build.build_hooks(cfg, model, out, decision),
               clock=clock, meter=EpochMeter(device), total_steps=build.total_steps(cfg, len(data.train)),
