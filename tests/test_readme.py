@@ -111,3 +111,23 @@ def test_the_depth_and_decay_commands_run_as_written(tmp_path, folder, cli, monk
         assert "points" in out or "schedule" in out  # the lesson, in words
     assert (tmp_path / "runs" / "degradation" / "depth.png").is_file()
     assert (tmp_path / "runs" / "decay" / "loss.png").is_file()
+
+
+def test_the_seeing_commands_run_as_written(tmp_path, folder, cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli("train", "--data", folder, "--arch", "resnet20", "--epochs", "2", "--batch-size", "8",
+               "--out", "runs/r20")[0] == 0
+    commands = _block("Seeing the model and the data")
+    assert [c.split()[1] for c in commands] == ["lr-find", "eval", "predict", "audit", "audit", "report"]
+    for command in commands:
+        args = shlex.split(command.replace("../shared/data/cifar10-jpeg", str(folder)))[1:]
+        if args[0] == "lr-find":
+            args += ["--batch-size", "8", "--range-steps", "10"]  # 72 images instead of 50,000
+        if args[0] == "predict":
+            args[2] = str(folder / "test" / "red")  # the tiny folder has no cat
+        if "--folds" in args:
+            args += ["--fold-epochs", "2"]
+        code, _out, err = cli(*args)
+        assert code == 0, f"{command}: {err}"
+    for made in ("lr-find/lr_find.png", "r20/gallery/gallery.json", "r20/cams/0000.cam.png", "r20/report.html"):
+        assert (tmp_path / "runs" / made).is_file(), made
