@@ -39,8 +39,8 @@ def test_two_gloo_processes_match_one_process(tmp_path):
                    check=True, capture_output=True)
     r = _torchrun("train", "--data", folder, "--out", ddp, *RECIPE)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert sorted(p.name for p in ddp.iterdir()) == [".reslab.lock", "config.yaml", "last.pt", "metrics.jsonl",
-                                                     "model.safetensors"]
+    assert sorted(p.name for p in ddp.iterdir()) == [".reslab.lock", "config.yaml", "last.pt", "machine.json",
+                                                     "metrics.jsonl", "model.safetensors"]  # one writer: rank 0
     a, b = _metrics(single), _metrics(ddp)
     assert len(a) == len(b) == 3  # one set of files: rank 1 wrote no lines of its own
     assert [m["step"] for m in b] == [4, 8, 12]

@@ -297,3 +297,29 @@ def test_a_report_of_an_older_run_without_gallery_or_machine(tmp_path, folder, c
     assert "not recorded (a run of an older reslab)" in page and "no gallery" in page and "not evaluated" in page
     code, _, err = cli("report", tmp_path)
     assert code == 1 and "neither a run directory" in err
+
+
+def test_every_insight_command_on_a_photo_sized_folder(tmp_path, cli):
+    from conftest import make_folder
+
+    photos = make_folder(tmp_path / "photos", per_class=8, size=96, ext="jpg")
+    run = tmp_path / "run"
+    code, _, err = cli("train", "--data", photos, "--arch", "resnet18", "--image-size", "64", "--epochs", "1",
+                       "--batch-size", "8", "--precision", "fp32", "--out", run)
+    assert code == 0, err
+    assert cli("lr-find", "--data", photos, "--arch", "resnet18", "--image-size", "64", "--batch-size", "8",
+               "--range-steps", "6", "--out", tmp_path / "lr")[0] == 0
+    assert cli("eval", run, "--data", photos, "--gallery", run / "gallery")[0] == 0
+    code, out, err = cli("predict", run, photos / "test" / "red", "--cam", tmp_path / "cams", "--json")
+    assert code == 0, err
+    from PIL import Image
+
+    cams = [json.loads(line)["cam"] for line in out.splitlines()]
+    assert len(cams) == 8 and Image.open(cams[0]).size == (64 * 3, 64 * 3)  # the 64-px input, enlarged to be seen
+    code, audit_json, _ = cli("audit", photos, "--json")
+    (run / "audit.json").write_text(audit_json)
+    assert code == 0 and json.loads(audit_json)["splits"] == {"train": 24, "test": 24}
+    assert cli("report", run)[0] == 0 and "Data audit" in (run / "report.html").read_text()
+    (photos / "train" / "red" / "0000.jpg").write_bytes(b"\x89PNG broken")
+    code, out, _ = cli("audit", photos)
+    assert code == 0 and "[error] 1 files do not decode as images" in out
