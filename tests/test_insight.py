@@ -323,3 +323,15 @@ def test_every_insight_command_on_a_photo_sized_folder(tmp_path, cli):
     (photos / "train" / "red" / "0000.jpg").write_bytes(b"\x89PNG broken")
     code, out, _ = cli("audit", photos)
     assert code == 0 and "[error] 1 files do not decode as images" in out
+
+
+def test_the_audit_of_a_folder_of_one_class(tmp_path, cli):
+    from conftest import make_folder
+
+    one = make_folder(tmp_path / "one", per_class=6, classes={"red": (210, 40, 40)})
+    code, out, err = cli("audit", one, "--folds", "2", "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert [f["kind"] for f in r["findings"]] == ["one_class"] and r["labels_checked"].startswith("not checked")
+    code, _, err = cli("audit", tmp_path / "missing")
+    assert code == 1 and "is not a folder" in err

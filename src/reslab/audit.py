@@ -133,6 +133,11 @@ def _class_findings(counts: dict[str, dict[str, int]]) -> list[Finding]:
     """Near-empty classes, imbalance, and classes in one split but not another."""
     train = counts["train"]
     findings = []
+    if len(train) < 2:
+        findings.append(Finding("one_class", "error", f"train/ has {len(train)} class folder with images "
+                                f"({', '.join(train) or 'none'})", "a classifier needs at least two classes: add a "
+                                "folder of images per class under train/", details={"classes": sorted(train)}))
+        return findings
     median = float(np.median(list(train.values())))
     small = {c: n for c, n in train.items() if n < NEAR_EMPTY or n < 0.05 * median}
     if small:
@@ -323,7 +328,9 @@ def audit(data: str | Path, *, run: str | Path | None = None, folds: int = 0, fo
     splits = {name: load_split(str(root), name, store_size=32, loader="memory") for name in files if files[name]}
     findings += _duplicate_findings(splits)
     labels_checked = "not checked: give --folds K (cross-validated reslab runs) or --run RUN"
-    if folds:
+    if folds and len(counts["train"]) < 2:
+        labels_checked = "not checked: one class (nothing to confuse it with)"
+    elif folds:
         train_rows = list(zip(splits["train"].paths, [splits["train"].classes[i] for i in splits["train"].labels]))
         probs, scored = _fold_probabilities(train_rows, splits["train"].classes, folds, fold_epochs, seed)
         how = f"{folds}-fold cross-validated predictions of the fast preset, {fold_epochs:g} epochs each"
