@@ -107,3 +107,47 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path):
     r = _torchrun("train", "--resume", run, "--steps", str(step + 4))  # the run continues from there
     assert r.returncode == 0, r.stderr[-3000:]
     assert _metrics(run)[-1]["step"] == step + 4
+
+
+def _worker(agent: int, rank: int, restart: int) -> int | None:
+    """The pid of the worker of rank ``rank`` that torchrun's agent ``agent`` started after ``restart`` restarts."""
+    from pathlib import Path
+
+    pid = _rank_pid(agent, rank)
+    if pid is None:
+        return None
+    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return pid if f"TORCHELASTIC_RESTART_COUNT={restart}".encode() in env else None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers through /proc")
+def test_an_elastic_restart_resumes_by_itself_and_ends_bit_identical(tmp_path):
+    import signal
+    import time
+
+    folder = make_folder(tmp_path / "data", per_class=24)
+    recipe = [*RECIPE, "--epochs", "10", "--checkpoint-every", "3"]
+    r = _torchrun("train", "--data", folder, "--out", tmp_path / "whole", *recipe)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts",
+           "2", "-m", "reslab", "train", "--data", str(folder), "--out", str(run), *recipe]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    killed = []
+    for restart, after_step in ((0, 3), (1, 12)):  # SIGKILL rank 1 twice, at different steps
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            step = torch.load(run / "last.pt", weights_only=True)["step"] if (run / "last.pt").exists() else 0
+            pid = _worker(proc.pid, 1, restart)
+            if pid is not None and step >= after_step:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(step)
+                break
+            time.sleep(0.02)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    assert len(killed) == 2 and killed[1] > killed[0], killed
+    assert err.count("has a checkpoint: resuming it (restart ") >= 2  # both ranks, each restart, said so
+    whole = (tmp_path / "whole" / "model.safetensors").read_bytes()
+    assert (run / "model.safetensors").read_bytes() == whole  # bit-identical to the uninterrupted run
+    assert [m["step"] for m in _metrics(run)] == [m["step"] for m in _metrics(tmp_path / "whole")]

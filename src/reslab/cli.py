@@ -95,12 +95,14 @@ def train_cmd(config: TrainConfig, preset: Optional[str] = None, resume: Optiona
     """Train a new run from ``config``, or continue ``resume`` with the options ``given`` on the command line."""
     from .distributed import shutdown
     from .runtime import process_age
-    from .train import train
+    from .train import continue_or_start, elastic_restart, train
 
     started = time.perf_counter() - process_age()  # --time-budget counts the whole command, imports included
     ok = False
     try:
-        if resume:
+        if resume == "auto" or (resume is None and elastic_restart()):
+            continue_or_start(config, given, started=started, force=force)
+        elif resume:
             train(resume=resume, preset=preset, started=started, data_changed=data_changed == "ok",
                   **{k: getattr(config, k) for k in given})
         else:
@@ -463,9 +465,10 @@ def _train(args: dict[str, Any], given: frozenset[str], first: FirstPass) -> Non
     args.pop("config")
     if special["data_changed"] and not special["resume"]:
         raise ConfigError("--data-changed goes with --resume")
-    if special["resume"] and first.config_file:
+    resuming = special["resume"] not in (None, "auto")  # auto may start the run: it needs the whole config
+    if resuming and first.config_file:
         raise ConfigError("--resume continues a run with its saved config: no --config with it")
-    if not special["resume"]:
+    if not resuming:
         args.update(budget_rule_fields(special["preset"], args["time_budget"], given))
     COMMANDS["train"](TrainConfig(**args), given=given - set(TRAIN_ONLY), **special)
 

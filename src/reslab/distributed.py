@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -41,8 +42,28 @@ def init(device_type: str) -> Dist:
         return Dist()
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        store = _attempt_store(world)
+        if store is None:
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=int(os.environ["RANK"]), world_size=world)
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _attempt_store(world: int) -> dist.Store | None:
+    """After torchrun's elastic agent restarted the workers, the process group's keys under a prefix of this attempt.
+
+    The agent's store outlives a restart: a worker of the new group that asked for a peer's address before the peer
+    had written its own read the dead group's, and failed ("Gloo connectFullMesh failed ... Connection refused"),
+    which used up a restart (measured: 2 of 3 tries of the two-kill test). ``None``: the default rendezvous."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt in (None, "0") or "MASTER_ADDR" not in os.environ:
+        return None
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    rank = int(os.environ["RANK"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent and rank == 0, timeout=timedelta(minutes=10), multi_tenant=True)
+    return dist.PrefixStore(f"reslab/attempt_{attempt}", store)
 
 
 def all_sum(*values: torch.Tensor) -> list[torch.Tensor]:

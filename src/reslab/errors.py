@@ -26,3 +26,7 @@ class CheckpointError(UserError):
 
 class Interrupted(UserError):
     """SIGINT/SIGTERM arrived: the current step finished and a checkpoint was saved (exit status 130)."""
+
+
+class AlreadyFinished(UserError):
+    """A resumed run has already trained the steps it is asked for."""

@@ -136,7 +136,8 @@ def train_params(resume: bool) -> list[Param]:
     if resume:
         params += [
             Param("resume", Optional[str], None, "continue the run in this directory from its last.pt; flags given "
-                  "with it may change its length (--epochs, --steps), evaluation, logging and device, nothing else"),
+                  "with it may change its length (--epochs, --steps), evaluation, logging and device, nothing else. "
+                  "auto: continue --out if it has a checkpoint, else start it (what a torchrun restart does)"),
             Param("data_changed", Optional[typing.Literal["ok"]], None, "with --resume: continue on a data folder "
                   "whose images changed since the run started"),
             Param("force", bool, False, "write over a config.yaml or metrics.jsonl in --out that no reslab run made")]

@@ -8,7 +8,9 @@ the package's API.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
+from collections.abc import Collection
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from . import build, distributed, rundir
 from .build import make_optimizer, param_groups
 from .checkpoint import load_checkpoint
 from .config import RESUMABLE, TrainConfig, make_config
-from .errors import CheckpointError, ConfigError, UserError
+from .errors import AlreadyFinished, CheckpointError, ConfigError, UserError
 from .log import say
 from .loop import EpochMeter, Run, TrainResult, fit, lr_at
 from .runtime import machine_info
@@ -130,9 +132,45 @@ def train(config: TrainConfig | None = None, *, preset: str | None = None, resum
             say(f"reslab: {run.out} finished training but its accuracy marks were not scored (interrupted): "
                 f"scoring them now")
         if run.step >= run.total_steps and not run.meter.seen and rundir.is_finished(run.out) and not marks_lost:
-            raise UserError(f"{run.out} already finished ({run.step} steps, {run.total_steps} asked): give a longer "
-                            f"--epochs or --steps with --resume to train on")
+            raise AlreadyFinished(f"{run.out} already finished ({run.step} steps, {run.total_steps} asked): give a "
+                                  f"longer --epochs or --steps with --resume to train on")
         return fit(run)
+
+
+def elastic_restart() -> bool:
+    """Whether torchrun's elastic agent restarted this worker group (``--max-restarts``) after a failure."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
+def continue_or_start(config: TrainConfig, given: Collection[str] = (), started: float | None = None,
+                      force: bool = False) -> TrainResult | None:
+    """``--resume auto`` (and any start of a group torchrun restarted): continue ``config.out`` from its
+    ``last.pt`` when it has one, else start the run; one line says which. Options ``given`` that may change on
+    resume (``config.RESUMABLE``) are applied; others keep the run's own values, named in one line when they
+    differ. Returns ``None`` when the run had already finished."""
+    if not config.out:
+        raise ConfigError("--resume auto continues or starts the run in --out: give --out RUN")
+    out = Path(config.out)
+    if not rundir.has_checkpoint(out):
+        say(f"reslab: {out} has no checkpoint: starting the run"
+            + (f" (restart {os.environ['TORCHELASTIC_RESTART_COUNT']} by torchrun)" if elastic_restart() else ""))
+        return train(config, started=started, force=force)
+    saved = rundir.read_config(out) or {}
+    asked = {k: getattr(config, k) for k in given if k in RESUMABLE}
+    kept = sorted(k for k in given if k not in RESUMABLE and k in saved and saved[k] != getattr(config, k))
+    say(f"reslab: {out} has a checkpoint: resuming it"
+        + (f" (restart {os.environ['TORCHELASTIC_RESTART_COUNT']} by torchrun)" if elastic_restart() else "")
+        + (f"; kept the run's own {', '.join(_flag(k, saved[k]) for k in kept)}"
+           if kept else ""))
+    try:
+        return train(resume=str(out), started=started, **asked)
+    except AlreadyFinished as exc:
+        say(f"reslab: {exc}: nothing to do")
+        return None
+
+
+def _flag(name: str, value: Any) -> str:
+    return f"--{name.replace('_', '-')} {value!r}"
 
 
 def run_dir(cfg: TrainConfig) -> str:
