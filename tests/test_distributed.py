@@ -126,7 +126,8 @@ def test_an_elastic_restart_resumes_by_itself_and_ends_bit_identical(tmp_path):
     import time
 
     folder = make_folder(tmp_path / "data", per_class=24)
-    recipe = [*RECIPE, "--epochs", "10", "--checkpoint-every", "3"]
+    # Step checkpoints every 3 steps, and time-based ones decided by rank 0's clock (every 10 steps ranks agree).
+    recipe = [*RECIPE, "--epochs", "10", "--checkpoint-every", "3", "--checkpoint-every-minutes", "0.001"]
     r = _torchrun("train", "--data", folder, "--out", tmp_path / "whole", *recipe)
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "run"
@@ -151,3 +152,23 @@ def test_an_elastic_restart_resumes_by_itself_and_ends_bit_identical(tmp_path):
     whole = (tmp_path / "whole" / "model.safetensors").read_bytes()
     assert (run / "model.safetensors").read_bytes() == whole  # bit-identical to the uninterrupted run
     assert [m["step"] for m in _metrics(run)] == [m["step"] for m in _metrics(tmp_path / "whole")]
+
+
+def test_time_based_checkpoints_and_a_history_that_resumes_exactly(tmp_path):
+    import shutil
+
+    folder = make_folder(tmp_path / "data", per_class=24)
+    run = tmp_path / "run"
+    args = ["train", "--data", folder, "--out", run, *RECIPE, "--checkpoint-every-minutes", "0.0002",
+            "--keep-checkpoints", "2"]
+    subprocess.run([sys.executable, "-m", "reslab", *map(str, args)], check=True, capture_output=True)
+    history = sorted((run / "checkpoints").iterdir())
+    steps = [torch.load(p, weights_only=True)["step"] for p in history]
+    assert len(history) == 2 and steps == [11, 12] and [p.name for p in history] == ["step-00000011.pt",
+                                                                                   "step-00000012.pt"]
+    final = (run / "model.safetensors").read_bytes()
+    shutil.copy(history[0], run / "last.pt")  # back to step 11, mid-epoch: the run redoes its last step
+    r = subprocess.run([sys.executable, "-m", "reslab", "train", "--resume", str(run)], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (run / "model.safetensors").read_bytes() == final

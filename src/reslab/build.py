@@ -192,7 +192,7 @@ def build_hooks(cfg: TrainConfig, model: nn.Module, out: Path, decision: tune.De
     if cfg.accuracy_marks:
         hooks.append(AccuracyMarks(cfg.accuracy_marks, out))
     return [*hooks, ProgressLog(cfg.log_every), StopOnSignal(), MetricsLog(out, cfg.tensorboard),
-            Checkpointer(cfg.checkpoint_every)]
+            Checkpointer(cfg.checkpoint_every, cfg.checkpoint_every_minutes, cfg.keep_checkpoints)]
 
 
 def weight_hooks(cfg: TrainConfig, model: nn.Module) -> list[Hook]:

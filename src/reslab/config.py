@@ -260,6 +260,12 @@ class TrainConfig:
     taken during training and scored after it (outside --time-budget), so training is not slowed."""
     log_every: int = option("execution", 100, check=POSITIVE)
     """Without a terminal, print the running loss every this many steps (the seed printed every 100)."""
+    checkpoint_every_minutes: Optional[float] = option("execution", None, check=POSITIVE)
+    """Also write last.pt every this many minutes of training (decided by rank 0's clock under torchrun, so all
+    ranks agree on the step): an epoch of a large photo folder can last hours."""
+    keep_checkpoints: int = option("execution", 0, check=NOT_NEGATIVE)
+    """Keep the last this many checkpoints as checkpoints/step-NNNNNNNN.pt beside last.pt (0: last.pt only); to go
+    back to one, copy it over last.pt and --resume."""
 
     def __post_init__(self) -> None:
         for section in SECTIONS:

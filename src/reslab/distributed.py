@@ -7,6 +7,7 @@ files and prints. ``--batch-size`` is the *global* batch: each rank takes ``batc
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -138,10 +139,13 @@ def shutdown(wait_for_peers: bool = False) -> None:
     """Leave the process group (at the end of a command under torchrun: a clean exit, no leaked group warning).
 
     ``wait_for_peers`` (after a command that succeeded on every rank): first wait until every rank is done, so no
-    rank tears its connections down while a peer's last collective still uses them (seen once in the suite: the
-    peer aborted with "terminate called without an active exception"). Never after a failure: a dead peer would
-    never arrive."""
+    rank tears its connections down while a peer's last collective still uses them. Never after a failure: a dead
+    peer would never arrive."""
     if dist.is_available() and dist.is_initialized():
+        # The DDP wrapper's reducer holds the process group: freed now (reference cycles included), the group's
+        # gloo threads are joined by destroy_process_group, not left to the interpreter's exit, where a joinable
+        # thread's destructor aborts the process ("terminate called without an active exception", pytorch#190489).
+        gc.collect()
         if wait_for_peers:
             dist.barrier()
         dist.destroy_process_group()

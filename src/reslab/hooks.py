@@ -11,8 +11,10 @@ Under torchrun every rank runs every hook. A hook that decides something from a 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import os
 import shutil
 import signal
 import sys
@@ -359,19 +361,48 @@ def _tensorboard_writer(out: Path):
 
 
 class Checkpointer(Hook):
-    """Writes ``last.pt`` at every epoch's end, every ``every`` steps, and when the run is asked to stop."""
+    """Writes ``last.pt`` at every epoch's end, every ``every`` steps, every ``minutes`` of training, and when the
+    run is asked to stop; with ``keep``, also the last ``keep`` of them as ``checkpoints/step-NNNNNNNN.pt``.
+
+    Under torchrun rank 0's clock decides the time-based ones, broadcast every ``AGREE_EVERY`` steps, so that a
+    checkpoint is taken at the same step on every rank."""
 
     name = "checkpointer"
+    AGREE_EVERY = 10
 
-    def __init__(self, every: int = 0) -> None:
-        self.every = every
+    def __init__(self, every: int = 0, minutes: float | None = None, keep: int = 0) -> None:
+        self.every, self.minutes, self.keep = every, minutes, keep
+        self.last = time.perf_counter()
+
+    def _time_due(self, run: Run) -> bool:
+        if not self.minutes:
+            return False
+        due = time.perf_counter() - self.last >= 60 * self.minutes
+        if run.dist.enabled:
+            if run.step % self.AGREE_EVERY:
+                return False
+            due = bool(distributed.broadcast_int(int(due), run.device))
+        return due
 
     def on_step_end(self, run: Run, loss: torch.Tensor, lr: float) -> None:
-        if run.stop or (self.every and run.step % self.every == 0):
-            run.save_checkpoint()
+        if run.stop or (self.every and run.step % self.every == 0) or self._time_due(run):
+            self._save(run)
 
     def on_epoch_end(self, run: Run, metrics: dict[str, Any]) -> None:
+        self._save(run)
+
+    def _save(self, run: Run) -> None:
         run.save_checkpoint()
+        self.last = time.perf_counter()
+        if self.keep and run.dist.main:
+            history = run.out / rundir.HISTORY_DIR
+            history.mkdir(exist_ok=True)
+            target = history / f"step-{run.step:08d}.pt"
+            with contextlib.suppress(FileNotFoundError):
+                target.unlink()
+            os.link(run.out / rundir.CHECKPOINT_FILE, target)  # last.pt is replaced by a rename: the link keeps it
+            for old in sorted(history.glob("step-*.pt"))[:-self.keep]:
+                old.unlink()
 
 
 class AccuracyMarks(Hook):

@@ -23,6 +23,7 @@ from .log import say
 
 CONFIG_FILE, METRICS_FILE = "config.yaml", "metrics.jsonl"
 MACHINE_FILE = "machine.json"
+HISTORY_DIR = "checkpoints"  # --keep-checkpoints: step-NNNNNNNN.pt
 CHECKPOINT_FILE, MODEL_FILE = "last.pt", "model.safetensors"
 LOCK_FILE = ".reslab.lock"  # held by the process training the run; its presence also marks a folder reslab made
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, MODEL_FILE)
