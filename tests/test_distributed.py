@@ -172,3 +172,30 @@ def test_time_based_checkpoints_and_a_history_that_resumes_exactly(tmp_path):
                        text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (run / "model.safetensors").read_bytes() == final
+
+
+def test_a_checkpoint_resumes_under_another_world_size(tmp_path):
+    folder = make_folder(tmp_path / "data", per_class=24)
+    single = [sys.executable, "-m", "reslab"]
+
+    def alone(*args):
+        r = subprocess.run([*single, *map(str, args)], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    def pair(*args):
+        r = _torchrun(*args)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    pair("train", "--data", folder, "--out", tmp_path / "whole", *RECIPE)  # 12 steps on 2 processes
+    pair("train", "--data", folder, "--out", tmp_path / "2to1", *RECIPE, "--steps", "6")
+    alone("train", "--resume", tmp_path / "2to1", "--steps", "12")
+    alone("train", "--data", folder, "--out", tmp_path / "1to2", *RECIPE, "--steps", "6")
+    pair("train", "--resume", tmp_path / "1to2", "--steps", "12")
+    whole = _metrics(tmp_path / "whole")
+    for name in ("2to1", "1to2"):
+        lines = _metrics(tmp_path / name)
+        # The global batch is the same, so the data order and the schedule are: the same steps, the same lr.
+        # (The run stopped at step 6 has a line for its partial epoch 2 as well.)
+        assert [(m["step"], m["lr"]) for m in lines if m["step"] != 6] == [(m["step"], m["lr"]) for m in whole]
+        # What differs is BatchNorm's batch statistics (8 images per process against 16) and the reduction order.
+        assert abs(lines[-1]["test_acc"] - whole[-1]["test_acc"]) <= TOLERANCE
