@@ -199,3 +199,23 @@ def test_a_checkpoint_resumes_under_another_world_size(tmp_path):
         assert [(m["step"], m["lr"]) for m in lines if m["step"] != 6] == [(m["step"], m["lr"]) for m in whole]
         # What differs is BatchNorm's batch statistics (8 images per process against 16) and the reduction order.
         assert abs(lines[-1]["test_acc"] - whole[-1]["test_acc"]) <= TOLERANCE
+
+
+def test_two_agents_on_one_host_train_as_one_agent_with_two_workers(tmp_path):
+    import socket
+
+    folder = make_folder(tmp_path / "data", per_class=24)
+    r = _torchrun("train", "--data", folder, "--out", tmp_path / "one", *RECIPE)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(n),
+                                "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                                f"127.0.0.1:{port}", "--rdzv-id", "reslab-test", "-m", "reslab", "train", "--data",
+                                str(folder), "--out", str(tmp_path / "two"), *RECIPE],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for n in (0, 1)]
+    errors = [a.communicate(timeout=300)[1] for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    weights = [(tmp_path / run / "model.safetensors").read_bytes() for run in ("one", "two")]
+    assert weights[0] == weights[1]  # the same ranks, batches and reductions: bit-identical
