@@ -21,7 +21,7 @@ from torch import nn
 from . import build
 from .config import TrainConfig, make_config, resolve_inputs
 from .data import DataBundle, Split, load_data, pil_transform
-from .data.loader import _FileDataset
+from .data.loader import _FileDataset, endless
 from .distributed import synchronize
 from .errors import UserError
 from .loop import step
@@ -45,7 +45,7 @@ def gemm_roof(device: torch.device, precision: str, n: int = 2048, reps: int = 5
 
 def _time_steps(step, batches, warmup: int, steps: int, device: torch.device) -> float:
     """Images per second over ``steps`` calls of ``step(x, y)`` after ``warmup`` untimed ones."""
-    it = _cycle(batches)
+    it = endless(batches)
     for _ in range(warmup):
         step(*next(it))
     synchronize(device)
@@ -56,16 +56,6 @@ def _time_steps(step, batches, warmup: int, steps: int, device: torch.device) ->
         n += len(y)
     synchronize(device)
     return n / (time.perf_counter() - t0)
-
-
-def _cycle(batches):
-    epoch = 0
-    while True:
-        if hasattr(batches, "epoch"):
-            yield from batches.epoch(epoch)
-        else:
-            yield from batches
-        epoch += 1
 
 
 def _plain_step(model: nn.Module, opt: torch.optim.Optimizer):

@@ -23,6 +23,7 @@ import torch
 
 from . import build, distributed
 from .config import TrainConfig
+from .data.loader import endless
 from .errors import ConfigError
 from .loop import Run, train_step
 from .progress import CountProgress
@@ -91,10 +92,10 @@ def range_test(run: Run, start_lr: float, end_lr: float, steps: int, progress: b
     trial.optimizer = build.build_optimizer(run.cfg, trial.model)
     trial.hooks = build.weight_hooks(run.cfg, trial.model)
     trial.model.train()
-    lrs, losses, smoothed, beta = [], [], [], smoothing_for(steps)
+    lrs, losses, smoothed, beta, avg = [], [], [], smoothing_for(steps), 0.0
     stopped = f"reached --end-lr {end_lr:g}"
     bar = CountProgress(steps, "lr-find steps") if progress else None
-    batches = _forever(trial)
+    batches = endless(trial.train_batches)
     for i in range(steps):
         lr = start_lr * (end_lr / start_lr) ** (i / (steps - 1))
         x, y = next(batches)
@@ -105,7 +106,8 @@ def range_test(run: Run, start_lr: float, end_lr: float, steps: int, progress: b
         value = loss.item()
         lrs.append(lr)
         losses.append(value)
-        smoothed = smooth(losses, beta)
+        avg = beta * avg + (1 - beta) * value  # smooth(losses, beta), one step at a time
+        smoothed.append(avg / (1 - beta ** len(losses)))
         if bar:
             bar.update(i + 1)
         if not math.isfinite(value) or smoothed[-1] > DIVERGE * min(smoothed):
@@ -118,13 +120,6 @@ def range_test(run: Run, start_lr: float, end_lr: float, steps: int, progress: b
     return LrFindResult(lrs, losses, smoothed, suggested, at_min, steepest,
                         "the lr at the smoothed loss's minimum, divided by 10", stopped, run.cfg.lr,
                         run.cfg.arch, run.cfg.batch_size, beta)
-
-
-def _forever(run: Run):
-    epoch = 0
-    while True:
-        yield from run.train_batches.epoch(epoch)
-        epoch += 1
 
 
 def lr_find(cfg: TrainConfig, out: str | Path, start_lr: float = 1e-6, end_lr: float = 10.0,

@@ -20,7 +20,7 @@ import yaml
 from docstring_parser import parse, parse_from_object
 from jsonargparse import ActionYesNo, ArgumentParser
 
-from .config import PRESETS, SECTIONS, TrainConfig
+from .config import PRESETS, SECTIONS, TrainConfig, fields_of
 from .errors import ConfigError
 
 # Options of ``train`` that are not config fields: how the command runs, not what it trains.
@@ -110,7 +110,7 @@ def config_params() -> Iterator[tuple[str, list[Param]]]:
     hints = typing.get_type_hints(TrainConfig)
     docs = {d.arg_name: d.description or "" for d in parse_from_object(TrainConfig).params}
     for name, section in SECTIONS.items():
-        fields = [f for f in dataclasses.fields(TrainConfig) if f.metadata["section"] == name]
+        fields = fields_of(name)
         yield section.title, [Param(f.name, hints[f.name], f.default if f.default_factory is dataclasses.MISSING
                                     else f.default_factory(), docs.get(f.name, "")) for f in fields]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import rundir
-from .config import SECTIONS, TrainConfig
+from .config import SECTIONS, fields_of
 from .errors import UserError
 
 STYLE = """body{font:15px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -66,14 +66,11 @@ def _machine_section(run: Path) -> str:
 
 
 def _config_section(config: dict[str, Any]) -> str:
-    import dataclasses
-
-    by_section: dict[str, list[list[Any]]] = {}
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in config:
-            by_section.setdefault(f.metadata["section"], []).append([f.name.replace("_", "-"), config[f.name]])
-    parts = [f"<div><h3>{_esc(SECTIONS[s].title)}</h3>{_table(['option', 'value'], rows)}</div>"
-             for s, rows in by_section.items()]
+    parts = []
+    for name, section in SECTIONS.items():
+        rows = [[f.name.replace("_", "-"), config[f.name]] for f in fields_of(name) if f.name in config]
+        if rows:
+            parts.append(f"<div><h3>{_esc(section.title)}</h3>{_table(['option', 'value'], rows)}</div>")
     return "<h2>Config</h2><div class=grid>" + "".join(parts) + "</div>"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -98,6 +99,14 @@ class Batches:
                             pin_memory=self.device.type == "cuda", persistent_workers=False)
         for x, y in loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def endless(batches: Batches | Any) -> Iterator:
+    """Batches without end: epoch after epoch of a ``Batches`` (each epoch its own order), or any re-iterable."""
+    epoch = 0
+    while True:
+        yield from batches.epoch(epoch) if hasattr(batches, "epoch") else batches
+        epoch += 1
 
 
 def eval_batches(split: Split, augment: str | None, input_size: int, mean: tuple[float, ...],
