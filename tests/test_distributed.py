@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -219,3 +220,92 @@ def test_two_agents_on_one_host_train_as_one_agent_with_two_workers(tmp_path):
     assert [a.returncode for a in agents] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
     weights = [(tmp_path / run / "model.safetensors").read_bytes() for run in ("one", "two")]
     assert weights[0] == weights[1]  # the same ranks, batches and reductions: bit-identical
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers through /proc")
+@pytest.mark.parametrize("stopped", [0, 1])
+def test_a_stopped_rank_is_named_within_the_collective_timeout(tmp_path, stopped):
+    import signal
+    import time
+
+    folder = make_folder(tmp_path / "data", per_class=24)
+    run, log = tmp_path / "run", tmp_path / "stderr.txt"
+    timeout = 6
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "reslab",
+           "train", "--data", str(folder), "--out", str(run), *RECIPE, "--epochs", "200", "--checkpoint-every", "3",
+           "--collective-timeout", str(timeout)]
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.time() + 120
+        while not (run / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        pid = _rank_pid(proc.pid, stopped)
+        assert pid is not None, f"rank {stopped} not found"
+        os.kill(pid, signal.SIGSTOP)  # hung: its sockets stay open, so only a timeout can tell
+        stopped_at = time.time()
+        while "did not answer" not in log.read_text() and time.time() - stopped_at < 60:
+            time.sleep(0.1)
+        waited = time.time() - stopped_at
+        os.kill(pid, signal.SIGKILL)  # else torchrun waits 30 s for the stopped worker to take its SIGTERM
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = log.read_text()
+    line = next((l for l in err.splitlines() if "did not answer" in l), None)
+    assert line is not None, err[-3000:]
+    # The other rank's collective waited the timeout, then up to as long again for every rank to report.
+    assert waited < 2 * timeout + 15, waited
+    assert line.startswith(f"reslab: error: rank {stopped} of 2 did not answer within --collective-timeout {timeout} s")
+    assert f"seen from rank {1 - stopped}" in line and "is intact: continue with reslab train --resume" in line
+    assert proc.returncode != 0
+    step = torch.load(run / "last.pt", weights_only=True)["step"]  # the last checkpoint is whole, and resumes
+    r = subprocess.run([sys.executable, "-m", "reslab", "train", "--resume", str(run), "--steps", str(step + 2)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _metrics(run)[-1]["step"] == step + 2
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "gone"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers through /proc")
+def test_a_kill_during_a_mid_epoch_checkpoint_write_resumes_bit_identical(tmp_path):
+    import signal
+    import time
+
+    folder = make_folder(tmp_path / "data", per_class=24)
+    # ResNet-18 makes a checkpoint of ~90 MB (weights and momentum): a write lasts long enough to be caught in.
+    recipe = [*RECIPE, "--arch", "resnet18", "--epochs", "4", "--checkpoint-every", "3"]
+    r = _torchrun("train", "--data", folder, "--out", tmp_path / "whole", *recipe)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts",
+           "1", "-m", "reslab", "train", "--data", str(folder), "--out", str(run), *recipe]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    writer, caught = None, None
+    deadline = time.time() + 120
+    while caught is None and time.time() < deadline and proc.poll() is None:
+        writer = writer or _worker(proc.pid, 0, 0)  # rank 0 writes the checkpoints
+        tmp = run / f".last.pt.tmp{writer}"
+        # An epoch is 4 steps and a checkpoint is due every 3: after last.pt of step 4 or 8 the write under way is
+        # step 6's or 9's, mid-epoch.
+        if writer is not None and tmp.exists() and (run / "last.pt").exists() \
+                and torch.load(run / "last.pt", weights_only=True, mmap=True)["step"] in (4, 8):
+            os.kill(writer, signal.SIGKILL)
+            while Path(f"/proc/{writer}").exists() and "Z" not in _state(writer):
+                time.sleep(0.001)
+            caught = tmp.exists()  # the writer died with its file half-written (not renamed over last.pt)
+        time.sleep(0.001)
+    _, err = proc.communicate(timeout=300)
+    assert caught, "no checkpoint write was caught under way"
+    assert proc.returncode == 0, err[-3000:]
+    assert "has a checkpoint: resuming it (restart 1 by torchrun)" in err
+    assert not tmp.exists()  # the restarted run cleared the dead writer's half-written file
+    assert (run / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
+    assert [m["step"] for m in _metrics(run)] == [m["step"] for m in _metrics(tmp_path / "whole")]

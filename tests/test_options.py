@@ -20,11 +20,11 @@ def test_every_field_has_a_section_and_the_two_lists_come_from_them():
     assert {n for n, s in sections.items() if SECTIONS[s].resumable} == RESUMABLE
     assert {n for n, s in sections.items() if not SECTIONS[s].recipe} == NOT_RECIPE
     # What a resumed run may change is what it could before the sections (length, evaluation, execution), and the
-    # checkpointing options added since.
+    # checkpointing and fault options added since.
     assert {"epochs", "steps", "eval_every", "tta", "tta_fraction", "log_every", "tensorboard",
                          "checkpoint_every", "device", "precision", "threads", "workers", "loader", "compile",
                          "channels_last", "strict", "data_dir", "checkpoint_every_minutes",
-                         "keep_checkpoints"} == RESUMABLE
+                         "keep_checkpoints", "collective_timeout"} == RESUMABLE
     # The four fields the two hand-kept lists disagreed on, decided: arithmetic is execution, TTA is measurement.
     assert {"precision", "channels_last"} <= RESUMABLE & NOT_RECIPE
     assert {"eval_every", "tta"} <= RESUMABLE - NOT_RECIPE

@@ -256,7 +256,7 @@ def restore(run: Run, state: dict[str, Any]) -> None:
 def build_runtime(cfg: TrainConfig) -> tuple[torch.device, distributed.Dist]:
     """The device and process group; an impossible device, precision or model name fails before anything loads."""
     device, _ = prepare(cfg.device, cfg.precision, cfg.threads)
-    d = distributed.init(device.type)
+    d = distributed.init(device.type, cfg.collective_timeout)
     if d.enabled and device.type == "cuda":
         device = torch.device("cuda", d.local_rank)  # one process per GPU
         torch.cuda.set_device(device)

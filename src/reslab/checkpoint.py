@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .config import MAX_IMAGE_SIZE
-from .errors import CheckpointError, ModelError
+from .errors import CheckpointError, ModelError, first_line
 from .models import create_model, list_models
 from .rundir import CHECKPOINT_FILE, MODEL_FILE
 
@@ -130,10 +130,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): "
                               f"{first_line(exc)}") from None
 
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type's name when it has none), at most 200 characters."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

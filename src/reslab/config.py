@@ -266,6 +266,9 @@ class TrainConfig:
     keep_checkpoints: int = option("execution", 0, check=NOT_NEGATIVE)
     """Keep the last this many checkpoints as checkpoints/step-NNNNNNNN.pt beside last.pt (0: last.pt only); to go
     back to one, copy it over last.pt and --resume."""
+    collective_timeout: float = option("execution", 600.0, check=POSITIVE)
+    """Under torchrun, seconds a process waits for the others in one collective before it gives up and names the
+    rank that did not answer (PyTorch's default is 30 minutes for gloo, 10 for NCCL)."""
 
     def __post_init__(self) -> None:
         for section in SECTIONS:

@@ -4,6 +4,11 @@ keeps its traceback."""
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), at most 200 characters."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
 class UserError(Exception):
     """A problem the user can fix (a bad option, a missing file); printed as one line, exit status 1."""
 
@@ -30,3 +35,7 @@ class Interrupted(UserError):
 
 class AlreadyFinished(UserError):
     """A resumed run has already trained the steps it is asked for."""
+
+
+class PeerLost(UserError):
+    """Under torchrun, another rank stopped answering (hung, stopped or dead) within ``--collective-timeout``."""

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import first_line, load_model
+from .checkpoint import load_model
 from .data import (
     Batches,
     BatchTransform,
@@ -33,7 +33,7 @@ from .data import (
 )
 from .data.folder import IMAGE_EXTENSIONS
 from .distributed import all_sum
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 from .log import say
 from .runtime import autocast, prepare
 

@@ -113,13 +113,14 @@ def train(config: TrainConfig | None = None, *, preset: str | None = None, resum
     if resume is None:
         cfg = config if config is not None else make_config(preset, **overrides)
         cfg = dataclasses.replace(cfg, out=run_dir(cfg))
-        with rundir.own(cfg.out, new=True, force=force):  # the whole run, so no second process writes into it
+        # rundir.own: the whole run, so no second process writes into it
+        with rundir.own(cfg.out, new=True, force=force), distributed.naming_lost_peers(Path(cfg.out)):
             return fit(setup(cfg, started=started))
     if config is not None or preset is not None:
         raise ConfigError("--resume continues a run with its saved config: no --preset or --config with it")
     if not Path(resume).is_dir():
         raise UserError(f"no run directory {resume} to resume")
-    with rundir.own(resume, new=False):
+    with rundir.own(resume, new=False), distributed.naming_lost_peers(Path(resume)):
         state = load_checkpoint(Path(resume) / rundir.CHECKPOINT_FILE)
         if not (isinstance(state, dict) and {"config", "step", "model", "meta"} <= set(state)):
             raise CheckpointError(f"{Path(resume) / rundir.CHECKPOINT_FILE} is not a reslab training checkpoint (it "
