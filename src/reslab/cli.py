@@ -357,23 +357,42 @@ def plot_cmd(runs: list[str], out: str = "curves.png", metric: Literal["error", 
 
 
 def export_cmd(model: str, format: str = "onnx", out: Optional[str] = None, arch: Optional[str] = None,
-               force: bool = False, json: bool = False) -> None:
+               quantize: Optional[str] = None, data: Optional[str] = None, calibration: int = 256,
+               samples: Optional[int] = None, max_drop: float = 0.01, force: bool = False,
+               json: bool = False) -> None:
     """Export a trained model to ONNX or TorchScript (dynamic batch size) and check parity with PyTorch.
 
     Args:
         model: run directory, model.safetensors, last.pt, or a bare state_dict .pth (with --arch).
         format: onnx or torchscript.
-        out: output file (default: model.onnx or model.ts beside the model).
+        out: output file (default: model.onnx, model.ts or model.int8.onnx beside the model).
         arch: architecture of a bare state_dict.
-        force: write over an existing file at --out that is not an earlier export (never over the run's files).
+        quantize: int8: static int8 ONNX (ONNX Runtime), calibrated on training images, checked on the test set.
+        data: image folder (or cifar10) to calibrate and check the int8 model on (default: the run's data).
+        calibration: training images that set the int8 scales.
+        samples: compare on a class-balanced subset of this many test images (default: all).
+        max_drop: the most test accuracy (0-1) int8 may lose against float and still be written.
+        force: write over an existing file at --out that is not an earlier export; write an int8 model that loses
+            more than --max-drop.
         json: print one JSON object on stdout.
     """
     from .export import TOLERANCE, export
 
-    r = export(model, format, out, arch=arch, force=force)
+    r = export(model, format, out, arch=arch, force=force, quantize=quantize, data=data, calibration=calibration,
+               samples=samples, max_drop=max_drop)
     if json:
         _print_json(r)
-    else:
+    if r.quantized is not None:
+        q = r.quantized
+        verdict = (f"loses {100 * q.drop:.2f} points" if q.drop > 0 else f"gains {-100 * q.drop:.2f} points")
+        line = (f"int8 {100 * q.int8_accuracy:.2f}% against float {100 * q.float_accuracy:.2f}% on {q.n} test "
+                f"images ({verdict}; same top class on {100 * q.agreement:.1f}%; calibrated on {q.calibration})")
+        if not q.written:
+            raise UserError(f"{line}: more than --max-drop {q.max_drop:g}; not written (--force writes it)")
+        if not json:
+            print(f"wrote {r.out} (ONNX int8, input {r.input_shape}) and {r.out.with_suffix('.json').name}: {line}")
+        return
+    if not json:
         print(f"wrote {r.out} ({r.format}, input {r.input_shape}); parity with PyTorch: max |diff| "
               f"{r.max_abs_diff:.2e} {'<=' if r.ok else '>'} {TOLERANCE:g}: {'OK' if r.ok else 'FAILED'}")
     if not r.ok:

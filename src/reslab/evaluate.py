@@ -24,6 +24,7 @@ from .data import (
     BatchTransform,
     DataError,
     Split,
+    balanced_indices,
     eval_batches,
     fit_square,
     load_rgb,
@@ -209,21 +210,8 @@ def evaluate_split(model: str | Path, data: str, *, split: str = "test", arch: s
         raise ConfigError(f"--tta-fraction is a fraction in (0, 1], got {tta_fraction}")
     dev, prec = prepare(device, precision)
     net, meta = _load(model, arch, dev)
-    classes = meta["classes"]
-    input_size = meta.get("input_size") or 32
-    s = load_split(data, split, store_size=store_size(meta["augment"], input_size), data_dir=data_dir)
-    if not meta["recorded_classes"]:
-        # A bare state_dict knows no class names: assume the folder's sorted class order, and say so.
-        if len(s.classes) != len(classes):
-            raise DataError(f"the model has {len(classes)} outputs but {data} has {len(s.classes)} classes; "
-                            "a bare state_dict records no class names, so they cannot be matched")
-        _log("warning: the model file records no class names; assuming the folder's sorted class order")
-        classes = s.classes
-    s = match_classes(s, classes)
-    if samples:
-        from .data import balanced_indices
-        s = s.subset(balanced_indices(s.labels, samples, seed=0))
-    batches = eval_batches(s, meta["augment"], input_size, tuple(meta["mean"]), tuple(meta["std"]), batch_size, dev)
+    s, batches = model_batches(meta, data, split, batch_size, dev, samples=samples, data_dir=data_dir)
+    classes = s.classes
     t0 = time.perf_counter()
     if tta_fraction is None:  # the trained fraction goes with the trained TTA, not with one asked for here
         tta_fraction = (meta.get("tta_fraction") or 1.0) if tta is None else 1.0
@@ -236,6 +224,28 @@ def evaluate_split(model: str | Path, data: str, *, split: str = "test", arch: s
     result = EvalResult(r.accuracy, r.top5, r.n, r.loss, per_class, conf.tolist(), classes,
                         round(r.n / seconds, 1))
     return SplitScores(result, s, r.probs)
+
+
+def model_batches(meta: dict[str, Any], data: str, split: str, batch_size: int, device: torch.device, *,
+                  samples: int | None = None, data_dir: str | None = None) -> tuple[Split, Batches]:
+    """A split of ``data`` as a model with metadata ``meta`` is evaluated on it: its classes matched by name to the
+    model's, resized and normalised as the model was trained (optionally a seeded class-balanced subset of
+    ``samples`` images). What ``eval``, int8 calibration and the accuracy check of an export all read."""
+    classes = meta["classes"]
+    input_size = meta.get("input_size") or 32
+    s = load_split(data, split, store_size=store_size(meta["augment"], input_size), data_dir=data_dir)
+    if not meta["recorded_classes"]:
+        # A bare state_dict knows no class names: assume the folder's sorted class order, and say so.
+        if len(s.classes) != len(classes):
+            raise DataError(f"the model has {len(classes)} outputs but {data} has {len(s.classes)} classes; "
+                            "a bare state_dict records no class names, so they cannot be matched")
+        _log("warning: the model file records no class names; assuming the folder's sorted class order")
+        classes = s.classes
+    s = match_classes(s, classes)
+    if samples:
+        s = s.subset(balanced_indices(s.labels, samples, seed=0))
+    return s, eval_batches(s, meta["augment"], input_size, tuple(meta["mean"]), tuple(meta["std"]), batch_size,
+                           device)
 
 
 def _image_files(inputs: list[str | Path]) -> list[Path]:
