@@ -18,7 +18,7 @@ from typing import Any
 
 # Imported on first use (PEP 562): the console script starts without torch, so a Ctrl-C while torch loads is caught.
 _API = {"load_model": "checkpoint", "PRESETS": "config", "TrainConfig": "config", "make_config": "config",
-        "UserError": "errors", "EvalResult": "evaluate", "evaluate": "evaluate", "predict": "evaluate",
+        "UserError": "errors", "EvalResult": "evaluate", "evaluate": "evaluate", "predict": "predict",
         "create_model": "models", "list_models": "models", "TrainResult": "train", "train": "train"}
 
 

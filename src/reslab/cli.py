@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional
 from jsonargparse import ArgumentParser
 
 from .config import PRESETS, TrainConfig, budget_rule_fields
-from .errors import ConfigError, Interrupted, UserError
+from .errors import ConfigError, DataError, Interrupted, UserError
 from .log import say
 from .options import (
     TRAIN_ONLY,
@@ -170,8 +170,10 @@ def eval_cmd(model: str, data: str, split: str = "test", arch: Optional[str] = N
 
 
 def predict_cmd(model: str, inputs: list[str], topk: int = 5, arch: Optional[str] = None, device: str = "auto",
-                cam: Optional[str] = None, json: bool = False) -> None:
-    """Top-k classes and probabilities for image files or folders.
+                precision: str = "fp32", batch_size: int = 64, workers: Optional[int] = None,
+                output: Optional[str] = None, resume: bool = False, cam: Optional[str] = None,
+                json: bool = False) -> None:
+    """Top-k classes and probabilities for image files or folders (of any size: batched, decoded in parallel).
 
     Args:
         model: run directory, model.safetensors, last.pt or a bare state_dict (with --arch).
@@ -179,32 +181,71 @@ def predict_cmd(model: str, inputs: list[str], topk: int = 5, arch: Optional[str
         topk: classes to show per image.
         arch: architecture of a bare state_dict.
         device: auto, cpu, cuda or cuda:N.
+        precision: fp32, bf16 or auto (bf16 where the CPU or GPU has it).
+        batch_size: images per forward pass.
+        workers: decoding processes (default: the usable cores, none for a single batch).
+        output: write one row per image to this .csv or .jsonl file as they are made (with a progress line).
+        resume: continue --output: skip the files it already holds.
         cam: also write a Grad-CAM overlay of each image's top class into this folder.
         json: print one JSON object per image and line.
     """
-    from .evaluate import predict
+    from .predict import RowWriter, image_files, predict_rows
 
-    for r in predict(model, inputs, topk=topk, arch=arch, device=device, cam=cam):
-        if "error" in r:
-            print(f"reslab: cannot read {r['path']}: {r['error']}", file=sys.stderr)
-        elif json:
-            _print_json(r)
-        else:
-            print(r["path"] + "  " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"])
-                  + (f"  (cam: {r['cam']})" if "cam" in r else ""))
+    if cam is not None and Path(cam).exists() and not Path(cam).is_dir():
+        raise DataError(f"--cam {cam} is a file; the maps go into a folder")
+    if resume and not output:
+        raise ConfigError("--resume continues an --output file: give --output FILE")
+    files = image_files(inputs)
+    writer = RowWriter(output, topk, resume) if output else None
+    if writer is not None and writer.done:
+        files = [f for f in files if str(f) not in writer.done]
+        say(f"reslab: {output} holds {len(writer.done)} rows: predicting the other {len(files)} files")
+    t0, good, bad = time.perf_counter(), 0, 0
+    try:
+        for r in predict_rows(model, files, topk=topk, arch=arch, device=device, precision=precision,
+                              batch_size=batch_size, workers=workers, cam=cam, progress=writer is not None):
+            if "error" in r:
+                bad += 1
+                print(f"reslab: cannot read {r['path']}: {r['error']}", file=sys.stderr)
+            else:
+                good += 1
+            if writer is not None:
+                writer.write([r])
+            elif "error" not in r:
+                _print_prediction(r, json)
+    finally:
+        if writer is not None:
+            writer.close()
+    if files and not good and writer is None:
+        raise DataError(f"none of the {len(files)} image files could be read")
+    if writer is not None:
+        seconds = time.perf_counter() - t0
+        say(f"reslab: {good} images predicted in {seconds:.1f} s ({good / max(seconds, 1e-9):.1f} img/s) into "
+            f"{output}" + (f"; {bad} unreadable, skipped (their row names the error)" if bad else ""))
 
 
-def bench_cmd(arch: Optional[str] = None, preset: str = "seed", data: Optional[str] = None, batch_size: int = 128,
+def _print_prediction(r: dict, json: bool) -> None:
+    if json:
+        _print_json(r)
+    else:
+        print(r["path"] + "  " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"])
+              + (f"  (cam: {r['cam']})" if "cam" in r else ""))
+
+
+def bench_cmd(arch: Optional[str] = None, preset: str = "seed", data: Optional[str] = None,
+              batch_size: Optional[int] = None,
               steps: int = 20, warmup: int = 3, baseline: bool = False, device: str = "auto",
               precision: str = "auto", channels_last: Optional[bool] = None, compile: bool = False,
-              threads: Optional[int] = None, tune: bool = False, json: bool = False) -> None:
-    """Training images/s of the whole step, achieved GFLOP/s against a measured GEMM roof, and the seed's pipeline.
+              threads: Optional[int] = None, tune: bool = False, inference: Optional[str] = None,
+              runtimes: Optional[str] = None, seconds: float = 2.0, json: bool = False) -> None:
+    """Training images/s of the whole step, achieved GFLOP/s against a measured GEMM roof, and the seed's pipeline;
+    with --inference RUN, a trained model's latency and throughput in each inference runtime.
 
     Args:
         arch: model name (default: the preset's model).
         preset: training preset whose augmentation and model settings are used: seed or paper.
         data: image folder to read real images from (required with --baseline); random images otherwise.
-        batch_size: images per step.
+        batch_size: images per step (default 128; 64 with --inference).
         steps: timed steps, after the warm-up.
         warmup: untimed steps first.
         baseline: also time the seed's pipeline (PIL per image in a DataLoader, fp32, NCHW, eager) on --data.
@@ -215,9 +256,19 @@ def bench_cmd(arch: Optional[str] = None, preset: str = "seed", data: Optional[s
         threads: CPU threads (default: the usable cores).
         tune: instead, time the training step under every execution choice on this CPU (threads, precision,
             layout) as a training run's start-up probe does, and print the table with the probe's pick.
+        inference: instead, a run directory or model file: batch-1 latency (median, p99) and batch throughput (at
+            --batch-size, default 64 here) of eager fp32 and bf16, ONNX Runtime fp32 and int8 (and torch.compile with
+            --compile), side by side.
+        runtimes: with --inference, a comma-separated selection (eager-fp32,eager-bf16,onnx-fp32,onnx-int8).
+        seconds: with --inference, seconds per measurement.
         json: print one JSON object on stdout.
     """
     from .bench import bench, tune_table
+
+    if inference:
+        _bench_inference(inference, runtimes, threads, batch_size or 64, seconds, compile, data, json)
+        return
+    batch_size = batch_size or 128
 
     if tune:
         rows = tune_table(arch, preset, batch_size)
@@ -247,6 +298,21 @@ def bench_cmd(arch: Optional[str] = None, preset: str = "seed", data: Optional[s
           f"{r.precision} GEMM roof ({r.roof_gflops_per_sec:.0f} GFLOP/s); {r.macs / 1e6:.1f} M MACs/image")
     if r.speedup is not None:
         print(f"  seed pipeline {r.baseline_images_per_sec:9.1f} img/s   -> speedup {r.speedup:.2f}x")
+
+
+def _bench_inference(model, runtimes, threads, batch_size, seconds, compile, data, json) -> None:
+    from .infer_bench import RUNTIMES, bench_inference
+
+    rows = bench_inference(model, runtimes=tuple(runtimes.split(",")) if runtimes else RUNTIMES, threads=threads,
+                           batch=batch_size, seconds=seconds, compile=compile, data=data)
+    if json:
+        for row in rows:
+            _print_json(row)
+        return
+    print(f"{'runtime':<14} {'threads':>7} {'batch 1 p50':>11} {'p99':>9} {'batch':>6} {'img/s':>9}")
+    for r in rows:
+        print(f"{r.runtime:<14} {r.threads:>7} {r.p50_ms:>8.2f} ms {r.p99_ms:>6.2f} ms {r.batch:>6} "
+              f"{r.images_per_sec:>9,.0f}{f'  ({r.note})' if r.note else ''}")
 
 
 def compare_cmd(config: TrainConfig, archs: Optional[str] = None, schedules: Optional[str] = None,

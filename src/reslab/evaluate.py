@@ -7,13 +7,11 @@ order, is scored correctly (the seed matched by folder index, which silently mis
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -21,20 +19,16 @@ from torch import Tensor, nn
 from .checkpoint import load_model
 from .data import (
     Batches,
-    BatchTransform,
     DataError,
     Split,
     balanced_indices,
     eval_batches,
-    fit_square,
-    load_rgb,
     load_split,
     match_classes,
     store_size,
 )
-from .data.folder import IMAGE_EXTENSIONS
 from .distributed import all_sum
-from .errors import ConfigError, first_line
+from .errors import ConfigError
 from .log import say
 from .runtime import autocast, prepare
 
@@ -246,87 +240,6 @@ def model_batches(meta: dict[str, Any], data: str, split: str, batch_size: int, 
         s = s.subset(balanced_indices(s.labels, samples, seed=0))
     return s, eval_batches(s, meta["augment"], input_size, tuple(meta["mean"]), tuple(meta["std"]), batch_size,
                            device)
-
-
-def _image_files(inputs: list[str | Path]) -> list[Path]:
-    files = []
-    for given in inputs:
-        if not str(given).strip():
-            raise DataError("an empty path among the inputs (it would mean the current folder): give '.' for that")
-        p = Path(given)
-        if p.is_dir():
-            try:
-                os.scandir(p).close()
-            except OSError as exc:
-                raise DataError(f"cannot read the folder {p}: {exc.strerror or exc}") from None
-            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise DataError(f"no such file or folder: {p}")
-    if not files:
-        raise DataError(f"no image files in {', '.join(map(str, inputs))}")
-    return files
-
-
-def predict(model: str | Path, inputs: list[str | Path], *, topk: int = 5, arch: str | None = None,
-            device: str = "auto", batch_size: int = 256, cam: str | Path | None = None) -> list[dict[str, Any]]:
-    """Top-``topk`` classes and probabilities for each image file (folders are searched recursively).
-
-    ``cam``: also write a Grad-CAM overlay of each image's top class into this folder (``<name>.cam.png``, from the
-    input exactly as the model saw it); each row then names its file under ``"cam"``.
-
-    Returns:
-        One ``{"path": ..., "top": [{"class": ..., "prob": ...}, ...]}`` per image, in input order; an image that
-        cannot be read gets ``{"path": ..., "error": "..."}`` instead (a ``DataError`` only when none can be read).
-    """
-    if cam is not None and Path(cam).exists() and not Path(cam).is_dir():
-        raise DataError(f"--cam {cam} is a file; the maps go into a folder")
-    if topk < 1 or batch_size < 1:
-        raise ConfigError(f"--topk and the batch size must be at least 1, got {topk} and {batch_size}")
-    dev, _ = prepare(device)
-    net, meta = _load(model, arch, dev)
-    classes, input_size = meta["classes"], meta.get("input_size") or 32
-    transform = BatchTransform(meta["augment"], False, input_size, tuple(meta["mean"]), tuple(meta["std"]))
-    keep = store_size(meta["augment"], input_size)
-    results = []
-    files = _image_files(inputs)
-    for i in range(0, len(files), batch_size):
-        chunk, xs, read = files[i:i + batch_size], [], []
-        for f in chunk:
-            try:
-                im = load_rgb(f, min_side=keep)
-            except Exception as exc:  # one bad file costs its own prediction, not the others'
-                results.append({"path": str(f), "error": f"{type(exc).__name__}: {first_line(exc)}"})
-                continue
-            im = fit_square(im, keep or min(im.size))  # seed: the centre square; its resize does the rest
-            xs.append(transform(torch.from_numpy(np.array(im, dtype=np.uint8)).unsqueeze(0).to(dev)))
-            read.append(f)
-        if not xs:
-            continue
-        with torch.no_grad():
-            probs = net(torch.cat(xs)).float().softmax(1)
-        top = probs.topk(min(topk, len(classes)), 1)
-        for f, x, p, c in zip(read, xs, top.values.tolist(), top.indices.tolist()):
-            row = {"path": str(f), "top": [{"class": classes[j], "prob": round(q, 6)} for q, j in zip(p, c)]}
-            if cam is not None:
-                from .cam import save_cam
-
-                row["cam"] = str(Path(cam) / _cam_name(f, files))
-                save_cam(net, x, c[0], tuple(meta["mean"]), tuple(meta["std"]), Path(row["cam"]))
-            results.append(row)
-    order = {str(f): k for k, f in enumerate(files)}
-    results.sort(key=lambda r: order[r["path"]])
-    if all("error" in r for r in results):
-        raise DataError(f"none of the {len(files)} image files could be read (first: {results[0]['path']}: "
-                        f"{results[0]['error']})")
-    return results
-
-
-def _cam_name(file: Path, files: list[Path]) -> str:
-    """``<stem>.cam.png``, prefixed by its folder's name where two inputs share a stem."""
-    same = sum(f.stem == file.stem for f in files) > 1
-    return f"{file.parent.name}_{file.stem}.cam.png" if same else f"{file.stem}.cam.png"
 
 
 def class_metrics(confusion: list[list[int]], classes: list[str]) -> list[dict[str, Any]]:

@@ -66,7 +66,7 @@ def export(model: str | Path, format: str = "onnx", out: str | Path | None = Non
     src = Path(model)
     default_dir = src if src.is_dir() else src.parent
     if quantize:
-        data, data_dir = _data_of(src, data, data_dir)
+        data, data_dir = run_data(src, data, data_dir)
     name = {"onnx": "model.onnx", "torchscript": "model.ts"}[format] if not quantize else "model.int8.onnx"
     out = Path(out or default_dir / name)
     if out.is_dir():
@@ -86,12 +86,12 @@ def export(model: str | Path, format: str = "onnx", out: str | Path | None = Non
             return _export_int8(net, meta, example, check, out, data, data_dir, calibration, samples, max_drop,
                                 force)
         else:
-            got = torch.from_numpy(_export_onnx(net, example, out, check.numpy()))
+            got = torch.from_numpy(export_onnx(net, example, out, check.numpy()))
     diff = (got - expected).abs().max().item()
     return ExportResult(out, format, diff, diff <= TOLERANCE, ["batch", 3, size, size])
 
 
-def _data_of(src: Path, data: str | None, data_dir: str | None) -> tuple[str, str | None]:
+def run_data(src: Path, data: str | None, data_dir: str | None) -> tuple[str, str | None]:
     """The data to calibrate and check an int8 model on: ``--data``, else the run's own."""
     if data:
         return data, data_dir
@@ -111,7 +111,7 @@ def _export_int8(net, meta, example, check, out, data, data_dir, calibration, sa
 
     with tempfile.TemporaryDirectory(prefix=".reslab-export-", dir=out.parent) as tmp:
         float_onnx = Path(tmp) / "float.onnx"
-        diff = (torch.from_numpy(_export_onnx(net, example, float_onnx, check.numpy())) - net(check)).abs().max()
+        diff = (torch.from_numpy(export_onnx(net, example, float_onnx, check.numpy())) - net(check)).abs().max()
         if diff > TOLERANCE:
             raise UserError(f"the float ONNX model differs from PyTorch by {diff:.2e}: not quantized")
         q = quantize_int8(net, meta, float_onnx, out, data, data_dir=data_dir, calibration=calibration,
@@ -119,7 +119,9 @@ def _export_int8(net, meta, example, check, out, data, data_dir, calibration, sa
     return ExportResult(out, "onnx-int8", float(diff), q.written, ["batch", 3, *example.shape[2:]], quantized=q)
 
 
-def _export_onnx(net: torch.nn.Module, example: torch.Tensor, out: Path, check):
+def export_onnx(net: torch.nn.Module, example: torch.Tensor, out: Path, check):
+    """``net`` to ONNX at ``out`` (input ``images`` with a dynamic batch, output ``logits``); its logits on
+    ``check`` from ONNX Runtime."""
     ort = onnxruntime()
     batch = torch.export.Dim("batch", min=1, max=4096)
     torch.onnx.export(net, (example,), str(out), input_names=["images"], output_names=["logits"],

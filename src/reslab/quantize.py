@@ -13,10 +13,12 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import UserError
@@ -56,7 +58,7 @@ def quantize_int8(net: torch.nn.Module, meta: dict[str, Any], float_onnx: Path, 
     test, batches = model_batches(meta, data, "test", 128, cpu, samples=samples, data_dir=data_dir)
     with tempfile.TemporaryDirectory(prefix=".reslab-int8-", dir=out.parent) as tmp:
         say(f"quantizing to int8: calibrating on {len(calib.split)} training images of {data}")
-        _quantize(float_onnx, Path(tmp), calib)
+        quantize_onnx(float_onnx, Path(tmp) / "int8.onnx", (x.numpy() for x, _ in calib.epoch(0)))
         say(f"checking int8 against float on {len(test)} test images")
         check = _compare(net, OnnxModule(Path(tmp) / "int8.onnx"), batches, len(test.classes))
         check.update(out=str(out), data=str(data), calibration=len(calib.split), max_drop=max_drop)
@@ -67,14 +69,21 @@ def quantize_int8(net: torch.nn.Module, meta: dict[str, Any], float_onnx: Path, 
     return result
 
 
-def _quantize(float_onnx: Path, tmp: Path, calib) -> None:
+def quantize_onnx(float_onnx: Path, out: Path, calibration: Iterable[np.ndarray]) -> None:
+    """Static int8 quantization of ``float_onnx`` into ``out``, its activation scales set by the ``calibration``
+    batches (float32 NCHW arrays, normalised as the model's inputs)."""
     onnxruntime()
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quant_pre_process,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = (x.numpy() for x, _ in calib.epoch(0))
+            self.batches = iter(calibration)
 
         def get_next(self):
             x = next(self.batches, None)
@@ -82,9 +91,11 @@ def _quantize(float_onnx: Path, tmp: Path, calib) -> None:
 
     # Shape inference and graph optimisation first (ONNX Runtime's advice): BatchNorm folded into the convolutions.
     with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
-        quant_pre_process(str(float_onnx), str(tmp / "pre.onnx"), skip_symbolic_shape=True)
-        quantize_static(str(tmp / "pre.onnx"), str(tmp / "int8.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+        pre = out.with_name(out.stem + ".pre.onnx")
+        quant_pre_process(str(float_onnx), str(pre), skip_symbolic_shape=True)
+        quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ,
                         per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+        pre.unlink()
 
 
 @torch.no_grad()
@@ -92,6 +103,6 @@ def _compare(net: torch.nn.Module, int8: torch.nn.Module, batches, classes: int)
     cpu = torch.device("cpu")
     a = evaluate_batches(net, batches, cpu, "fp32", classes, probabilities=True)
     b = evaluate_batches(int8, batches, cpu, "fp32", classes, probabilities=True)
-    agreement = (a.probs.argmax(1) == b.probs.argmax(1)).float().mean().item()
+    agreement = round((a.probs.argmax(1) == b.probs.argmax(1)).float().mean().item(), 6)
     return {"n": a.n, "float_accuracy": a.accuracy, "int8_accuracy": b.accuracy,
             "drop": round(a.accuracy - b.accuracy, 6), "agreement": agreement}

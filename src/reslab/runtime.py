@@ -101,6 +101,10 @@ def process_age() -> float:
     return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
 
 
+# What the speed of bf16 and int8 arithmetic depends on (VNNI: int8 dot products; AMX: bf16 and int8 tiles).
+MATRIX_EXTENSIONS = {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile"}
+
+
 def machine_info(device: torch.device, precision: str) -> dict[str, object]:
     """What a run's numbers depend on: CPU model and its matrix extensions, cores, threads, GPU, versions."""
     import platform
@@ -118,7 +122,7 @@ def machine_info(device: torch.device, precision: str) -> dict[str, object]:
     except OSError:
         pass
     info: dict[str, object] = {
-        "cpu": cpu, "cpu_extensions": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
+        "cpu": cpu, "cpu_extensions": sorted(flags & MATRIX_EXTENSIONS),
         "cores": usable_cores(), "threads": torch.get_num_threads(), "device": str(device), "precision": precision,
         "python": platform.python_version(), "torch": str(torch.__version__), "os": platform.platform(terse=True)}
     if device.type == "cuda":

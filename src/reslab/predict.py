@@ -1,0 +1,231 @@
+"""Prediction on image files, from a handful to a folder of 100,000: batched, decoded in parallel, streamed.
+
+Images are decoded by DataLoader workers at libjpeg's reduced scale where the model's input allows (``load_rgb``),
+centre-squared and normalised exactly as ``reslab eval`` feeds them; rows come out in input order, a batch at a time,
+so a caller can write them as they are made. A file that cannot be read costs its own row (with the reason), not
+the run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .checkpoint import load_model
+from .data import BatchTransform, DataError, fit_square, load_rgb, store_size
+from .data.folder import IMAGE_EXTENSIONS
+from .errors import ConfigError, first_line
+from .progress import CountProgress
+from .runtime import autocast, prepare, usable_cores
+
+
+def image_files(inputs: list[str | Path]) -> list[Path]:
+    """The image files among ``inputs``: files as given, folders searched recursively (sorted)."""
+    files = []
+    for given in inputs:
+        if not str(given).strip():
+            raise DataError("an empty path among the inputs (it would mean the current folder): give '.' for that")
+        p = Path(given)
+        if p.is_dir():
+            try:
+                os.scandir(p).close()
+            except OSError as exc:
+                raise DataError(f"cannot read the folder {p}: {exc.strerror or exc}") from None
+            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"no such file or folder: {p}")
+    if not files:
+        raise DataError(f"no image files in {', '.join(map(str, inputs))}")
+    return files
+
+
+class ModelInput:
+    """How a model's metadata says an image becomes its input: decode scale, centre square, resize, normalise."""
+
+    def __init__(self, meta: dict[str, Any]) -> None:
+        self.size = meta.get("input_size") or 32
+        self.keep = store_size(meta["augment"], self.size)
+        self.transform = BatchTransform(meta["augment"], False, self.size, tuple(meta["mean"]), tuple(meta["std"]))
+
+    def __call__(self, image) -> torch.Tensor:
+        """One image (PIL) as a (3, size, size) float tensor on the CPU."""
+        im = fit_square(image, self.keep or min(image.size))  # seed: the centre square; its resize does the rest
+        return self.transform(torch.from_numpy(np.array(im, dtype=np.uint8)).unsqueeze(0))[0]
+
+    def read(self, path: str | Path) -> torch.Tensor:
+        return self(load_rgb(path, min_side=self.keep))
+
+
+class _Files(Dataset):
+    def __init__(self, files: list[Path], model_input: ModelInput) -> None:
+        self.files, self.input = files, model_input
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            return i, self.input.read(self.files[i]), None
+        except Exception as exc:  # one bad file costs its own prediction, not the others'
+            return i, None, f"{type(exc).__name__}: {first_line(exc)}"
+
+
+def _one_thread(_: int) -> None:
+    torch.set_num_threads(1)  # a decoding worker: the cores' threads belong to the model's forward pass
+
+
+def top_rows(probs: torch.Tensor, classes: list[str], topk: int) -> list[list[dict[str, Any]]]:
+    """The ``topk`` classes and probabilities of each row of ``probs``."""
+    top = probs.topk(min(topk, len(classes)), 1)
+    return [[{"class": classes[j], "prob": round(q, 6)} for q, j in zip(p, c)]
+            for p, c in zip(top.values.tolist(), top.indices.tolist())]
+
+
+def predict_rows(model: str | Path, files: list[Path], *, topk: int = 5, arch: str | None = None,
+                 device: str = "auto", precision: str = "fp32", batch_size: int = 64, workers: int | None = None,
+                 cam: str | Path | None = None, progress: bool = False) -> Iterator[dict[str, Any]]:
+    """One row per file, in order, a batch at a time: ``{"path", "top": [{"class", "prob"}, ...]}``, or
+    ``{"path", "error"}`` for a file that cannot be read. ``workers``: decoding processes (default: the usable
+    cores, none for a single batch)."""
+    if topk < 1 or batch_size < 1 or (workers is not None and workers < 0):
+        raise ConfigError(f"--topk and --batch-size must be at least 1 and --workers at least 0, got {topk}, "
+                          f"{batch_size} and {workers}")
+    dev, prec = prepare(device, precision)
+    net, meta = load_model(model, arch=arch, device=dev)
+    net.eval()
+    classes = meta["classes"]
+    if workers is None:
+        workers = 0 if len(files) <= batch_size else min(usable_cores(), 8)
+    loader = DataLoader(_Files(files, ModelInput(meta)), batch_size=batch_size, num_workers=workers,
+                        collate_fn=list, worker_init_fn=_one_thread, persistent_workers=False)
+    meter = CountProgress(len(files), "predicting") if progress else None
+    done = 0
+    for batch in loader:
+        good = [(i, x) for i, x, _ in batch if x is not None]
+        rows: dict[int, dict[str, Any]] = {i: {"path": str(files[i]), "error": e} for i, x, e in batch if x is None}
+        if good:
+            xs = torch.stack([x for _, x in good]).to(dev)
+            with torch.no_grad(), autocast(dev, prec):
+                probs = net(xs).float().softmax(1)
+            for (i, x), top in zip(good, top_rows(probs, classes, topk)):
+                rows[i] = {"path": str(files[i]), "top": top}
+                if cam is not None:
+                    from .cam import save_cam
+
+                    rows[i]["cam"] = str(Path(cam) / _cam_name(files[i], files))
+                    save_cam(net, x.unsqueeze(0).to(dev), classes.index(top[0]["class"]), tuple(meta["mean"]),
+                             tuple(meta["std"]), Path(rows[i]["cam"]))
+        yield from (rows[i] for i, _, _ in batch)
+        done += len(batch)
+        if meter is not None:
+            meter.update(done)
+    if meter is not None:
+        meter.done()
+
+
+def predict(model: str | Path, inputs: list[str | Path], *, topk: int = 5, arch: str | None = None,
+            device: str = "auto", batch_size: int = 64, cam: str | Path | None = None,
+            precision: str = "fp32", workers: int | None = None) -> list[dict[str, Any]]:
+    """Top-``topk`` classes and probabilities for each image file (folders are searched recursively).
+
+    ``cam``: also write a Grad-CAM overlay of each image's top class into this folder (``<name>.cam.png``, from the
+    input exactly as the model saw it); each row then names its file under ``"cam"``.
+
+    Returns:
+        One ``{"path": ..., "top": [{"class": ..., "prob": ...}, ...]}`` per image, in input order; an image that
+        cannot be read gets ``{"path": ..., "error": "..."}`` instead (a ``DataError`` only when none can be read).
+    """
+    if cam is not None and Path(cam).exists() and not Path(cam).is_dir():
+        raise DataError(f"--cam {cam} is a file; the maps go into a folder")
+    files = image_files(inputs)
+    results = list(predict_rows(model, files, topk=topk, arch=arch, device=device, precision=precision,
+                                batch_size=batch_size, workers=workers, cam=cam))
+    if all("error" in r for r in results):
+        raise DataError(f"none of the {len(files)} image files could be read (first: {results[0]['path']}: "
+                        f"{results[0]['error']})")
+    return results
+
+
+def _cam_name(file: Path, files: list[Path]) -> str:
+    """``<stem>.cam.png``, prefixed by its folder's name where two inputs share a stem."""
+    same = sum(f.stem == file.stem for f in files) > 1
+    return f"{file.parent.name}_{file.stem}.cam.png" if same else f"{file.stem}.cam.png"
+
+
+class RowWriter:
+    """Rows written to ``--output FILE.csv`` or ``.jsonl`` as they are made, each flushed at once, so a killed
+    run keeps every row it wrote; ``resume`` continues a file, and ``done`` holds the paths it already has."""
+
+    def __init__(self, path: str | Path, topk: int, resume: bool = False) -> None:
+        self.path, self.topk = Path(path), topk
+        self.kind = self.path.suffix.lower()
+        if self.kind not in (".csv", ".jsonl"):
+            raise ConfigError(f"--output {self.path}: the file name must end in .csv or .jsonl")
+        if self.path.is_dir():
+            raise ConfigError(f"--output {self.path} is a folder: give a file name")
+        if self.path.exists() and not resume:
+            raise ConfigError(f"--output {self.path} exists: add --resume to skip the files it holds and append, or "
+                              f"choose another file")
+        self.done = self._read_done() if resume and self.path.exists() else set()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        self.file = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115 (open for the run: close())
+        if new and self.kind == ".csv":
+            self._csv().writerow(["path", *(f"{w}_{k}" for k in range(1, topk + 1) for w in ("class", "prob")),
+                                  "error"])
+
+    def _csv(self):
+        import csv
+
+        return csv.writer(self.file)
+
+    def _read_done(self) -> set[str]:
+        """The paths already in the file; a last line cut short by a kill is dropped (its file is redone)."""
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            data = data[:data.rfind(b"\n") + 1]
+            with open(self.path, "r+b") as f:
+                f.truncate(len(data))
+        text = data.decode("utf-8")
+        if self.kind == ".jsonl":
+            import json
+
+            return {json.loads(line)["path"] for line in text.splitlines() if line.strip()}
+        import csv
+
+        rows = list(csv.reader(text.splitlines()))
+        if rows and rows[0][:1] != ["path"]:
+            raise ConfigError(f"--output {self.path} is not a reslab predictions file: choose another file")
+        if rows and len(rows[0]) != 2 * self.topk + 2:
+            raise ConfigError(f"--output {self.path} holds the top {(len(rows[0]) - 2) // 2}, not --topk "
+                              f"{self.topk}: give that --topk to continue it")
+        return {r[0] for r in rows[1:] if r}
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        if self.kind == ".jsonl":
+            import json
+
+            self.file.writelines(json.dumps(r) + "\n" for r in rows)
+        else:
+            w = self._csv()
+            for r in rows:
+                cells = [c for t in r.get("top", []) for c in (t["class"], t["prob"])]
+                w.writerow([r["path"], *cells, *[""] * (2 * self.topk - len(cells)), r.get("error", "")])
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> RowWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
