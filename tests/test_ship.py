@@ -178,3 +178,127 @@ def test_a_killed_predict_keeps_its_rows_and_resume_does_the_rest(trained, tmp_p
     assert sorted(r["path"] for r in rows) == sorted(str(p) for p in photos.rglob("*.jpg"))  # each file once
     whole = {r["path"]: r for r in reslab.predict(run, [photos])}
     assert all(r["top"] == whole[r["path"]]["top"] for r in rows)
+
+
+# --- reslab serve -----------------------------------------------------------------------------------------------------
+
+def _multipart(name: str, data: bytes, filename: str = "image.jpg") -> tuple[bytes, str]:
+    boundary = "reslab-test-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{filename}\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def _post(url: str, data: bytes, field: str = "file") -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    body, kind = _multipart(field, data)
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": kind}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture
+def server(trained, tmp_path):
+    """``reslab serve`` on a free loopback port (batches wait up to 50 ms for company; uploads up to 0.05 MB)."""
+    import socket
+    import urllib.request
+
+    pytest.importorskip("fastapi")
+    run, _ = trained
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 (the server's output while it runs)
+    proc = subprocess.Popen([sys.executable, "-m", "reslab", "serve", str(run), "--port", str(port), "--topk", "3",
+                             "--batch-wait-ms", "50", "--max-upload-mb", "0.05"], stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.1)
+    try:
+        yield url, run
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def test_the_server_answers_concurrent_requests_like_predict(server, tmp_path):
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, run = server
+    photos = _photo_folder(tmp_path / "photos", 24)
+    files = sorted(photos.rglob("*.jpg"))
+    expected = {r["path"]: r["top"] for r in reslab.predict(run, files, topk=3)}
+    with ThreadPoolExecutor(8) as pool:  # 24 requests, 8 at a time: bounded in count and (urlopen) time
+        answers = list(pool.map(lambda f: _post(url + "/predict", f.read_bytes()), files))
+    for f, (status, answer) in zip(files, answers):
+        assert status == 200, answer
+        assert [t["class"] for t in answer["top"]] == [t["class"] for t in expected[str(f)]]
+        for got, want in zip(answer["top"], expected[str(f)]):
+            assert got["prob"] == pytest.approx(want["prob"], abs=1e-4)
+    with urllib.request.urlopen(url + "/health", timeout=10) as r:
+        health = json.loads(r.read())
+    assert health["status"] == "ok" and health["classes"] == ["blue", "green", "red"]
+    assert health["requests"] == 24 and health["batches"] < 24  # requests that arrived together shared a pass
+
+
+def test_the_server_refuses_bad_uploads_in_one_line_and_keeps_serving(server, tmp_path):
+    import io
+
+    url, _ = server
+    photo = _photo_folder(tmp_path / "photos", 1)
+    good = next(photo.rglob("*.jpg")).read_bytes()
+    status, answer = _post(url + "/predict", b"this is not an image")
+    assert status == 400 and answer["error"].startswith("not a readable image: UnidentifiedImageError")
+    status, answer = _post(url + "/predict", good[: len(good) // 2])  # a truncated JPEG
+    assert status == 400 and "truncated" in answer["error"] and "\n" not in answer["error"]
+    big = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 400, 3), dtype=np.uint8)).save(big, "PNG")
+    assert len(big.getvalue()) > 0.05 * 1024 * 1024 + 65536
+    status, answer = _post(url + "/predict", big.getvalue())
+    assert status == 413 and "--max-upload-mb 0.05" in answer["error"]
+    status, answer = _post(url + "/predict", good, field="image")  # the wrong field name
+    assert 400 <= status < 500
+    status, answer = _post(url + "/predict", b"")
+    assert status == 400
+    status, answer = _post(url + "/predict", good)  # still serving
+    assert status == 200 and answer["top"][0]["class"] == "blue"
+
+
+def test_the_upload_page_classifies_an_image_in_a_browser(server, tmp_path):
+    from test_insight import _chromium
+
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no Chromium here (CI installs one)")
+    playwright = pytest.importorskip("playwright.sync_api")
+    url, _ = server
+    photo = next(_photo_folder(tmp_path / "photos", 3).rglob("img00001.jpg"))  # green
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=browser, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = b.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url + "/", timeout=30000)
+            assert "resnet20" in page.title()
+            page.set_input_files("#file", str(photo))
+            page.click("button[type=submit]")
+            page.wait_for_selector("#result[data-top]", timeout=30000)
+            assert page.get_attribute("#result", "data-top") == "green"
+            assert page.locator("#result tr").count() == 3 and not errors
+        finally:
+            b.close()

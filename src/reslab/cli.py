@@ -465,6 +465,31 @@ def export_cmd(model: str, format: str = "onnx", out: Optional[str] = None, arch
         raise UserError(f"exported model differs from PyTorch by {r.max_abs_diff:.2e}")
 
 
+def serve_cmd(model: str, host: str = "127.0.0.1", port: int = 8000, topk: int = 5, device: str = "auto",
+              precision: str = "fp32", max_batch: int = 16, batch_wait_ms: float = 5.0, max_upload_mb: float = 10.0,
+              decode_timeout: float = 5.0) -> None:
+    """Serve a trained model over HTTP: POST /predict (multipart field 'file') -> top-k JSON, GET /health, GET /.
+
+    Needs pip install 'reslab[serve]' (FastAPI, uvicorn, python-multipart).
+
+    Args:
+        model: run directory, model.safetensors or last.pt.
+        host: address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).
+        port: TCP port.
+        topk: classes in each answer.
+        device: auto, cpu, cuda or cuda:N.
+        precision: fp32, bf16 or auto.
+        max_batch: most images answered by one forward pass.
+        batch_wait_ms: how long the first request of a batch waits for others.
+        max_upload_mb: largest upload accepted (413 beyond).
+        decode_timeout: seconds an image may take to decode (408 beyond).
+    """
+    from .serve import serve
+
+    serve(model, host, port, topk=topk, device=device, precision=precision, max_batch=max_batch,
+          batch_wait_ms=batch_wait_ms, max_upload_mb=max_upload_mb, decode_timeout=decode_timeout)
+
+
 def cache_cmd(clear: bool = False, json: bool = False) -> None:
     """Show the decoded-image cache ($RESLAB_CACHE, else ~/.cache/reslab): each folder decoded, its size on disk.
 
@@ -514,6 +539,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "report": report_cmd,
     "plot": plot_cmd,
     "export": export_cmd,
+    "serve": serve_cmd,
     "cache": cache_cmd,
 }
 
