@@ -131,3 +131,23 @@ def test_the_seeing_commands_run_as_written(tmp_path, folder, cli, monkeypatch):
         assert code == 0, f"{command}: {err}"
     for made in ("lr-find/lr_find.png", "r20/gallery/gallery.json", "r20/cams/0000.cam.png", "r20/report.html"):
         assert (tmp_path / "runs" / made).is_file(), made
+
+
+def test_the_shipping_commands_run_as_written(tmp_path, folder, cli, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.chdir(tmp_path)
+    assert cli("train", "--data", folder, "--arch", "resnet20", "--epochs", "2", "--batch-size", "8",
+               "--out", "runs/r20")[0] == 0
+    commands = _block("Shipping it on a CPU")
+    assert [c.split()[1] if c.startswith("reslab") else c.split()[0] for c in commands] == [
+        "pip", "export", "bench", "predict", "predict", "serve", "curl"]  # serve and curl: tests/test_ship.py
+    for command in commands:
+        if not command.startswith("reslab") or " serve " in command:
+            continue
+        args = shlex.split(command.replace("~/photos", str(folder / "test")))[1:]
+        if args[0] == "bench":
+            args += ["--seconds", "0.1"]
+        code, _out, err = cli(*args)
+        assert code == 0, f"{command}: {err}"
+    assert (tmp_path / "runs" / "r20" / "model.int8.json").is_file()
+    assert len((tmp_path / "preds.csv").read_text().splitlines()) == 1 + 72  # the header and one row per image

@@ -302,3 +302,19 @@ def test_the_upload_page_classifies_an_image_in_a_browser(server, tmp_path):
             assert page.locator("#result tr").count() == 3 and not errors
         finally:
             b.close()
+
+
+def test_predict_and_serve_run_the_exported_int8_model(trained, tmp_path, cli):
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    photos = _photo_folder(tmp_path / "photos", 30)
+    code, _, err = cli("predict", run, photos, "--runtime", "onnx-int8")
+    assert code == 1 and "make it with reslab export" in err and "--quantize int8" in err
+    assert cli("export", run, "--quantize", "int8")[0] == 0  # run/model.int8.onnx
+    code, out, err = cli("predict", run, photos, "--runtime", "onnx-int8", "--output", tmp_path / "int8.jsonl")
+    assert code == 0, err
+    int8 = [json.loads(line) for line in (tmp_path / "int8.jsonl").read_text().splitlines()]
+    eager = reslab.predict(run, [photos])
+    assert [r["top"][0]["class"] for r in int8] == [r["top"][0]["class"] for r in eager]
+    code, _, err = cli("predict", run, photos, "--runtime", "onnx-int8", "--cam", tmp_path / "cams")
+    assert code == 1 and "--cam needs" in err

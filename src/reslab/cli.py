@@ -171,8 +171,8 @@ def eval_cmd(model: str, data: str, split: str = "test", arch: Optional[str] = N
 
 def predict_cmd(model: str, inputs: list[str], topk: int = 5, arch: Optional[str] = None, device: str = "auto",
                 precision: str = "fp32", batch_size: int = 64, workers: Optional[int] = None,
-                output: Optional[str] = None, resume: bool = False, cam: Optional[str] = None,
-                json: bool = False) -> None:
+                output: Optional[str] = None, resume: bool = False, runtime: str = "eager",
+                cam: Optional[str] = None, json: bool = False) -> None:
     """Top-k classes and probabilities for image files or folders (of any size: batched, decoded in parallel).
 
     Args:
@@ -186,6 +186,8 @@ def predict_cmd(model: str, inputs: list[str], topk: int = 5, arch: Optional[str
         workers: decoding processes (default: the usable cores, none for a single batch).
         output: write one row per image to this .csv or .jsonl file as they are made (with a progress line).
         resume: continue --output: skip the files it already holds.
+        runtime: eager (PyTorch), onnx or onnx-int8 (ONNX Runtime on the run's model.onnx / model.int8.onnx,
+            made by reslab export).
         cam: also write a Grad-CAM overlay of each image's top class into this folder.
         json: print one JSON object per image and line.
     """
@@ -203,7 +205,8 @@ def predict_cmd(model: str, inputs: list[str], topk: int = 5, arch: Optional[str
     t0, good, bad = time.perf_counter(), 0, 0
     try:
         for r in predict_rows(model, files, topk=topk, arch=arch, device=device, precision=precision,
-                              batch_size=batch_size, workers=workers, cam=cam, progress=writer is not None):
+                              batch_size=batch_size, workers=workers, cam=cam, progress=writer is not None,
+                              runtime=runtime):
             if "error" in r:
                 bad += 1
                 print(f"reslab: cannot read {r['path']}: {r['error']}", file=sys.stderr)
@@ -467,7 +470,7 @@ def export_cmd(model: str, format: str = "onnx", out: Optional[str] = None, arch
 
 def serve_cmd(model: str, host: str = "127.0.0.1", port: int = 8000, topk: int = 5, device: str = "auto",
               precision: str = "fp32", max_batch: int = 16, batch_wait_ms: float = 5.0, max_upload_mb: float = 10.0,
-              decode_timeout: float = 5.0) -> None:
+              decode_timeout: float = 5.0, runtime: str = "eager") -> None:
     """Serve a trained model over HTTP: POST /predict (multipart field 'file') -> top-k JSON, GET /health, GET /.
 
     Needs pip install 'reslab[serve]' (FastAPI, uvicorn, python-multipart).
@@ -483,11 +486,12 @@ def serve_cmd(model: str, host: str = "127.0.0.1", port: int = 8000, topk: int =
         batch_wait_ms: how long the first request of a batch waits for others.
         max_upload_mb: largest upload accepted (413 beyond).
         decode_timeout: seconds an image may take to decode (408 beyond).
+        runtime: eager (PyTorch), onnx or onnx-int8 (the run's exported model.onnx / model.int8.onnx).
     """
     from .serve import serve
 
     serve(model, host, port, topk=topk, device=device, precision=precision, max_batch=max_batch,
-          batch_wait_ms=batch_wait_ms, max_upload_mb=max_upload_mb, decode_timeout=decode_timeout)
+          batch_wait_ms=batch_wait_ms, max_upload_mb=max_upload_mb, decode_timeout=decode_timeout, runtime=runtime)
 
 
 def cache_cmd(clear: bool = False, json: bool = False) -> None:

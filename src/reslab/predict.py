@@ -89,18 +89,43 @@ def top_rows(probs: torch.Tensor, classes: list[str], topk: int) -> list[list[di
             for p, c in zip(top.values.tolist(), top.indices.tolist())]
 
 
+RUNTIME_FILES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}  # what ``reslab export`` writes in a run
+
+
+def inference_model(model: str | Path, runtime: str = "eager", arch: str | None = None,
+                    device: torch.device | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The network of ``model`` in ``runtime`` (``eager``: PyTorch; ``onnx``, ``onnx-int8``: ONNX Runtime on the
+    run's exported ``model.onnx`` / ``model.int8.onnx``), in eval mode, with its metadata."""
+    if runtime not in ("eager", *RUNTIME_FILES):
+        raise ConfigError(f"--runtime must be eager, onnx or onnx-int8, got {runtime!r}")
+    net, meta = load_model(model, arch=arch, device=device or "cpu")
+    if runtime != "eager":
+        from .runtimes import OnnxModule
+
+        base = Path(model) if Path(model).is_dir() else Path(model).parent
+        path = base / RUNTIME_FILES[runtime]
+        if not path.is_file():
+            how = "--quantize int8" if runtime == "onnx-int8" else "--format onnx"
+            raise DataError(f"--runtime {runtime} runs {path}, which does not exist: make it with reslab export "
+                            f"{base} {how}")
+        net = OnnxModule(path)
+    return net.eval(), meta
+
+
 def predict_rows(model: str | Path, files: list[Path], *, topk: int = 5, arch: str | None = None,
                  device: str = "auto", precision: str = "fp32", batch_size: int = 64, workers: int | None = None,
-                 cam: str | Path | None = None, progress: bool = False) -> Iterator[dict[str, Any]]:
+                 cam: str | Path | None = None, progress: bool = False,
+                 runtime: str = "eager") -> Iterator[dict[str, Any]]:
     """One row per file, in order, a batch at a time: ``{"path", "top": [{"class", "prob"}, ...]}``, or
     ``{"path", "error"}`` for a file that cannot be read. ``workers``: decoding processes (default: the usable
-    cores, none for a single batch)."""
+    cores, none for a single batch); ``runtime``: see ``inference_model``."""
     if topk < 1 or batch_size < 1 or (workers is not None and workers < 0):
         raise ConfigError(f"--topk and --batch-size must be at least 1 and --workers at least 0, got {topk}, "
                           f"{batch_size} and {workers}")
+    if cam is not None and runtime != "eager":
+        raise ConfigError("--cam needs the PyTorch model's gradients: use it with --runtime eager")
     dev, prec = prepare(device, precision)
-    net, meta = load_model(model, arch=arch, device=dev)
-    net.eval()
+    net, meta = inference_model(model, runtime, arch, dev)
     classes = meta["classes"]
     if workers is None:
         workers = 0 if len(files) <= batch_size else min(usable_cores(), 8)
@@ -133,7 +158,7 @@ def predict_rows(model: str | Path, files: list[Path], *, topk: int = 5, arch: s
 
 def predict(model: str | Path, inputs: list[str | Path], *, topk: int = 5, arch: str | None = None,
             device: str = "auto", batch_size: int = 64, cam: str | Path | None = None,
-            precision: str = "fp32", workers: int | None = None) -> list[dict[str, Any]]:
+            precision: str = "fp32", workers: int | None = None, runtime: str = "eager") -> list[dict[str, Any]]:
     """Top-``topk`` classes and probabilities for each image file (folders are searched recursively).
 
     ``cam``: also write a Grad-CAM overlay of each image's top class into this folder (``<name>.cam.png``, from the
@@ -147,7 +172,7 @@ def predict(model: str | Path, inputs: list[str | Path], *, topk: int = 5, arch:
         raise DataError(f"--cam {cam} is a file; the maps go into a folder")
     files = image_files(inputs)
     results = list(predict_rows(model, files, topk=topk, arch=arch, device=device, precision=precision,
-                                batch_size=batch_size, workers=workers, cam=cam))
+                                batch_size=batch_size, workers=workers, cam=cam, runtime=runtime))
     if all("error" in r for r in results):
         raise DataError(f"none of the {len(files)} image files could be read (first: {results[0]['path']}: "
                         f"{results[0]['error']})")

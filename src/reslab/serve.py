@@ -18,10 +18,9 @@ from typing import Any
 
 import torch
 
-from .checkpoint import load_model
 from .data import load_rgb
 from .errors import UserError, first_line
-from .predict import ModelInput, top_rows
+from .predict import ModelInput, inference_model, top_rows
 from .runtime import autocast, prepare
 
 
@@ -82,8 +81,9 @@ class Batcher:
 
 def create_app(model: str | Path, *, topk: int = 5, device: str = "auto", precision: str = "fp32",
                max_batch: int = 16, batch_wait_ms: float = 5.0, max_upload_mb: float = 10.0,
-               decode_timeout: float = 5.0):
-    """The FastAPI application serving ``model`` (a run directory, ``model.safetensors`` or ``last.pt``)."""
+               decode_timeout: float = 5.0, runtime: str = "eager"):
+    """The FastAPI application serving ``model`` (a run directory, ``model.safetensors`` or ``last.pt``) in
+    ``runtime`` (``eager``, ``onnx``, ``onnx-int8``: see ``reslab.predict.inference_model``)."""
     fastapi, _ = _fastapi()
     from fastapi.responses import HTMLResponse, JSONResponse
 
@@ -91,8 +91,7 @@ def create_app(model: str | Path, *, topk: int = 5, device: str = "auto", precis
         raise UserError("--topk and --max-batch must be at least 1, --batch-wait-ms at least 0, "
                         "--max-upload-mb and --decode-timeout positive")
     dev, prec = prepare(device, precision)
-    net, meta = load_model(model, device=dev)
-    net.eval()
+    net, meta = inference_model(model, runtime, device=dev)
     model_input, classes = ModelInput(meta), meta["classes"]
     batcher = Batcher(net, dev, prec, max_batch, batch_wait_ms)
     uploads = Uploads(model_input, max_upload_mb, decode_timeout)
@@ -122,7 +121,7 @@ def create_app(model: str | Path, *, topk: int = 5, device: str = "auto", precis
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": str(model), "arch": meta["arch"], "classes": classes,
+        return {"status": "ok", "model": str(model), "arch": meta["arch"], "runtime": runtime, "classes": classes,
                 "input_size": model_input.size, "requests": batcher.requests, "batches": batcher.batches}
 
     @app.get("/", response_class=HTMLResponse)
