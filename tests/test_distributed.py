@@ -29,6 +29,13 @@ def _torchrun(*args, nproc=2):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
+def _elastic(restarts: int, *args) -> subprocess.Popen:
+    """``torchrun --max-restarts restarts`` of 2 workers running ``reslab ARGS``, in the background (stderr piped)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts",
+           str(restarts), "-m", "reslab", *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
 def _metrics(run):
     return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -132,9 +139,7 @@ def test_an_elastic_restart_resumes_by_itself_and_ends_bit_identical(tmp_path):
     r = _torchrun("train", "--data", folder, "--out", tmp_path / "whole", *recipe)
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts",
-           "2", "-m", "reslab", "train", "--data", str(folder), "--out", str(run), *recipe]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = _elastic(2, "train", "--data", folder, "--out", run, *recipe)
     killed = []
     for restart, after_step in ((0, 3), (1, 12)):  # SIGKILL rank 1 twice, at different steps
         deadline = time.time() + 120
@@ -285,9 +290,7 @@ def test_a_kill_during_a_mid_epoch_checkpoint_write_resumes_bit_identical(tmp_pa
     r = _torchrun("train", "--data", folder, "--out", tmp_path / "whole", *recipe)
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts",
-           "1", "-m", "reslab", "train", "--data", str(folder), "--out", str(run), *recipe]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = _elastic(1, "train", "--data", folder, "--out", run, *recipe)
     writer, caught = None, None
     deadline = time.time() + 120
     while caught is None and time.time() < deadline and proc.poll() is None:

@@ -311,7 +311,7 @@ def test_predict_and_serve_run_the_exported_int8_model(trained, tmp_path, cli):
     code, _, err = cli("predict", run, photos, "--runtime", "onnx-int8")
     assert code == 1 and "make it with reslab export" in err and "--quantize int8" in err
     assert cli("export", run, "--quantize", "int8")[0] == 0  # run/model.int8.onnx
-    code, out, err = cli("predict", run, photos, "--runtime", "onnx-int8", "--output", tmp_path / "int8.jsonl")
+    code, _, err = cli("predict", run, photos, "--runtime", "onnx-int8", "--output", tmp_path / "int8.jsonl")
     assert code == 0, err
     int8 = [json.loads(line) for line in (tmp_path / "int8.jsonl").read_text().splitlines()]
     eager = reslab.predict(run, [photos])

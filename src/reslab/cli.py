@@ -38,6 +38,17 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, default=str))
 
 
+def _print_table(rows: list[Any], as_json: bool, header: str, line: Callable[[Any], str]) -> None:
+    """One JSON object per row and line (``--json``), else the header and one formatted line per row."""
+    if as_json:
+        for row in rows:
+            _print_json(row)
+        return
+    print(header)
+    for row in rows:
+        print(line(row))
+
+
 def models_cmd(json: bool = False) -> None:
     """List the registered models with their parameters.
 
@@ -51,14 +62,10 @@ def models_cmd(json: bool = False) -> None:
         info = model_info(name)
         rows.append({"name": name, "family": info.family, "depth": info.depth, "residual": info.residual,
                      "input_size": info.input_size, "params": count_params(create_model(name))})
-    if json:
-        for r in rows:
-            _print_json(r)
-        return
-    print(f"{'model':<12}{'family':<10}{'depth':>6}{'residual':>10}{'input':>7}{'params (10 classes)':>22}")
-    for r in rows:
-        print(f"{r['name']:<12}{r['family']:<10}{r['depth']:>6}{r['residual']!s:>10}{r['input_size']:>7}"
-              f"{r['params']:>22,}")
+    _print_table(rows, json, f"{'model':<12}{'family':<10}{'depth':>6}{'residual':>10}{'input':>7}"
+                             f"{'params (10 classes)':>22}",
+                 lambda r: f"{r['name']:<12}{r['family']:<10}{r['depth']:>6}{r['residual']!s:>10}"
+                           f"{r['input_size']:>7}{r['params']:>22,}")
 
 
 def summary_cmd(arch: str, image_size: Optional[int] = None, num_classes: int = 10,
@@ -274,16 +281,14 @@ def bench_cmd(arch: Optional[str] = None, preset: str = "seed", data: Optional[s
     batch_size = batch_size or 128
 
     if tune:
-        rows = tune_table(arch, preset, batch_size)
-        if json:
-            for row in rows:
-                _print_json(row)
-            return
-        print(f"{'threads':>7} {'precision':>9} {'layout':>13} {'img/s':>9} {'GFLOP/s':>8} {'roof':>7} {'of roof':>7}")
-        for row in rows:
-            print(f"{row.threads:>7} {row.precision:>9} {'channels-last' if row.channels_last else 'NCHW':>13} "
-                  f"{row.images_per_sec:>9,.0f} {row.gflops_per_sec:>8.0f} {row.roof_gflops_per_sec:>7.0f} "
-                  f"{row.roof_fraction:>7.0%}{'  <- the probe picks this' if row.chosen else ''}")
+        _print_table(tune_table(arch, preset, batch_size), json,
+                     f"{'threads':>7} {'precision':>9} {'layout':>13} {'img/s':>9} {'GFLOP/s':>8} {'roof':>7} "
+                     f"{'of roof':>7}",
+                     lambda row: f"{row.threads:>7} {row.precision:>9} "
+                                 f"{'channels-last' if row.channels_last else 'NCHW':>13} "
+                                 f"{row.images_per_sec:>9,.0f} {row.gflops_per_sec:>8.0f} "
+                                 f"{row.roof_gflops_per_sec:>7.0f} {row.roof_fraction:>7.0%}"
+                                 f"{'  <- the probe picks this' if row.chosen else ''}")
         return
 
     r = bench(arch=arch, preset=preset, data=data, batch_size=batch_size, steps=steps, warmup=warmup,
@@ -308,14 +313,10 @@ def _bench_inference(model, runtimes, threads, batch_size, seconds, compile, dat
 
     rows = bench_inference(model, runtimes=tuple(runtimes.split(",")) if runtimes else RUNTIMES, threads=threads,
                            batch=batch_size, seconds=seconds, compile=compile, data=data)
-    if json:
-        for row in rows:
-            _print_json(row)
-        return
-    print(f"{'runtime':<14} {'threads':>7} {'batch 1 p50':>11} {'p99':>9} {'batch':>6} {'img/s':>9}")
-    for r in rows:
-        print(f"{r.runtime:<14} {r.threads:>7} {r.p50_ms:>8.2f} ms {r.p99_ms:>6.2f} ms {r.batch:>6} "
-              f"{r.images_per_sec:>9,.0f}{f'  ({r.note})' if r.note else ''}")
+    _print_table(rows, json, f"{'runtime':<14} {'threads':>7} {'batch 1 p50':>11} {'p99':>9} {'batch':>6} "
+                             f"{'img/s':>9}",
+                 lambda r: f"{r.runtime:<14} {r.threads:>7} {r.p50_ms:>8.2f} ms {r.p99_ms:>6.2f} ms {r.batch:>6} "
+                           f"{r.images_per_sec:>9,.0f}{f'  ({r.note})' if r.note else ''}")
 
 
 def compare_cmd(config: TrainConfig, archs: Optional[str] = None, schedules: Optional[str] = None,

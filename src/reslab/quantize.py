@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterable
@@ -90,12 +91,20 @@ def quantize_onnx(float_onnx: Path, out: Path, calibration: Iterable[np.ndarray]
             return None if x is None else {"images": x}
 
     # Shape inference and graph optimisation first (ONNX Runtime's advice): BatchNorm folded into the convolutions.
-    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
-        pre = out.with_name(out.stem + ".pre.onnx")
-        quant_pre_process(str(float_onnx), str(pre), skip_symbolic_shape=True)
-        quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ,
-                        per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
-        pre.unlink()
+    # The quantizer warns on the root logger about the BatchNorms that follow a pool (no convolution to fold into:
+    # the fast nets'), whose 1-D weights it leaves in float: expected, so not shown.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    pre = out.with_name(out.stem + ".pre.onnx")
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+            quant_pre_process(str(float_onnx), str(pre), skip_symbolic_shape=True)
+            quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                            per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+    finally:
+        root.setLevel(level)
+        pre.unlink(missing_ok=True)
 
 
 @torch.no_grad()
