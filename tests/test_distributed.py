@@ -235,7 +235,7 @@ def test_a_stopped_rank_is_named_within_the_collective_timeout(tmp_path, stopped
 
     folder = make_folder(tmp_path / "data", per_class=24)
     run, log = tmp_path / "run", tmp_path / "stderr.txt"
-    timeout = 6
+    timeout = 4
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "reslab",
            "train", "--data", str(folder), "--out", str(run), *RECIPE, "--epochs", "200", "--checkpoint-every", "3",
            "--collective-timeout", str(timeout)]
@@ -286,7 +286,7 @@ def test_a_kill_during_a_mid_epoch_checkpoint_write_resumes_bit_identical(tmp_pa
 
     folder = make_folder(tmp_path / "data", per_class=24)
     # ResNet-18 makes a checkpoint of ~90 MB (weights and momentum): a write lasts long enough to be caught in.
-    recipe = [*RECIPE, "--arch", "resnet18", "--epochs", "4", "--checkpoint-every", "3"]
+    recipe = [*RECIPE, "--arch", "resnet18", "--epochs", "3", "--checkpoint-every", "3"]
     r = _torchrun("train", "--data", folder, "--out", tmp_path / "whole", *recipe)
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "run"
