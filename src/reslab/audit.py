@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -322,7 +323,7 @@ def audit(data: str | Path, *, run: str | Path | None = None, folds: int = 0, fo
     if folds == 1 or folds < 0:
         raise DataError(f"--folds must be 0 (no cross-validated label check) or at least 2, got {folds}")
     files = _list_files(root)
-    counts = {s: _count(rows) for s, rows in files.items()}
+    counts = {s: dict(Counter(c for _, c in rows)) for s, rows in files.items()}
     findings = _file_findings(files)
     findings += _class_findings(counts)
     splits = {name: load_split(str(root), name, store_size=32, loader="memory") for name in files if files[name]}
@@ -348,13 +349,6 @@ def audit(data: str | Path, *, run: str | Path | None = None, folds: int = 0, fo
     return AuditReport(str(root), {s: len(r) for s, r in files.items()}, counts, findings,
                        {"hash_bits": HASH_BITS, "pixel_mad": PIXEL_MAD, "size_factor": SIZE_FACTOR,
                         "near_empty": NEAR_EMPTY, "imbalance": IMBALANCE}, labels_checked)
-
-
-def _count(rows: list[tuple[str, str]]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for _, c in rows:
-        out[c] = out.get(c, 0) + 1
-    return out
 
 
 def as_dict(report: AuditReport) -> dict[str, Any]:

@@ -151,10 +151,6 @@ def evaluate_batches(model: nn.Module, batches: Batches, device: torch.device, p
                   torch.cat(kept) if probabilities else None)
 
 
-def _log(msg: str) -> None:
-    say(msg)
-
-
 def _load(model: str | Path | nn.Module, arch: str | None, device: torch.device):
     if isinstance(model, nn.Module):
         raise TypeError("pass a model file or run directory (its metadata says how to feed it)")
@@ -233,7 +229,7 @@ def model_batches(meta: dict[str, Any], data: str, split: str, batch_size: int, 
         if len(s.classes) != len(classes):
             raise DataError(f"the model has {len(classes)} outputs but {data} has {len(s.classes)} classes; "
                             "a bare state_dict records no class names, so they cannot be matched")
-        _log("warning: the model file records no class names; assuming the folder's sorted class order")
+        say("warning: the model file records no class names; assuming the folder's sorted class order")
         classes = s.classes
     s = match_classes(s, classes)
     if samples:

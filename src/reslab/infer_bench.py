@@ -24,7 +24,8 @@ import torch
 from .checkpoint import load_model
 from .errors import UserError
 from .log import say
-from .runtime import autocast, cpu_has_bf16, set_threads
+from .predict import to_layout
+from .runtime import autocast, cpu_has_bf16, inference_channels_last, set_threads
 
 RUNTIMES = ("eager-fp32", "eager-bf16", "onnx-fp32", "onnx-int8")
 
@@ -92,8 +93,12 @@ def bench_inference(model: str | Path, *, runtimes: tuple[str, ...] = RUNTIMES, 
     say(f"inference on the CPU, {n} thread{'s' * (n > 1)}, input {size}x{size}, {meta['arch']}:")
     rows = []
     with torch.inference_mode():
-        if "eager-fp32" in runtimes:
-            rows.append(_measure("eager-fp32", net, size, batch, seconds, n))
+        if "eager-fp32" in runtimes:  # in the layout predict and serve use
+            last = inference_channels_last(torch.device("cpu"), "fp32", size)
+            fp32 = net.to(memory_format=torch.channels_last if last else torch.contiguous_format)
+            rows.append(_measure("eager-fp32", lambda x: fp32(to_layout(x, fp32)), size, batch, seconds, n,
+                                 "channels-last" if last else ""))
+            net = net.to(memory_format=torch.contiguous_format)
         if "eager-bf16" in runtimes:
             cl = net.to(memory_format=torch.channels_last)  # oneDNN's bf16 kernels want channels-last
 

@@ -9,6 +9,7 @@ the run.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from .data import BatchTransform, DataError, fit_square, load_rgb, store_size
 from .data.folder import IMAGE_EXTENSIONS
 from .errors import ConfigError, first_line
 from .progress import CountProgress
-from .runtime import autocast, prepare, usable_cores
+from .runtime import autocast, inference_channels_last, prepare, usable_cores
 
 
 def image_files(inputs: list[str | Path]) -> list[Path]:
@@ -93,12 +94,17 @@ RUNTIME_FILES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}  # what `
 
 
 def inference_model(model: str | Path, runtime: str = "eager", arch: str | None = None,
-                    device: torch.device | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The network of ``model`` in ``runtime`` (``eager``: PyTorch; ``onnx``, ``onnx-int8``: ONNX Runtime on the
-    run's exported ``model.onnx`` / ``model.int8.onnx``), in eval mode, with its metadata."""
+                    device: torch.device | None = None,
+                    precision: str = "fp32") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The network of ``model`` in ``runtime`` (``eager``: PyTorch, in the layout ``inference_channels_last``
+    picks; ``onnx``, ``onnx-int8``: ONNX Runtime on the run's exported ``model.onnx`` / ``model.int8.onnx``), in eval
+    mode, with its metadata. Feed it through ``to_layout``."""
     if runtime not in ("eager", *RUNTIME_FILES):
         raise ConfigError(f"--runtime must be eager, onnx or onnx-int8, got {runtime!r}")
-    net, meta = load_model(model, arch=arch, device=device or "cpu")
+    device = device or torch.device("cpu")
+    net, meta = load_model(model, arch=arch, device=device)
+    if runtime == "eager" and inference_channels_last(device, precision, meta.get("input_size") or 32):
+        net = net.to(memory_format=torch.channels_last)
     if runtime != "eager":
         from .runtimes import OnnxModule
 
@@ -110,6 +116,14 @@ def inference_model(model: str | Path, runtime: str = "eager", arch: str | None 
                             f"{base} {how}")
         net = OnnxModule(path)
     return net.eval(), meta
+
+
+def to_layout(x: torch.Tensor, net: torch.nn.Module) -> torch.Tensor:
+    """``x`` in the memory layout of ``net``'s weights (channels-last where ``inference_model`` chose it)."""
+    weight = next((p for p in net.parameters() if p.dim() == 4), None)
+    if weight is not None and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 def predict_rows(model: str | Path, files: list[Path], *, topk: int = 5, arch: str | None = None,
@@ -125,19 +139,20 @@ def predict_rows(model: str | Path, files: list[Path], *, topk: int = 5, arch: s
     if cam is not None and runtime != "eager":
         raise ConfigError("--cam needs the PyTorch model's gradients: use it with --runtime eager")
     dev, prec = prepare(device, precision)
-    net, meta = inference_model(model, runtime, arch, dev)
+    net, meta = inference_model(model, runtime, arch, dev, prec)
     classes = meta["classes"]
     if workers is None:
         workers = 0 if len(files) <= batch_size else min(usable_cores(), 8)
     loader = DataLoader(_Files(files, ModelInput(meta)), batch_size=batch_size, num_workers=workers,
                         collate_fn=list, worker_init_fn=_one_thread, persistent_workers=False)
     meter = CountProgress(len(files), "predicting") if progress else None
+    stems = Counter(f.stem for f in files) if cam is not None else Counter()
     done = 0
     for batch in loader:
         good = [(i, x) for i, x, _ in batch if x is not None]
         rows: dict[int, dict[str, Any]] = {i: {"path": str(files[i]), "error": e} for i, x, e in batch if x is None}
         if good:
-            xs = torch.stack([x for _, x in good]).to(dev)
+            xs = to_layout(torch.stack([x for _, x in good]).to(dev), net)
             with torch.no_grad(), autocast(dev, prec):
                 probs = net(xs).float().softmax(1)
             for (i, x), top in zip(good, top_rows(probs, classes, topk)):
@@ -145,7 +160,7 @@ def predict_rows(model: str | Path, files: list[Path], *, topk: int = 5, arch: s
                 if cam is not None:
                     from .cam import save_cam
 
-                    rows[i]["cam"] = str(Path(cam) / _cam_name(files[i], files))
+                    rows[i]["cam"] = str(Path(cam) / _cam_name(files[i], stems))
                     save_cam(net, x.unsqueeze(0).to(dev), classes.index(top[0]["class"]), tuple(meta["mean"]),
                              tuple(meta["std"]), Path(rows[i]["cam"]))
         yield from (rows[i] for i, _, _ in batch)
@@ -179,10 +194,9 @@ def predict(model: str | Path, inputs: list[str | Path], *, topk: int = 5, arch:
     return results
 
 
-def _cam_name(file: Path, files: list[Path]) -> str:
-    """``<stem>.cam.png``, prefixed by its folder's name where two inputs share a stem."""
-    same = sum(f.stem == file.stem for f in files) > 1
-    return f"{file.parent.name}_{file.stem}.cam.png" if same else f"{file.stem}.cam.png"
+def _cam_name(file: Path, stems: Counter) -> str:
+    """``<stem>.cam.png``, prefixed by its folder's name where two inputs share a stem (``stems``: their counts)."""
+    return f"{file.parent.name}_{file.stem}.cam.png" if stems[file.stem] > 1 else f"{file.stem}.cam.png"
 
 
 class RowWriter:

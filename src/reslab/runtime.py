@@ -63,6 +63,13 @@ def default_channels_last(device: torch.device, precision: str) -> bool:
     return device.type == "cuda" or precision != "fp32"
 
 
+def inference_channels_last(device: torch.device, precision: str, input_size: int) -> bool:
+    """The layout of inference (predict, serve, the inference benchmark): as training's, and channels-last for fp32
+    on the CPU too at photo sizes. Measured 2026-12-02 (2-core EPYC, 2 threads, fp32): ResNet-18 at 224 px, batch 64,
+    30 img/s NCHW against 41 channels-last (batch 1: 29.9 and 28.9 ms); ResNet-20 at 32 px, 842 against 803."""
+    return default_channels_last(device, precision) or input_size >= 128
+
+
 def usable_cores() -> int:
     """CPU cores this process may run on (its affinity mask where the OS has one: Linux; else all cores)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

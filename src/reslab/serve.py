@@ -20,7 +20,7 @@ import torch
 
 from .data import load_rgb
 from .errors import UserError, first_line
-from .predict import ModelInput, inference_model, top_rows
+from .predict import ModelInput, inference_model, to_layout, top_rows
 from .runtime import autocast, prepare
 
 
@@ -76,7 +76,7 @@ class Batcher:
     @torch.no_grad()
     def _forward(self, xs: torch.Tensor) -> torch.Tensor:
         with autocast(self.device, self.precision):
-            return self.net(xs.to(self.device)).float().softmax(1).cpu()
+            return self.net(to_layout(xs.to(self.device), self.net)).float().softmax(1).cpu()
 
 
 def create_app(model: str | Path, *, topk: int = 5, device: str = "auto", precision: str = "fp32",
@@ -91,7 +91,7 @@ def create_app(model: str | Path, *, topk: int = 5, device: str = "auto", precis
         raise UserError("--topk and --max-batch must be at least 1, --batch-wait-ms at least 0, "
                         "--max-upload-mb and --decode-timeout positive")
     dev, prec = prepare(device, precision)
-    net, meta = inference_model(model, runtime, device=dev)
+    net, meta = inference_model(model, runtime, device=dev, precision=prec)
     model_input, classes = ModelInput(meta), meta["classes"]
     batcher = Batcher(net, dev, prec, max_batch, batch_wait_ms)
     uploads = Uploads(model_input, max_upload_mb, decode_timeout)
