@@ -69,6 +69,23 @@ def _measure(name: str, forward: Callable[[torch.Tensor], object], size: int, ba
     return row
 
 
+def _eager(net: torch.nn.Module, precision: str, size: int) -> tuple[Callable[[torch.Tensor], object], str]:
+    """``net``'s forward pass in ``precision`` and the layout predict and serve use (``net`` is put in it, in
+    place), and a note on the row."""
+    cpu = torch.device("cpu")
+    last = inference_channels_last(cpu, precision, size)  # bf16 always: oneDNN's bf16 kernels want channels-last
+    net.to(memory_format=torch.channels_last if last else torch.contiguous_format)
+
+    def forward(x: torch.Tensor):
+        with autocast(cpu, precision):
+            return net(to_layout(x, net))
+
+    note = "channels-last" if last and precision == "fp32" else ""
+    if precision == "bf16" and not cpu_has_bf16():
+        note = "no native bf16 on this CPU: emulated"
+    return forward, note
+
+
 def bench_inference(model: str | Path, *, runtimes: tuple[str, ...] = RUNTIMES, threads: int | None = None,
                     batch: int = 64, seconds: float = 2.0, compile: bool = False,
                     data: str | None = None) -> list[InferenceRow]:
@@ -93,21 +110,11 @@ def bench_inference(model: str | Path, *, runtimes: tuple[str, ...] = RUNTIMES, 
     say(f"inference on the CPU, {n} thread{'s' * (n > 1)}, input {size}x{size}, {meta['arch']}:")
     rows = []
     with torch.inference_mode():
-        if "eager-fp32" in runtimes:  # in the layout predict and serve use
-            last = inference_channels_last(torch.device("cpu"), "fp32", size)
-            fp32 = net.to(memory_format=torch.channels_last if last else torch.contiguous_format)
-            rows.append(_measure("eager-fp32", lambda x: fp32(to_layout(x, fp32)), size, batch, seconds, n,
-                                 "channels-last" if last else ""))
-            net = net.to(memory_format=torch.contiguous_format)
-        if "eager-bf16" in runtimes:
-            cl = net.to(memory_format=torch.channels_last)  # oneDNN's bf16 kernels want channels-last
-
-            def bf16(x):
-                with autocast(torch.device("cpu"), "bf16"):
-                    return cl(x.to(memory_format=torch.channels_last))
-            rows.append(_measure("eager-bf16", bf16, size, batch, seconds, n,
-                                 "" if cpu_has_bf16() else "no native bf16 on this CPU: emulated"))
-            net = net.to(memory_format=torch.contiguous_format)
+        for precision in ("fp32", "bf16"):
+            if f"eager-{precision}" in runtimes:
+                forward, note = _eager(net, precision, size)
+                rows.append(_measure(f"eager-{precision}", forward, size, batch, seconds, n, note))
+        net.to(memory_format=torch.contiguous_format)  # as compile and the ONNX exporter take it
         if compile:
             rows.append(_measure("compiled-fp32", torch.compile(net), size, batch, seconds, n))
     onnx = [r for r in runtimes if r.startswith("onnx")]
@@ -141,13 +148,12 @@ def _onnx_rows(net, meta, model, runtimes, size, batch, seconds, threads, data) 
 
 def _calibration(meta, model, data):
     """Calibration batches: 64 training images of the run's data, or random inputs when there is none."""
-    from .evaluate import model_batches
     from .export import run_data
+    from .quantize import calibration_batches
 
     try:
         data, data_dir = run_data(Path(model), data, None)
-        _, batches = model_batches(meta, data, "train", 32, torch.device("cpu"), samples=64, data_dir=data_dir)
-        return [x.numpy() for x, _ in batches.epoch(0)], ""
+        return [x.numpy() for x, _ in calibration_batches(meta, data, 64, data_dir).epoch(0)], ""
     except UserError:  # no data named, or not readable here
         size = meta.get("input_size") or 32
         g = torch.Generator().manual_seed(0)

@@ -54,9 +54,8 @@ def quantize_int8(net: torch.nn.Module, meta: dict[str, Any], float_onnx: Path, 
     and compare its test accuracy with ``net``'s; written only within ``max_drop`` (or with ``force``)."""
     if calibration < 1 or not 0 <= max_drop <= 1:
         raise UserError(f"--calibration must be at least 1 and --max-drop in [0, 1], got {calibration}, {max_drop}")
-    cpu = torch.device("cpu")
-    _, calib = model_batches(meta, data, "train", 32, cpu, samples=calibration, data_dir=data_dir)
-    test, batches = model_batches(meta, data, "test", 128, cpu, samples=samples, data_dir=data_dir)
+    calib = calibration_batches(meta, data, calibration, data_dir)
+    test, batches = model_batches(meta, data, "test", 128, torch.device("cpu"), samples=samples, data_dir=data_dir)
     with tempfile.TemporaryDirectory(prefix=".reslab-int8-", dir=out.parent) as tmp:
         say(f"quantizing to int8: calibrating on {len(calib.split)} training images of {data}")
         quantize_onnx(float_onnx, Path(tmp) / "int8.onnx", (x.numpy() for x, _ in calib.epoch(0)))
@@ -68,6 +67,11 @@ def quantize_int8(net: torch.nn.Module, meta: dict[str, Any], float_onnx: Path, 
             os.replace(Path(tmp) / "int8.onnx", out)
             out.with_suffix(".json").write_text(json.dumps(asdict(result), indent=2) + "\n")
     return result
+
+
+def calibration_batches(meta: dict[str, Any], data: str, n: int, data_dir: str | None = None):
+    """``n`` training images of ``data`` (class-balanced, seeded) as ``reslab eval`` feeds them, on the CPU."""
+    return model_batches(meta, data, "train", 32, torch.device("cpu"), samples=n, data_dir=data_dir)[1]
 
 
 def quantize_onnx(float_onnx: Path, out: Path, calibration: Iterable[np.ndarray]) -> None:
