@@ -185,6 +185,7 @@ def test_the_fast_preset_picks_its_net_and_tta_from_the_epochs_its_budget_buys(f
     # wins, and `compare --budgets` gives each budget its own choice.
     monkeypatch.setattr(tune, "step_timer", lambda *a, **k: (lambda choice: 0.01))
     monkeypatch.setitem(config.BUDGET_RULES, "fast", [(50, {"arch": "resnet9m", "tta": "flip_shift"})])
+    monkeypatch.setitem(config.BUDGET_WIDTHS, "fast", [])  # no wider net (tests/test_budget.py tests those)
     import reslab
 
     reslab.train(preset="fast", data=str(folder), batch_size=16, precision="fp32", time_budget=0.12,

@@ -113,7 +113,7 @@ def test_time_budget_hook_with_a_fake_clock_ends_inside_the_budget():
     now = [0.0]
     hook = TimeBudget(1.0, clock=lambda: now[0])
     run = SimpleNamespace(step=0, total_steps=1000, device=torch.device("cpu"), eval_batches={}, clock=0.0,
-                          cfg=SimpleNamespace(tta="none", tta_fraction=1.0, batch_size=8, warmup=0),
+                          cfg=SimpleNamespace(tta="none", tta_fraction=1.0, batch_size=8, warmup=0, accuracy_marks=[]),
                           train_batches=range(10),
                           dist=SimpleNamespace(main=False, enabled=False))
     run.set_total_steps = lambda total: setattr(run, "total_steps", total)  # the one call a hook changes a run by

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import build
+from . import build, tune
 from .config import TrainConfig, make_config, resolve_inputs
 from .data import DataBundle, Split, load_data, pil_transform
 from .data.loader import _FileDataset, endless
@@ -107,6 +107,7 @@ class BenchResult:
     gflops_per_sec: float  # achieved in training, counting a step as three forward passes
     roof_gflops_per_sec: float  # a large GEMM in the same precision
     roof_fraction: float
+    execution: str  # "probe": threads, precision and layout left open were picked by training's start-up probe
     baseline_images_per_sec: float | None = None  # the seed's pipeline (with --baseline)
     speedup: float | None = None
 
@@ -125,22 +126,30 @@ def bench(arch: str | None = None, preset: str = "seed", data: str | None = None
         steps: timed steps.
         warmup: untimed steps first.
         baseline: also time the seed's pipeline (PIL per image, DataLoader, fp32, NCHW, eager) on ``data``.
-        device, precision, channels_last, compile, threads: as for ``reslab train``.
+        device, precision, channels_last, compile, threads: as for ``reslab train``; on a CPU, those left open
+            (None, ``auto``) are what a training run's start-up probe picks here (``reslab.tune``), so the numbers
+            are what training would do.
 
     Returns:
         Training and evaluation images/s, achieved GFLOP/s against the roof, and the seed pipeline's images/s.
     """
-    dev, prec = prepare(device, precision, threads)
-    cl = channels_last if channels_last is not None else default_channels_last(dev, prec)
     if baseline and data is None:
         raise UserError("--baseline reads real image files: pass --data PATH (an image folder)")
     # The preset's recipe, as a run of exactly warmup + steps steps would train it (its schedule, optimizer groups,
     # lookahead, EMA, ...). The finiteness check, a sync every log_every steps, is left out: random labels may diverge.
-    cfg = make_config(preset, **({"arch": arch} if arch else {}), batch_size=batch_size, device=str(dev),
-                      precision=prec, channels_last=cl, compile=compile, threads=torch.get_num_threads(),
+    cfg = make_config(preset, **({"arch": arch} if arch else {}), batch_size=batch_size, compile=compile,
                       steps=warmup + steps, log_every=2**62, out=None)
     if cfg.augment is None:
         cfg, _ = resolve_inputs(cfg, model_info(cfg.arch).family, None)
+    # What the options leave open is decided as a training run decides it on this CPU: by the start-up probe.
+    dev, prec = prepare(device, precision, threads)
+    probed = dev.type == "cpu" and (threads is None or precision == "auto" or channels_last is None)
+    if probed:
+        choice = tune.choose(cfg.arch, cfg.model_kwargs, 10, batch_size, cfg.input_size, threads=threads,
+                             precision=None if precision == "auto" else prec, channels_last=channels_last).choice
+        prec, channels_last = choice.precision, choice.channels_last
+    cl = channels_last if channels_last is not None else default_channels_last(dev, prec)
+    cfg = dataclasses.replace(cfg, device=str(dev), precision=prec, channels_last=cl, threads=torch.get_num_threads())
     bundle = _bench_data(cfg, data, (warmup + steps) * batch_size)
     run = build.bare_run(cfg, bundle, dev, prec)
     run.model.train()
@@ -163,7 +172,7 @@ def bench(arch: str | None = None, preset: str = "seed", data: str | None = None
     roof = gemm_roof(dev, prec)
     result = BenchResult(cfg.arch, preset, str(dev), cfg.threads, prec, cl, compile, batch_size, steps,
                          cfg.input_size, data or "random", num_classes, macs, round(ips, 1), round(eval_ips, 1),
-                         round(gflops, 1), round(roof, 1), round(gflops / roof, 3))
+                         round(gflops, 1), round(roof, 1), round(gflops / roof, 3), "probe" if probed else "given")
     if baseline:
         result.baseline_images_per_sec = round(_seed_pipeline(cfg, bundle, warmup, steps, dev), 1)
         result.speedup = round(ips / result.baseline_images_per_sec, 2)
@@ -213,7 +222,6 @@ class TuneRow:
 def tune_table(arch: str | None = None, preset: str = "fast", batch_size: int = 256) -> list[TuneRow]:
     """Every execution choice for training ``arch`` on this CPU (threads 1 or all cores, fp32 or native bf16, either
     layout), measured by ``reslab.tune``'s step timer, fastest first, with the fraction of each one's GEMM roof."""
-    from . import tune
     from .runtime import cpu_has_bf16, usable_cores
 
     cfg = make_config(preset, **({"arch": arch} if arch else {}), batch_size=batch_size)

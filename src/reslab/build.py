@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import distributed, rundir, tune
-from .config import TrainConfig, budget_choices, resolve_inputs
+from .config import BUDGET_WIDTHS, TrainConfig, budget_choices, resolve_inputs
 from .data import (
     Batches,
     BatchTransform,
@@ -157,28 +157,70 @@ LOOP_STEP_OVERHEAD = 1.0
 def _apply_budget_rule(cfg: TrainConfig, device: torch.device, d: distributed.Dist, data: DataBundle,
                        decision: tune.Decision | None, clock: float) -> tuple[TrainConfig, str, tune.Decision | None]:
     """The preset's choices for the epochs its own net gets in the time left (``presets.BUDGET_RULES``), said in one
-    line; a changed net has its execution measured again."""
-    from .hooks import EVAL_COST, eval_seconds, size_to_budget
-
-    per_step = decision.seconds_per_step * LOOP_STEP_OVERHEAD if decision else None
-    epochs = None
-    if per_step is not None:
-        per_epoch = max(1, len(data.train) // cfg.batch_size)
-        eval_images = len(data.test) + (len(data.val) if data.val is not None else 0)
-        evaluation = eval_seconds(eval_images, cfg, per_step, decision.eval_cost or EVAL_COST)
-        steps = size_to_budget(cfg.time_budget * 60, time.perf_counter() - clock, 0, per_step, evaluation)
-        epochs = distributed.broadcast_int(round(steps / per_epoch * 1000), device) / 1000
+    line; a changed net has its execution measured again, then a wider one of its family may take its place
+    (``presets.BUDGET_WIDTHS``)."""
+    epochs = _agreed_epochs(cfg, data, decision, clock, device)
     choices = budget_choices(cfg.budget_rule, epochs, cfg.budget_keep)
-    if d.main and epochs is not None:
+    if d.main:
         said = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in choices.items()) or "its own choices"
         say(f"{cfg.budget_rule} preset, {cfg.time_budget:g}-minute budget: ~{epochs:.1f} epochs of {cfg.arch} "
             f"here, so {said}")
     if not choices:
         return cfg, resolve_precision(cfg.precision, device), decision
     cfg = dataclasses.replace(cfg, **choices)
-    if "arch" in choices:  # the new net timed under the choices just made (one timing: its step and eval cost)
-        return _execution(cfg, device, d, len(data.classes))
-    return cfg, resolve_precision(cfg.precision, device), decision
+    if "arch" not in choices:
+        return cfg, resolve_precision(cfg.precision, device), decision
+    # The new net timed under the choices just made (one timing: its step and eval cost), then its wider kin.
+    cfg, precision, decision = _execution(cfg, device, d, len(data.classes))
+    return _widened(cfg, precision, device, d, data, decision, clock)
+
+
+def _budget_epochs(cfg: TrainConfig, data: DataBundle, decision: tune.Decision, clock: float) -> float:
+    """Epochs of ``cfg.arch`` at ``decision``'s measured step time that fit the time left, after the evaluation
+    and the rest of the post-training work (``hooks.eval_seconds``)."""
+    from .hooks import EVAL_COST, eval_seconds, size_to_budget
+
+    per_step = decision.seconds_per_step * LOOP_STEP_OVERHEAD
+    eval_images = len(data.test) + (len(data.val) if data.val is not None else 0)
+    evaluation = eval_seconds(eval_images, cfg, per_step, decision.eval_cost or EVAL_COST, len(data.test))
+    steps = size_to_budget(cfg.time_budget * 60, time.perf_counter() - clock, 0, per_step, evaluation)
+    return steps / max(1, len(data.train) // cfg.batch_size)
+
+
+def _agreed_epochs(cfg: TrainConfig, data: DataBundle, decision: tune.Decision | None, clock: float,
+                   device: torch.device) -> float:
+    """Rank 0's ``_budget_epochs`` on every rank (only rank 0 probes the CPU)."""
+    local = _budget_epochs(cfg, data, decision, clock) if decision is not None else 0.0
+    return distributed.broadcast_int(round(local * 1000), device) / 1000
+
+
+def _widened(cfg: TrainConfig, precision: str, device: torch.device, d: distributed.Dist, data: DataBundle,
+             decision: tune.Decision | None, clock: float) -> tuple[TrainConfig, str, tune.Decision | None]:
+    """The widest net of ``presets.BUDGET_WIDTHS`` whose own epochs in the time left reach its threshold, timed
+    (rank 0) under ``decision``'s execution; else ``cfg`` as it is. A wider net can only buy fewer epochs than the
+    chosen one, so one whose threshold the chosen net's epochs miss is not timed."""
+    widths = [] if "arch" in cfg.budget_keep else BUDGET_WIDTHS.get(cfg.budget_rule or "", [])
+    base = _agreed_epochs(cfg, data, decision, clock, device) if widths else 0.0
+    for arch, at_least, values in widths:
+        if base < at_least:
+            continue
+        wider = dataclasses.replace(cfg, arch=arch, **{k: v for k, v in values.items() if k not in cfg.budget_keep})
+        timed = None
+        if d.main:
+            measure = tune.step_timer(arch, wider.model_kwargs, len(data.classes), cfg.batch_size, cfg.input_size,
+                                      device)
+            seconds = measure(decision.choice)
+            timed = tune.Decision(decision.choice, {decision.choice: seconds}, "probe",
+                                  getattr(measure, "eval_costs", {}).get(decision.choice))
+        epochs = _agreed_epochs(wider, data, timed, clock, device)
+        if d.main:
+            rate = cfg.batch_size / timed.seconds_per_step
+            verdict = f"so --arch {arch}" if epochs >= at_least else f"under its {at_least:g}: {cfg.arch} stays"
+            say(f"{cfg.budget_rule} preset: ~{epochs:.1f} epochs of {arch} ({rate:,.0f} img/s) in the time left, "
+                f"{verdict}")
+        if epochs >= at_least:
+            return wider, precision, timed
+    return cfg, precision, decision
 
 
 def build_hooks(cfg: TrainConfig, model: nn.Module, out: Path, decision: tune.Decision | None = None) -> list[Hook]:

@@ -263,7 +263,8 @@ def bench_cmd(arch: Optional[str] = None, preset: str = "seed", data: Optional[s
         precision: auto, fp32, bf16 or fp16.
         channels_last: channels-last memory format (default: by device and precision).
         compile: torch.compile the model.
-        threads: CPU threads (default: the usable cores).
+        threads: CPU threads (default, with --precision and --channels-last: what a training run's start-up probe
+            picks on this CPU).
         tune: instead, time the training step under every execution choice on this CPU (threads, precision,
             layout) as a training run's start-up probe does, and print the table with the probe's pick.
         inference: instead, a run directory or model file: batch-1 latency (median, p99) and batch throughput (at
@@ -298,7 +299,8 @@ def bench_cmd(arch: Optional[str] = None, preset: str = "seed", data: Optional[s
         _print_json(r)
         return
     print(f"{r.arch} ({r.preset} preset, {r.input_size} px, {r.num_classes} classes) on {r.device}, {r.threads} "
-          f"threads, {r.precision}, channels_last={r.channels_last}, compile={r.compile}, batch {r.batch_size}")
+          f"threads, {r.precision}, channels_last={r.channels_last}, compile={r.compile}, batch {r.batch_size}"
+          + (" (what a training run's start-up probe picks here)" if r.execution == "probe" else ""))
     print(f"  train        {r.images_per_sec:10.1f} img/s   (data -> augmentation -> forward -> backward -> "
           f"update, {r.steps} steps)")
     print(f"  eval         {r.eval_images_per_sec:10.1f} img/s")

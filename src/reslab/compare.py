@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import rundir
-from .config import BUDGET_RULES, NOT_RECIPE, TrainConfig, budget_rule_fields
+from .config import NOT_RECIPE, TrainConfig, budget_rule_fields, rule_chooses
 from .errors import ConfigError
 from .models import count_macs, count_params, create_model, model_info
 
@@ -26,7 +26,7 @@ def recipe_differences(saved: dict[str, Any], requested: TrainConfig) -> list[st
     Options requested as ``None`` (chosen by reslab, e.g. the augmentation) match what the saved run chose."""
     want = requested.to_dict()
     # What a budget rule chose at the start of the saved run (from the epochs the budget bought there) is its own.
-    chosen = {k for _, values in BUDGET_RULES.get(requested.budget_rule or "", []) for k in values}
+    chosen = rule_chooses(requested.budget_rule)
     chosen = chosen - set(requested.budget_keep) if saved.get("budget_rule") == requested.budget_rule else set()
     return [f"--{k.replace('_', '-')} {saved.get(k)!r} (asked {v!r})" for k, v in want.items()
             if k not in NOT_RECIPE | chosen and v not in (None, "auto") and saved.get(k) != v]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from .errors import ConfigError
-from .presets import BUDGET_RULES, PRESETS
+from .presets import BUDGET_RULES, BUDGET_WIDTHS, PRESETS
 
 MAX_IMAGE_SIZE = 1024  # pixels per side; a model file whose metadata asks for more is refused too (checkpoint.py)
 
@@ -359,13 +359,25 @@ def budget_choices(preset: str | None, epochs: float | None, keep: Collection[st
     return choices
 
 
+def rule_chooses(preset: str | None) -> set[str]:
+    """The options ``preset``'s budget rule may set (``presets.BUDGET_RULES`` and ``presets.BUDGET_WIDTHS``)."""
+    return ({k for _, values in BUDGET_RULES.get(preset or "", []) for k in values}
+            | {k for _, _, values in BUDGET_WIDTHS.get(preset or "", []) for k in {"arch", *values}})
+
+
 def budget_rule_fields(preset: str | None, minutes: float | None, given: Collection[str]) -> dict[str, Any]:
-    """The config fields that hand a budgeted run to ``preset``'s rule (empty when it has none or no budget)."""
+    """The config fields that hand a budgeted run to ``preset``'s rule (empty when it has none or no budget).
+
+    The preset's accuracy marks are left out unless asked for (``given``): scoring them is post-training work that a
+    budget would have to pay for (with them asked for, it does: ``hooks.eval_seconds``)."""
     if not minutes or preset not in BUDGET_RULES or "config" in given:
         return {}
-    chosen = {k for _, values in BUDGET_RULES[preset] for k in values}
+    chosen = rule_chooses(preset)
     keep = set(given) | {k for g in given for k in LINKED.get(g, ())}
-    return {"budget_rule": preset, "budget_keep": sorted(chosen & keep)}
+    fields: dict[str, Any] = {"budget_rule": preset, "budget_keep": sorted(chosen & keep)}
+    if "accuracy_marks" not in given:
+        fields["accuracy_marks"] = []
+    return fields
 
 
 # Options a budget rule sets together: an explicit --arch keeps the recipe that goes with it, an explicit --tta

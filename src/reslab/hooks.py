@@ -31,7 +31,7 @@ from .checkpoint import atomic_write, unwrap_model
 from .errors import UserError
 from .evaluate import evaluate_batches, tta_cost
 from .log import say
-from .loop import Hook, Run
+from .loop import GUARD_IMAGES, Hook, Run
 from .progress import Progress
 
 # --- weights ----------------------------------------------------------------------------------------------------------
@@ -158,11 +158,21 @@ EVAL_COST = 0.25  # an image's evaluation costs about a quarter of its training 
 # fp32); a run whose execution was probed uses the probe's measured ratio instead (~0.18 in bf16 for conv8m here)
 
 
-def eval_seconds(eval_images: int, cfg: Any, seconds_per_step: float, eval_cost: float = EVAL_COST) -> float:
-    """Expected seconds of the final evaluation: every view of every image (``cfg.tta``, ``cfg.tta_fraction``) at
-    ``eval_cost`` of a training image's share of the step."""
+MARKS_RESERVED = 3  # snapshot scorings a budget keeps time for when --accuracy-marks are asked for with it (the
+# scoring goes newest first and stops below the lowest mark: 2-3 scorings in the 5-minute runs of issue 33)
+
+
+def eval_seconds(eval_images: int, cfg: Any, seconds_per_step: float, eval_cost: float = EVAL_COST,
+                 test_images: int | None = None) -> float:
+    """Expected seconds of what follows training inside a budget, at ``eval_cost`` of a training image's share of
+    the step per forward pass: the final evaluation (every view of every image: ``cfg.tta``, ``cfg.tta_fraction``),
+    the eval-mode guard's plain pass over ``GUARD_IMAGES`` training images (when there is a split to evaluate) and,
+    where ``cfg.accuracy_marks`` are asked for, ``MARKS_RESERVED`` scorings of the ``test_images`` (default
+    ``eval_images``) at the final protocol."""
     views = tta_cost(cfg.tta, cfg.tta_fraction)
-    return eval_images * views * seconds_per_step * eval_cost / cfg.batch_size
+    marks = MARKS_RESERVED * (eval_images if test_images is None else test_images) if cfg.accuracy_marks else 0
+    forward_passes = (eval_images + marks) * views + (GUARD_IMAGES if eval_images else 0)  # no split: no guard
+    return forward_passes * seconds_per_step * eval_cost / cfg.batch_size
 
 
 def size_to_budget(budget_seconds: float, elapsed: float, step: int, seconds_per_step: float,
@@ -217,9 +227,10 @@ class TimeBudget(Hook):
             distributed.synchronize(run.device)
             per_step = (self.clock() - self.measure_start) / (done - first)
             eval_images = sum(len(b.split) for b in run.eval_batches.values())
+            test = run.eval_batches.get("test")
+            after = eval_seconds(eval_images, run.cfg, per_step, self.eval_cost, len(test.split) if test else 0)
             warmup_steps = math.ceil(run.cfg.warmup * len(run.train_batches)) + 1
-            total = size_to_budget(self.budget, self.clock() - run.clock, run.step, per_step,
-                                   eval_seconds(eval_images, run.cfg, per_step, self.eval_cost), warmup_steps)
+            total = size_to_budget(self.budget, self.clock() - run.clock, run.step, per_step, after, warmup_steps)
             self.total = distributed.broadcast_int(total, run.device)
             run.set_total_steps(self.total)
             if done == window:
@@ -408,16 +419,17 @@ class Checkpointer(Hook):
 class AccuracyMarks(Hook):
     """When test accuracy first reached each ``--accuracy-marks`` level, without slowing training.
 
-    The weights are snapshotted at every tenth of the run (a file in ``snapshots/``, a few ms) and scored after the
-    model is saved (outside ``--time-budget``), from the last backwards until one is below every mark: accuracy rises
-    as the learning rate anneals, so the time resolution is a tenth of the run. Times count from process start, like
-    the budget. The snapshot list is part of the checkpoint, so marks survive a resume.
+    The weights are snapshotted at every tenth of the run (a file in ``snapshots/``, a few ms) and scored after
+    training, from the last backwards until one is below every mark: accuracy rises as the learning rate anneals, so
+    the time resolution is a tenth of the run. Inside a ``--time-budget`` the scoring is part of the budget: the run
+    keeps ``MARKS_RESERVED`` scorings' time for it and the scoring stops before it would pass the budget. Times count
+    from process start, like the budget. The snapshot list is part of the checkpoint, so marks survive a resume.
     """
 
     name = "accuracy_marks"
 
-    def __init__(self, marks: list[float], out: Path) -> None:
-        self.marks, self.folder = sorted(marks), out / "snapshots"
+    def __init__(self, marks: list[float], out: Path, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.marks, self.folder, self.clock = sorted(marks), out / "snapshots", clock
         self.snapshots: list[tuple[float, int, str]] = []  # (seconds, step, file name)
 
     def on_step_end(self, run: Run, loss: torch.Tensor, lr: float) -> None:
@@ -436,11 +448,19 @@ class AccuracyMarks(Hook):
         plain = unwrap_model(run.model)
         current = {k: v.clone() for k, v in plain.state_dict().items()}
         scored = [(metrics["wall_seconds"], metrics["step"], metrics.get("test_acc"))]
-        t0 = time.perf_counter()
+        t0 = self.clock()
         test = run.eval_batches.get("test")
+        # Inside a --time-budget the scoring stops before the next one would end past the budget (it was given
+        # MARKS_RESERVED scorings' time): a mark is then known to have been reached by the earliest scored snapshot.
+        deadline = run.clock + run.cfg.time_budget * 60 - BUDGET_END_SECONDS if run.cfg.time_budget else math.inf
+        complete = True
         if test is not None and scored[0][2] is not None and scored[0][2] >= self.marks[0]:
             # Files can be gone when a finished run is resumed after its scoring removed them: score what is left.
             for seconds, step, name in reversed([s for s in self.snapshots if (self.folder / s[2]).is_file()]):
+                started = self.clock()
+                if len(scored) > 1 and started + (started - t0) / (len(scored) - 1) > deadline:
+                    complete = False
+                    break
                 plain.load_state_dict(torch.load(self.folder / name, map_location=run.device, weights_only=True))
                 acc = evaluate_batches(plain, test, run.device, run.precision, len(run.data.classes),
                                        run.cfg.tta, run.cfg.tta_fraction).accuracy
@@ -458,13 +478,14 @@ class AccuracyMarks(Hook):
         if not run.dist.main:
             return
         shutil.rmtree(self.folder, ignore_errors=True)  # scored: the marks are the record
-        seconds = round(time.perf_counter() - t0, 1)
+        seconds = round(self.clock() - t0, 1)
         rundir.append_metrics(run.out, {"accuracy_marks": result, "snapshots_scored": len(scored) - 1,
-                                        "scoring_seconds": seconds})
+                                        "scoring_seconds": seconds, "scoring_complete": complete})
         for mark, r in result.items():
             when = f"{r['seconds']:.0f} s (step {r['step']}, {r['test_acc']:.4f})" if r["seconds"] else "not reached"
-            say(f"test accuracy {float(mark):.0%}: {when}")
-        say(f"(accuracy marks scored on {len(scored) - 1} weight snapshots after training, {seconds} s)")
+            say(f"test accuracy {float(mark):.0%}: {when}{'' if complete or not r['seconds'] else ' or earlier'}")
+        said = "" if complete else "; stopped there to end inside the time budget"
+        say(f"(accuracy marks scored on {len(scored) - 1} weight snapshots after training, {seconds} s{said})")
 
     def state_dict(self) -> dict[str, Any]:
         return {"snapshots": [list(s) for s in self.snapshots]}
