@@ -69,7 +69,9 @@ def test_the_real_thresholds_grow_with_the_width_and_name_registered_nets():
 
     widths = config.BUDGET_WIDTHS["fast"]
     assert [a for a, _, _ in widths] == ["conv8", "conv8w48"] and set(a for a, _, _ in widths) <= set(list_models())
-    assert config.rule_chooses("fast") >= {"arch", "tta_fraction", "optimizer"}
+    assert all(values["batch_size"] == 512 and values["lr"] == 1.5 for _, _, values in widths)  # as measured
+    assert config.rule_chooses("fast") >= {"arch", "tta_fraction", "optimizer", "batch_size", "lr"}
+    assert make_config("fast", time_budget=10, batch_size=256).budget_keep == ["batch_size", "lr"]
 
 
 def test_a_budget_leaves_the_presets_accuracy_marks_out_unless_asked_for():

@@ -207,14 +207,14 @@ def _widened(cfg: TrainConfig, precision: str, device: torch.device, d: distribu
         wider = dataclasses.replace(cfg, arch=arch, **{k: v for k, v in values.items() if k not in cfg.budget_keep})
         timed = None
         if d.main:
-            measure = tune.step_timer(arch, wider.model_kwargs, len(data.classes), cfg.batch_size, cfg.input_size,
-                                      device)
+            measure = tune.step_timer(arch, wider.model_kwargs, len(data.classes), wider.batch_size,
+                                      wider.input_size, device)
             seconds = measure(decision.choice)
             timed = tune.Decision(decision.choice, {decision.choice: seconds}, "probe",
                                   getattr(measure, "eval_costs", {}).get(decision.choice))
         epochs = _agreed_epochs(wider, data, timed, clock, device)
         if d.main:
-            rate = cfg.batch_size / timed.seconds_per_step
+            rate = wider.batch_size / timed.seconds_per_step
             verdict = f"so --arch {arch}" if epochs >= at_least else f"under its {at_least:g}: {cfg.arch} stays"
             say(f"{cfg.budget_rule} preset: ~{epochs:.1f} epochs of {arch} ({rate:,.0f} img/s) in the time left, "
                 f"{verdict}")

@@ -381,8 +381,9 @@ def budget_rule_fields(preset: str | None, minutes: float | None, given: Collect
 
 
 # Options a budget rule sets together: an explicit --arch keeps the recipe that goes with it, an explicit --tta
-# or --tta-fraction the other half of the test-time augmentation.
-LINKED = {"arch": ("optimizer", "whiten_bias_epochs"), "tta": ("tta_fraction",), "tta_fraction": ("tta",)}
+# or --tta-fraction the other half of the test-time augmentation, an explicit --batch-size or --lr the other.
+LINKED = {"arch": ("optimizer", "whiten_bias_epochs"), "tta": ("tta_fraction",), "tta_fraction": ("tta",),
+          "batch_size": ("lr",), "lr": ("batch_size",)}
 
 
 def make_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
