@@ -157,7 +157,7 @@ FAST_VARIANTS: dict[str, dict] = {
     "resnet9m": dict(widths=(32, 128, 128), blocks=(1, 0, 1)),  # the width of public ablations' 92 %-in-10-epochs net
     "resnet11m": dict(widths=(32, 128, 128), blocks=(1, 1, 1)),  # ... with a residual block in the middle stage too
     # Two convs per stage, GELU, no shortcut: airbench94's layout at its half (32/128/128) and full width.
-    # The budget rule picks among these widths by the epochs a budget buys of each (presets.BUDGET_RULES).
+    # The budget rule picks among these widths by the epochs a budget buys of each (presets.BUDGET_WIDTHS).
     "conv8m": dict(widths=(32, 128, 128), blocks=(0, 0, 0), stage_convs=(2, 2, 2), act="gelu"),
     "conv8w48": dict(widths=(48, 192, 192), blocks=(0, 0, 0), stage_convs=(2, 2, 2), act="gelu"),
     "conv8": dict(widths=(64, 256, 256), blocks=(0, 0, 0), stage_convs=(2, 2, 2), act="gelu"),
