@@ -211,7 +211,7 @@ def test_the_audit_finds_what_was_planted_and_touches_nothing(tmp_path, cli):
     planted = _planted_folder(root)
     before = sorted((str(p), p.stat().st_mtime_ns) for p in root.rglob("*"))
     code, stdout, err = cli("audit", root, "--folds", "2", "--fold-epochs", "6", "--json")
-    assert code == 0, err
+    assert code == 1 and "the audit found 3 errors" in err  # planted errors: exit 1 (issue 34), the JSON still out
     assert sorted((str(p), p.stat().st_mtime_ns) for p in root.rglob("*")) == before  # nothing moved or written
     r = json.loads(stdout)
     kinds = {}
@@ -237,7 +237,7 @@ def test_the_audit_finds_what_was_planted_and_touches_nothing(tmp_path, cli):
     assert len(found) == 4 and all(row["suggested"] == "red" for row in found)  # recall 4/4
     assert len(flagged) - len(found) <= 3  # false positives (the tiny class's near-empty copies among them)
     code, text, _ = cli("audit", root)
-    assert code == 0 and "what to do:" in text and "[error]" in text and "labels: not checked" in text
+    assert code == 1 and "what to do:" in text and "[error]" in text and "labels: not checked" in text
 
 
 def _chromium() -> str | None:
@@ -322,7 +322,7 @@ def test_every_insight_command_on_a_photo_sized_folder(tmp_path, cli):
     assert cli("report", run)[0] == 0 and "Data audit" in (run / "report.html").read_text()
     (photos / "train" / "red" / "0000.jpg").write_bytes(b"\x89PNG broken")
     code, out, _ = cli("audit", photos)
-    assert code == 0 and "[error] 1 files do not decode as images" in out
+    assert code == 1 and "[error] 1 files do not decode as images" in out
 
 
 def test_the_audit_of_a_folder_of_one_class(tmp_path, cli):
@@ -330,7 +330,7 @@ def test_the_audit_of_a_folder_of_one_class(tmp_path, cli):
 
     one = make_folder(tmp_path / "one", per_class=6, classes={"red": (210, 40, 40)})
     code, out, err = cli("audit", one, "--folds", "2", "--json")
-    assert code == 0, err
+    assert code == 1 and "the audit found 1 error" in err
     r = json.loads(out)
     assert [f["kind"] for f in r["findings"]] == ["one_class"] and r["labels_checked"].startswith("not checked")
     code, _, err = cli("audit", tmp_path / "missing")

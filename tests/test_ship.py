@@ -130,15 +130,16 @@ def test_predict_streams_a_folder_to_csv_and_jsonl_skipping_unreadable_files(tra
                        "2", "--topk", "2")
     assert code == 0, err
     rows = _csv_rows(tmp_path / "p.csv")
-    assert rows[0] == ["path", "class_1", "prob_1", "class_2", "prob_2", "error"]
+    assert rows[0] == ["path", "class_1", "prob_1", "class_2", "prob_2", "error", "model"]
     assert len(rows) == 1 + 62 and len({r[0] for r in rows[1:]}) == 62  # one row per file
-    broken = [r for r in rows[1:] if r[-1]]
+    broken = [r for r in rows[1:] if r[-2]]
     assert sorted(Path(r[0]).name for r in broken) == ["broken0.jpg", "broken1.jpg"]
     assert err.count("cannot read") == 2 and "60 images predicted" in err and "2 unreadable" in err
     # The same answers as predict without --output, and colour decides: class i % 3.
     expected = {r["path"]: r for r in reslab.predict(run, [photos], topk=2)}
+    assert {r[-1] for r in rows[1:]} == {reslab.load_model(run)[1]["weights"]}  # every row names the weights
     for r in rows[1:]:
-        if not r[-1]:
+        if not r[-2]:
             assert r[1] == expected[r[0]]["top"][0]["class"]
             assert float(r[2]) == pytest.approx(expected[r[0]]["top"][0]["prob"], abs=1e-5)
             assert r[1] == ["blue", "green", "red"][int(Path(r[0]).stem[3:]) % 3]

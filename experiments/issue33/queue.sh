@@ -2,7 +2,8 @@
 # Issue 33's side-by-side runs, one at a time on the idle machine (every job alone: a second process on these 2 vCPUs
 # collapses a 2-thread step). Each line of JOBS: "reslab BUDGET ARCH SEED" or "peer EPOCHS WIDTH".
 # reslab runs with every default of the fast preset but the net (--arch, with the recipe the rule pairs with it) and
-# no accuracy marks (so the whole command is training + final evaluation + save); the peer with bf16 and 2 threads.
+# no accuracy marks (so the whole command is training + final evaluation + save); the peer with 2 threads, bf16 unless
+# AB_BF16=0 (CPUs without native bf16).
 # Usage: AB_DIR=/tmp/ab bash experiments/issue33/queue.sh OUT JOBFILE
 set -u
 out=$1; jobs=$2; data=${RESLAB_CIFAR10_DIR:-../shared/data/cifar10-jpeg}
@@ -23,7 +24,7 @@ while read -r kind a b c; do
     peer)
       name="peer-e${a}-w${b}"
       start=$(date +%s.%N)
-      AB_BF16=1 AB_THREADS=2 python ../shared/peer/airbench_cpu.py "$a" "$b" > "$out/$name.log" 2>&1
+      AB_BF16=${AB_BF16:-1} AB_THREADS=2 python ../shared/peer/airbench_cpu.py "$a" "$b" > "$out/$name.log" 2>&1
       end=$(date +%s.%N)
       echo "$name $(tail -1 "$out/$name.log") outer_wall_s $(python -c "print(round($end-$start,1))") $(date +%H:%M)" >> "$out/summary.txt" ;;
   esac

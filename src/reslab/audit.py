@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,8 +27,8 @@ from PIL import Image
 
 from .data import Split, load_split
 from .data.datasets import folder_split_dir
-from .data.folder import IMAGE_EXTENSIONS
-from .errors import DataError, UserError
+from .data.folder import TooManyPixels, check_pixels, list_images
+from .errors import DataError, UserError, first_line
 from .log import say
 from .progress import CountProgress
 
@@ -67,44 +68,71 @@ class AuditReport:
 
 # --- files ----------------------------------------------------------------------------------------------------------
 
-def _list_files(root: Path) -> dict[str, list[tuple[str, str]]]:
-    """split -> [(path, class)] of every file under the split's class folders that has an image extension."""
-    out = {}
+def _list_files(root: Path) -> tuple[dict[str, list[tuple[str, str]]], list[Finding]]:
+    """split -> [(path, class)] of every file training would read (its own listing: image extensions, links
+    followed once), and the findings of the listing itself: class folders without images, links leaving the
+    folder."""
+    out, empty, outside = {}, [], []
+    real_root = os.path.realpath(root)
     for split in ("train", "val", "test"):
         d = folder_split_dir(root, split)
         if d is None:
             continue
         rows = []
         for c in sorted(x.name for x in d.iterdir() if x.is_dir() and not x.name.startswith(".")):
-            for dirpath, _, names in os.walk(d / c):
-                rows += [(os.path.join(dirpath, n), c) for n in sorted(names)
-                         if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]
+            found = list_images(str(d / c))
+            if not found:
+                empty.append(f"{split}/{c}")
+            rows += [(p, c) for p in found]
+            outside += [p for p in found if not os.path.realpath(p).startswith(real_root + os.sep)]
         out[split] = rows
     if "train" not in out:
         raise DataError(f"{root} has no train/ folder (expected {root}/train/<class>/<images>)")
-    return out
+    findings = []
+    if empty:
+        findings.append(Finding("empty_class", "warning", f"{len(empty)} class folders hold no images: "
+                                f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}",
+                                "training ignores them (a class it cannot learn or score): add images, or remove "
+                                "the folder", [str(root / e) for e in empty]))
+    if outside:
+        findings.append(Finding("outside_link", "warning", f"{len(outside)} files are reached through links that "
+                                f"lead outside {root}", "training reads them as part of the folder: check that "
+                                "they belong to it (a copy of the folder will not hold them)", outside,
+                                {"targets": {p: os.path.realpath(p) for p in outside}}))
+    return out, findings
 
 
 def _file_findings(files: dict[str, list[tuple[str, str]]]) -> list[Finding]:
     """Unreadable files, odd modes, EXIF orientations and sizes far off the median (from the file headers)."""
     everything = [p for rows in files.values() for p, _ in rows]
-    bad, modes, rotated, sizes = [], {}, [], {}
+    bad, modes, rotated, sizes, huge = [], {}, [], {}, []
     bar = CountProgress(len(everything), "audit: reading file headers")
     for i, path in enumerate(everything, 1):
         try:
-            with Image.open(path) as im:
-                im.verify()  # the whole file, not only the header (truncated files fail here)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    check_pixels(im)  # what every reader refuses, before any decode
+                    im.verify()  # the whole file, not only the header (truncated files fail here)
             with Image.open(path) as im:
                 sizes[path] = im.size
                 if im.mode != "RGB":
                     modes.setdefault(im.mode, []).append(path)
                 if im.getexif().get(EXIF_ORIENTATION, 1) != 1:
                     rotated.append(path)
+        except (TooManyPixels, Image.DecompressionBombError) as exc:
+            huge.append((path, first_line(exc)))
         except Exception as exc:  # any failure to decode is the finding
             bad.append((path, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
         bar.update(i)
     bar.done()
     findings = []
+    if huge:
+        findings.append(Finding("too_large", "error", f"{len(huge)} images are over the "
+                                f"{Image.MAX_IMAGE_PIXELS / 1e6:.0f}-megapixel limit: training, eval, predict and "
+                                f"serve refuse them (a decompression bomb, or a scan far larger than needed)",
+                                "downscale them (a few thousand pixels on the longer side is plenty) or remove them",
+                                [p for p, _ in huge], {"errors": dict(huge)}))
     if bad:
         findings.append(Finding("unreadable", "error", f"{len(bad)} files do not decode as images",
                                 "replace or remove them (training skips them with a warning; --strict stops)",
@@ -322,9 +350,9 @@ def audit(data: str | Path, *, run: str | Path | None = None, folds: int = 0, fo
         raise DataError(f"{root} is not a folder (reslab audit reads an image folder with train/ and test/)")
     if folds == 1 or folds < 0:
         raise DataError(f"--folds must be 0 (no cross-validated label check) or at least 2, got {folds}")
-    files = _list_files(root)
+    files, findings = _list_files(root)
     counts = {s: dict(Counter(c for _, c in rows)) for s, rows in files.items()}
-    findings = _file_findings(files)
+    findings += _file_findings(files)
     findings += _class_findings(counts)
     splits = {name: load_split(str(root), name, store_size=32, loader="memory") for name in files if files[name]}
     findings += _duplicate_findings(splits)

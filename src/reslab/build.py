@@ -233,8 +233,11 @@ def build_hooks(cfg: TrainConfig, model: nn.Module, out: Path, decision: tune.De
         hooks.append(TimeBudget(cfg.time_budget, eval_cost=decision.eval_cost if decision else None))
     if cfg.accuracy_marks:
         hooks.append(AccuracyMarks(cfg.accuracy_marks, out))
-    return [*hooks, ProgressLog(cfg.log_every), StopOnSignal(), MetricsLog(out, cfg.tensorboard),
-            Checkpointer(cfg.checkpoint_every, cfg.checkpoint_every_minutes, cfg.keep_checkpoints)]
+    # The checkpoint before the epoch's metrics line: a failed write (disk full) must not leave metrics.jsonl
+    # ahead of last.pt, which a resume would then write again and a report show for a model not saved.
+    return [*hooks, ProgressLog(cfg.log_every), StopOnSignal(),
+            Checkpointer(cfg.checkpoint_every, cfg.checkpoint_every_minutes, cfg.keep_checkpoints),
+            MetricsLog(out, cfg.tensorboard)]
 
 
 def weight_hooks(cfg: TrainConfig, model: nn.Module) -> list[Hook]:

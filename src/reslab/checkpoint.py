@@ -9,6 +9,7 @@ Two kinds of file:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -27,7 +28,14 @@ from .models import create_model, list_models
 from .rundir import CHECKPOINT_FILE, MODEL_FILE
 
 __all__ = ["CHECKPOINT_FILE", "MODEL_FILE", "atomic_write", "clean_state_dict", "load_checkpoint", "load_model",
-           "read_safetensors", "read_weights", "resolve_model_path", "save_checkpoint", "save_model", "unwrap_model"]
+           "model_digest", "read_safetensors", "read_weights", "resolve_model_path", "save_checkpoint", "save_model",
+           "unwrap_model", "weights_digest", "write_failed"]
+
+
+def write_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failed write (disk full, a file-size limit), also as PyTorch's C++ writers report it."""
+    return isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and any(
+        s in str(exc) for s in ("No space left", "file write failed", "File too large", "unexpected pos")))
 
 
 def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
@@ -46,9 +54,7 @@ def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        full = isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and any(
-            s in str(exc) for s in ("No space left", "file write failed", "File too large", "unexpected pos")))
-        if full:
+        if write_failed(exc):
             raise CheckpointError(f"cannot write {path}: {getattr(exc, 'strerror', None) or first_line(exc)} "
                                   f"(disk full?); {'the previous one is kept' if path.exists() else 'nothing written'}"
                                   ) from None
@@ -171,6 +177,22 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     return state, check_meta(meta, path, fc.shape[0] if isinstance(fc, torch.Tensor) and fc.dim() == 2 else None)
 
 
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """A short digest of weights (names, dtypes, shapes, values), whatever file holds them: what ties an exported
+    model or a predictions file to the weights that made it."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
+def model_digest(path: str | Path) -> str:
+    """``weights_digest`` of the model at ``path`` (run directory, model file or state_dict)."""
+    return weights_digest(read_weights(path)[0])
+
+
 MAX_INPUT_SIZE = MAX_IMAGE_SIZE  # a model file may not ask for more (a forward pass at 100,000 px needs terabytes)
 
 
@@ -274,7 +296,7 @@ def load_model(path: str | Path, arch: str | None = None, num_classes: int | Non
         if v.shape != state[k].shape:
             raise ModelError(f"{path}: {k} has shape {tuple(state[k].shape)}, {arch} expects {tuple(v.shape)}")
     model.load_state_dict(state)
-    meta = {**meta, "arch": arch, "model_kwargs": kwargs,
+    meta = {**meta, "arch": arch, "model_kwargs": kwargs, "weights": weights_digest(state),
             "classes": meta.get("classes") or [str(i) for i in range(n)], "recorded_classes": bool(meta.get("classes")),
             "input_size": meta.get("input_size"), "augment": meta.get("augment", "none"),
             "mean": meta.get("mean", [0.5] * 3), "std": meta.get("std", [0.5] * 3)}

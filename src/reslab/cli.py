@@ -198,16 +198,17 @@ def predict_cmd(model: str, inputs: list[str], topk: int = 5, arch: Optional[str
         cam: also write a Grad-CAM overlay of each image's top class into this folder.
         json: print one JSON object per image and line.
     """
-    from .predict import RowWriter, image_files, predict_rows
+    from .checkpoint import model_digest
+    from .predict import RowWriter, check_cam_folder, image_files, predict_rows
+    from .rowfile import resolved
 
-    if cam is not None and Path(cam).exists() and not Path(cam).is_dir():
-        raise DataError(f"--cam {cam} is a file; the maps go into a folder")
     if resume and not output:
         raise ConfigError("--resume continues an --output file: give --output FILE")
+    check_cam_folder(cam)
     files = image_files(inputs)
-    writer = RowWriter(output, topk, resume) if output else None
+    writer = RowWriter(output, topk, model_digest(model), resume) if output else None
     if writer is not None and writer.done:
-        files = [f for f in files if str(f) not in writer.done]
+        files = [f for f in files if resolved(f) not in writer.done]
         say(f"reslab: {output} holds {len(writer.done)} rows: predicting the other {len(files)} files")
     t0, good, bad = time.perf_counter(), 0, 0
     try:
@@ -276,6 +277,8 @@ def bench_cmd(arch: Optional[str] = None, preset: str = "seed", data: Optional[s
     """
     from .bench import bench, tune_table
 
+    if batch_size is not None and batch_size < 1:  # not "or 64": a 0 given is a mistake to name, not a default
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     if inference:
         _bench_inference(inference, runtimes, threads, batch_size or 64, seconds, compile, data, json)
         return
@@ -385,7 +388,14 @@ def audit_cmd(data: str, run: Optional[str] = None, folds: int = 0, fold_epochs:
     r = audit(data, run=run, folds=folds, fold_epochs=fold_epochs, seed=seed)
     if json:
         _print_json(as_dict(r))
-        return
+    else:
+        _print_audit(r)
+    errors = sum(f.severity == "error" for f in r.findings)
+    if errors:  # exit 1, so that a script or CI step stops on a folder that is not fit to train on
+        raise DataError(f"the audit found {errors} error{'s' if errors > 1 else ''}" + ("" if json else " (above)"))
+
+
+def _print_audit(r) -> None:
     print(f"{r.data}: " + ", ".join(f"{s} {n} images" for s, n in r.splits.items())
           + f"; {len(r.counts['train'])} classes")
     if not r.findings:
@@ -473,7 +483,7 @@ def export_cmd(model: str, format: str = "onnx", out: Optional[str] = None, arch
 
 def serve_cmd(model: str, host: str = "127.0.0.1", port: int = 8000, topk: int = 5, device: str = "auto",
               precision: str = "fp32", max_batch: int = 16, batch_wait_ms: float = 5.0, max_upload_mb: float = 10.0,
-              decode_timeout: float = 5.0, runtime: str = "eager") -> None:
+              decode_timeout: float = 5.0, decode_memory_mb: float = 1024.0, runtime: str = "eager") -> None:
     """Serve a trained model over HTTP: POST /predict (multipart field 'file') -> top-k JSON, GET /health, GET /.
 
     Needs pip install 'reslab[serve]' (FastAPI, uvicorn, python-multipart).
@@ -489,12 +499,14 @@ def serve_cmd(model: str, host: str = "127.0.0.1", port: int = 8000, topk: int =
         batch_wait_ms: how long the first request of a batch waits for others.
         max_upload_mb: largest upload accepted (413 beyond).
         decode_timeout: seconds an image may take to decode (408 beyond).
+        decode_memory_mb: memory the images decoded at once may take (others wait; one needing more: 413).
         runtime: eager (PyTorch), onnx or onnx-int8 (the run's exported model.onnx / model.int8.onnx).
     """
     from .serve import serve
 
     serve(model, host, port, topk=topk, device=device, precision=precision, max_batch=max_batch,
-          batch_wait_ms=batch_wait_ms, max_upload_mb=max_upload_mb, decode_timeout=decode_timeout, runtime=runtime)
+          batch_wait_ms=batch_wait_ms, max_upload_mb=max_upload_mb, decode_timeout=decode_timeout,
+          decode_memory_mb=decode_memory_mb, runtime=runtime)
 
 
 def cache_cmd(clear: bool = False, json: bool = False) -> None:

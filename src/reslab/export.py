@@ -7,7 +7,9 @@ Optional dependencies: ``pip install "reslab[onnx]"`` (onnx, onnxscript, onnxrun
 from __future__ import annotations
 
 import contextlib
-import sys
+import io
+import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +17,10 @@ from typing import Any
 
 import torch
 
-from .checkpoint import load_model, resolve_model_path
-from .errors import UserError
-from .rundir import check_output, read_config
-from .runtimes import onnxruntime
+from .checkpoint import load_model, resolve_model_path, write_failed
+from .errors import UserError, first_line
+from .rundir import CONFIG_FILE, PROTECTED_FILES, check_output, read_config, remove_stale_temps, temp_prefix
+from .runtimes import model_tag, onnxruntime, tag_onnx
 
 TOLERANCE = 1e-4  # max |difference| of logits against PyTorch in eval mode
 
@@ -60,6 +62,9 @@ def export(model: str | Path, format: str = "onnx", out: str | Path | None = Non
         raise UserError(f"--format must be onnx or torchscript, got {format!r}")
     if quantize not in (None, "int8") or (quantize and format != "onnx"):
         raise UserError(f"--quantize int8 is the one quantization, of ONNX models (asked: {quantize!r}, {format})")
+    if calibration < 1 or not 0 <= max_drop <= 1 or check_batch < 1 or (samples is not None and samples < 1):
+        raise UserError(f"--calibration, --check-batch and --samples must be at least 1 and --max-drop in [0, 1], "
+                        f"got {calibration}, {check_batch}, {samples} and {max_drop}")
     net, meta = load_model(model, arch=arch, device="cpu")
     net = net.float().eval()
     size = meta.get("input_size") or 32
@@ -71,24 +76,72 @@ def export(model: str | Path, format: str = "onnx", out: str | Path | None = Non
     out = Path(out or default_dir / name)
     if out.is_dir():
         out = out / name
+    # Every file this export writes is checked before any work: the model, and the int8 check's sidecar.
     check_output(out, (".onnx", ".ts"), force=force, source=resolve_model_path(src))
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if quantize:
+        check_sidecar(out.with_suffix(".json"), force)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot make the folder of --out {out}: {exc.strerror or exc}") from None
+    remove_stale_temps(out.parent)
     example = torch.randn(2, 3, size, size)
     check = torch.randn(check_batch, 3, size, size, generator=torch.Generator().manual_seed(0))
-    # The exporters print progress and deprecation notes: keep stdout for results (``--json``).
-    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, yet what TorchScript users need
+    with torch.no_grad():
         expected = net(check)
-        if format == "torchscript":
-            torch.jit.save(torch.jit.trace(net, example), str(out))
-            got = torch.jit.load(str(out))(check)
-        elif quantize:
+        if quantize:
             return _export_int8(net, meta, example, check, out, data, data_dir, calibration, samples, max_drop,
                                 force)
-        else:
-            got = torch.from_numpy(export_onnx(net, example, out, check.numpy()))
+        # Written beside ``out`` and renamed over it only when complete: a failed export (disk full, a kill)
+        # leaves the previous good file as it was.
+        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+        try:
+            got = _write(net, meta, format, example, check, tmp)
+            os.replace(tmp, out)
+        except Exception as exc:
+            if not write_failed(exc):
+                raise
+            raise UserError(f"cannot write {out}: {getattr(exc, 'strerror', None) or first_line(exc)} (disk full? "
+                            f"a file-size limit?); {'the previous one is kept' if out.exists() else 'nothing written'}"
+                            ) from None
+        finally:
+            tmp.unlink(missing_ok=True)
     diff = (got - expected).abs().max().item()
     return ExportResult(out, format, diff, diff <= TOLERANCE, ["batch", 3, size, size])
+
+
+def _write(net: torch.nn.Module, meta: dict[str, Any], format: str, example: torch.Tensor, check: torch.Tensor,
+           path: Path) -> torch.Tensor:
+    """``net`` exported to ``path``, tagged with the weights it came from; its outputs on ``check``."""
+    if format == "onnx":
+        got = torch.from_numpy(export_onnx(net, example, path, check.numpy()))
+        tag_onnx(path, meta)
+        return got
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, yet what TorchScript users need
+        traced = torch.jit.trace(net, example)
+        # Into memory first: PyTorch's file writer aborts the process when a write fails (a full disk, a size limit).
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer, _extra_files={"reslab.json": json.dumps(model_tag(meta))})
+        with open(path, "wb") as f:
+            f.write(buffer.getvalue())
+        return torch.jit.load(str(path))(check)
+
+
+def check_sidecar(path: Path, force: bool) -> None:
+    """Refuse to write the int8 check's ``<name>.json`` over a file of a run, or (without ``force``) over a file
+    that is not an earlier check."""
+    if not path.exists():
+        return
+    if path.is_dir() or (path.name in PROTECTED_FILES and (path.parent / CONFIG_FILE).exists()):
+        raise UserError(f"the int8 check would be written to {path}, a file of a run: choose another --out")
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        earlier = None
+    if not force and not (isinstance(earlier, dict) and {"int8_accuracy", "max_drop"} <= earlier.keys()):
+        raise UserError(f"the int8 check would be written to {path}, which exists and is not one: choose another "
+                        f"--out, or add --force")
 
 
 def run_data(src: Path, data: str | None, data_dir: str | None) -> tuple[str, str | None]:
@@ -109,7 +162,7 @@ def _export_int8(net, meta, example, check, out, data, data_dir, calibration, sa
 
     from .quantize import quantize_int8
 
-    with tempfile.TemporaryDirectory(prefix=".reslab-export-", dir=out.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=temp_prefix("export"), dir=out.parent) as tmp:
         float_onnx = Path(tmp) / "float.onnx"
         diff = (torch.from_numpy(export_onnx(net, example, float_onnx, check.numpy())) - net(check)).abs().max()
         if diff > TOLERANCE:
@@ -124,7 +177,10 @@ def export_onnx(net: torch.nn.Module, example: torch.Tensor, out: Path, check):
     ``check`` from ONNX Runtime."""
     ort = onnxruntime()
     batch = torch.export.Dim("batch", min=1, max=4096)
-    torch.onnx.export(net, (example,), str(out), input_names=["images"], output_names=["logits"],
-                      dynamic_shapes={"x": {0: batch}}, external_data=False)
+    # The exporter prints its progress (8 lines) and deprecation notes: results keep stdout (--json) and stderr.
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (example,), str(out), input_names=["images"], output_names=["logits"],
+                          dynamic_shapes={"x": {0: batch}}, external_data=False)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     return session.run(["logits"], {"images": check})[0]

@@ -11,7 +11,6 @@ Under torchrun every rank runs every hook. A hook that decides something from a 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
@@ -384,6 +383,8 @@ class Checkpointer(Hook):
     def __init__(self, every: int = 0, minutes: float | None = None, keep: int = 0) -> None:
         self.every, self.minutes, self.keep = every, minutes, keep
         self.last = time.perf_counter()
+        self.kept: list[str] = []  # the names in checkpoints/ this run wrote, oldest first
+        self.refused: set[str] = set()
 
     def _time_due(self, run: Run) -> bool:
         if not self.minutes:
@@ -403,17 +404,35 @@ class Checkpointer(Hook):
         self._save(run)
 
     def _save(self, run: Run) -> None:
+        target = run.out / rundir.HISTORY_DIR / f"step-{run.step:08d}.pt"
+        keep = self.keep and run.dist.main and self._may_write(target)
+        if keep and target.name not in self.kept:
+            self.kept.append(target.name)  # before the save, so the checkpoint's own list names it
         run.save_checkpoint()
         self.last = time.perf_counter()
-        if self.keep and run.dist.main:
-            history = run.out / rundir.HISTORY_DIR
-            history.mkdir(exist_ok=True)
-            target = history / f"step-{run.step:08d}.pt"
-            with contextlib.suppress(FileNotFoundError):
-                target.unlink()
+        if keep:
+            target.parent.mkdir(exist_ok=True)
+            target.unlink(missing_ok=True)
             os.link(run.out / rundir.CHECKPOINT_FILE, target)  # last.pt is replaced by a rename: the link keeps it
-            for old in sorted(history.glob("step-*.pt"))[:-self.keep]:
-                old.unlink()
+            # Only the files this rotation made (recorded in the checkpoint) take a slot or are deleted: a user's
+            # file in checkpoints/, whatever its name, is left alone.
+            for name in self.kept[:-self.keep]:
+                (target.parent / name).unlink(missing_ok=True)
+            self.kept = self.kept[-self.keep:]
+
+    def _may_write(self, target: Path) -> bool:
+        if target.exists() and target.name not in self.kept:
+            if target.name not in self.refused:
+                say(f"warning: {target} exists and this run did not write it: left as it is, not kept")
+                self.refused.add(target.name)
+            return False
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kept": list(self.kept)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.kept = [str(n) for n in state.get("kept", [])]
 
 
 class AccuracyMarks(Hook):

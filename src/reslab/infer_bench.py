@@ -100,9 +100,10 @@ def bench_inference(model: str | Path, *, runtimes: tuple[str, ...] = RUNTIMES, 
         data: images to calibrate int8 on (default: the run's data, else random inputs).
     """
     unknown = set(runtimes) - set(RUNTIMES)
-    if unknown or batch < 1 or seconds <= 0:
-        raise UserError(f"--runtimes are among {', '.join(RUNTIMES)}, --batch-size at least 1 (got "
-                        f"{', '.join(sorted(unknown)) or batch})")
+    if unknown:
+        raise UserError(f"--runtimes are among {', '.join(RUNTIMES)}, got {', '.join(sorted(unknown))}")
+    if batch < 1 or not seconds > 0:
+        raise UserError(f"--batch-size must be at least 1 and --seconds positive, got {batch} and {seconds:g}")
     n = set_threads(threads)
     net, meta = load_model(model, device="cpu")
     net = net.float().eval()

@@ -70,7 +70,7 @@ def smooth(losses: list[float], beta: float) -> list[float]:
 def suggest(lrs: list[float], smoothed: list[float]) -> tuple[float, float, float]:
     """(suggested lr, lr at the minimum, lr of the steepest descent) of a range test's curve."""
     if len(lrs) < 3:
-        raise ConfigError(f"the range test ran {len(lrs)} steps: too few to read a curve (give more --steps)")
+        raise ConfigError(f"the range test ran {len(lrs)} steps: too few to read a curve (give more --range-steps)")
     low = min(range(len(smoothed)), key=smoothed.__getitem__)
     # Steepest descent per decade of lr, between the first tenth of the test (the average still settling) and the
     # minimum (after it the loss only rises).
@@ -83,10 +83,7 @@ def suggest(lrs: list[float], smoothed: list[float]) -> tuple[float, float, floa
 
 def range_test(run: Run, start_lr: float, end_lr: float, steps: int, progress: bool = True) -> LrFindResult:
     """Train a copy of ``run``'s model with an exponentially growing learning rate; ``run`` itself is untouched."""
-    if not 0 < start_lr < end_lr:
-        raise ConfigError(f"the range test needs 0 < --start-lr < --end-lr, got {start_lr} and {end_lr}")
-    if steps < 3:
-        raise ConfigError(f"--steps must be at least 3 for a curve, got {steps}")
+    check_range(start_lr, end_lr, steps)
     trial = copy.copy(run)  # the copy's model and optimizer are new objects; run's stay as they are
     trial.model = copy.deepcopy(run.model)
     trial.optimizer = build.build_optimizer(run.cfg, trial.model)
@@ -117,8 +114,11 @@ def range_test(run: Run, start_lr: float, end_lr: float, steps: int, progress: b
         bar.done()
     finite = [k for k, v in enumerate(smoothed) if math.isfinite(v)]
     suggested, at_min, steepest = suggest([lrs[k] for k in finite], [smoothed[k] for k in finite])
-    return LrFindResult(lrs, losses, smoothed, suggested, at_min, steepest,
-                        "the lr at the smoothed loss's minimum, divided by 10", stopped, run.cfg.lr,
+    rule = "the lr at the smoothed loss's minimum, divided by 10"
+    if suggested < start_lr:  # the minimum came within a decade of the start: the curve never showed the fall
+        rule += (f"; it is below --start-lr {start_lr:g}, where the test never looked: start lower (e.g. "
+                 f"--start-lr {start_lr / 100:g}) to see the loss fall before trusting it")
+    return LrFindResult(lrs, losses, smoothed, suggested, at_min, steepest, rule, stopped, run.cfg.lr,
                         run.cfg.arch, run.cfg.batch_size, beta)
 
 
@@ -127,6 +127,7 @@ def lr_find(cfg: TrainConfig, out: str | Path, start_lr: float = 1e-6, end_lr: f
     """The range test on ``cfg``'s data and recipe (its preset, augmentation, optimizer, pretrained weights), built
     as ``reslab train`` builds a run; writes ``lr_find.json`` and ``lr_find.png`` into ``out``."""
     folder = check_output_dir(out)
+    check_range(start_lr, end_lr, steps)  # before the data loads
     device, precision = prepare(cfg.device, cfg.precision, cfg.threads)
     channels_last = cfg.channels_last if cfg.channels_last is not None else default_channels_last(device, precision)
     torch.manual_seed(cfg.seed)
@@ -140,6 +141,14 @@ def lr_find(cfg: TrainConfig, out: str | Path, start_lr: float = 1e-6, end_lr: f
     plot_lr_find(result, folder / "lr_find.png")
     (folder / "lr_find.json").write_text(json.dumps(dataclasses.asdict(result), indent=1))
     return result
+
+
+def check_range(start_lr: float, end_lr: float, steps: int) -> None:
+    """The range test's own options, in one line each."""
+    if not 0 < start_lr < end_lr:
+        raise ConfigError(f"the range test needs 0 < --start-lr < --end-lr, got {start_lr:g} and {end_lr:g}")
+    if steps < 3:
+        raise ConfigError(f"--range-steps must be at least 3 (a curve to read), got {steps}")
 
 
 def check_output_dir(out: str | Path) -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,21 @@ def pyplot():
     return plt
 
 
+def plain_text(draw: Callable[..., Path]) -> Callable[..., Path]:
+    """``draw`` with every label as plain text: class names are folder names, and ``under $5 ^_^ over $10`` is not
+    TeX for matplotlib to parse (or fail on)."""
+    @functools.wraps(draw)
+    def drawn(*args: Any, **kwargs: Any) -> Path:
+        import matplotlib
+
+        pyplot()
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return drawn
+
+
+@plain_text
 def plot_confusion(confusion: list[list[int]], classes: list[str], out: str | Path) -> Path:
     """Draw a confusion matrix (rows: true class, columns: predicted; cells: share of the true class) to PNG."""
     import numpy as np
@@ -55,6 +72,7 @@ def plot_runs(runs: list[str | Path], out: str | Path, metric: str = "error", la
     return plot_groups({label: [run] for label, run in zip(labels, runs)}, out, metric, split_plain)
 
 
+@plain_text
 def plot_groups(groups: dict[str, list[str | Path]], out: str | Path, metric: str = "error",
                 split_plain: bool = False) -> Path:
     """Curves against epochs, one per group of runs (e.g. one model over several seeds): the mean over the runs as a
@@ -109,8 +127,11 @@ def _band(ax, runs: list[list[dict]], value, colour: str, ls: str, lw: float, la
     per_epoch: dict[int, list[float]] = {}
     for rows in runs:
         for r in rows:
-            v = value(r)
-            if v is not None:
+            try:  # metrics.jsonl may have been edited: a row without the number is not drawn
+                v = value(r)
+            except (KeyError, TypeError):
+                v = None
+            if isinstance(v, (int, float)) and isinstance(r.get("epoch"), int):
                 per_epoch.setdefault(r["epoch"], []).append(v)
     points = sorted((e, vs) for e, vs in per_epoch.items() if len(vs) == len(runs))
     if not points:
@@ -123,6 +144,7 @@ def _band(ax, runs: list[list[dict]], value, colour: str, ls: str, lw: float, la
                         lw=0)
 
 
+@plain_text
 def plot_depth(groups: list[dict], out: str | Path) -> Path:
     """Final training and test error against depth, plain and residual nets as two lines (mean ± std over seeds)."""
     plt = pyplot()
@@ -160,12 +182,17 @@ def _finish_line_plot(fig, ax, xlabel: str, ylabel: str, title: str, out: str | 
 def _save(fig, out: str | Path) -> Path:
     plt = pyplot()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=120)
+    except OSError as exc:
+        plt.close(fig)
+        raise UserError(f"cannot write the figure {out}: {exc.strerror or exc}") from None
     plt.close(fig)
     return out
 
 
+@plain_text
 def plot_frontier(table: list[dict], rows: list[dict], out: str | Path) -> Path:
     """Final test accuracy against the time budget: every seed as a dot, the mean as a line with its spread."""
     plt = pyplot()
@@ -186,6 +213,7 @@ def plot_frontier(table: list[dict], rows: list[dict], out: str | Path) -> Path:
                              out)
 
 
+@plain_text
 def plot_lr_find(result: Any, out: str | Path) -> Path:
     """The range test's loss (raw, faint; smoothed, bold) against the learning rate (log scale), with the suggested,
     the minimum's and the config's own learning rates marked."""
@@ -208,6 +236,7 @@ def plot_lr_find(result: Any, out: str | Path) -> Path:
     return _save(fig, out)
 
 
+@plain_text
 def plot_image_grid(tiles: list[Any], out: str | Path, title: str, columns: int = 6) -> Path:
     """Images with a caption each (``(uint8 array, caption)``; ``None`` leaves a cell blank) in a grid."""
     plt = pyplot()
@@ -224,6 +253,7 @@ def plot_image_grid(tiles: list[Any], out: str | Path, title: str, columns: int 
     return _save(fig, out)
 
 
+@plain_text
 def plot_class_metrics(rows: list[dict[str, Any]], out: str | Path) -> Path:
     """Precision, recall and F1 of every class as grouped horizontal bars (worst F1 at the top)."""
     import numpy as np

@@ -23,6 +23,7 @@ from .data import BatchTransform, DataError, fit_square, load_rgb, store_size
 from .data.folder import IMAGE_EXTENSIONS
 from .errors import ConfigError, first_line
 from .progress import CountProgress
+from .rowfile import RowWriter  # noqa: F401  (re-exported: predictions written to a file)
 from .runtime import autocast, inference_channels_last, prepare, usable_cores
 
 
@@ -110,11 +111,12 @@ def inference_model(model: str | Path, runtime: str = "eager", arch: str | None 
 
         base = Path(model) if Path(model).is_dir() else Path(model).parent
         path = base / RUNTIME_FILES[runtime]
+        how = "--quantize int8" if runtime == "onnx-int8" else "--format onnx"
         if not path.is_file():
-            how = "--quantize int8" if runtime == "onnx-int8" else "--format onnx"
             raise DataError(f"--runtime {runtime} runs {path}, which does not exist: make it with reslab export "
                             f"{base} {how}")
         net = OnnxModule(path)
+        net.check_made_from(meta, f"reslab export {base} {how}")
     return net.eval(), meta
 
 
@@ -146,7 +148,8 @@ def predict_rows(model: str | Path, files: list[Path], *, topk: int = 5, arch: s
     loader = DataLoader(_Files(files, ModelInput(meta)), batch_size=batch_size, num_workers=workers,
                         collate_fn=list, worker_init_fn=_one_thread, persistent_workers=False)
     meter = CountProgress(len(files), "predicting") if progress else None
-    stems = Counter(f.stem for f in files) if cam is not None else Counter()
+    check_cam_folder(cam)
+    names = cam_names(files) if cam is not None else []
     done = 0
     for batch in loader:
         good = [(i, x) for i, x, _ in batch if x is not None]
@@ -160,7 +163,7 @@ def predict_rows(model: str | Path, files: list[Path], *, topk: int = 5, arch: s
                 if cam is not None:
                     from .cam import save_cam
 
-                    rows[i]["cam"] = str(Path(cam) / _cam_name(files[i], stems))
+                    rows[i]["cam"] = str(Path(cam) / names[i])
                     save_cam(net, x.unsqueeze(0).to(dev), classes.index(top[0]["class"]), tuple(meta["mean"]),
                              tuple(meta["std"]), Path(rows[i]["cam"]))
         yield from (rows[i] for i, _, _ in batch)
@@ -176,15 +179,15 @@ def predict(model: str | Path, inputs: list[str | Path], *, topk: int = 5, arch:
             precision: str = "fp32", workers: int | None = None, runtime: str = "eager") -> list[dict[str, Any]]:
     """Top-``topk`` classes and probabilities for each image file (folders are searched recursively).
 
-    ``cam``: also write a Grad-CAM overlay of each image's top class into this folder (``<name>.cam.png``, from the
-    input exactly as the model saw it); each row then names its file under ``"cam"``.
+    ``cam``: also write a Grad-CAM overlay of each image's top class into this folder (``<stem>.cam.png``, from the
+    input exactly as the model saw it; ``cam_names`` where stems repeat); each row then names its file under
+    ``"cam"``.
 
     Returns:
         One ``{"path": ..., "top": [{"class": ..., "prob": ...}, ...]}`` per image, in input order; an image that
         cannot be read gets ``{"path": ..., "error": "..."}`` instead (a ``DataError`` only when none can be read).
     """
-    if cam is not None and Path(cam).exists() and not Path(cam).is_dir():
-        raise DataError(f"--cam {cam} is a file; the maps go into a folder")
+    check_cam_folder(cam)
     files = image_files(inputs)
     results = list(predict_rows(model, files, topk=topk, arch=arch, device=device, precision=precision,
                                 batch_size=batch_size, workers=workers, cam=cam, runtime=runtime))
@@ -194,77 +197,37 @@ def predict(model: str | Path, inputs: list[str | Path], *, topk: int = 5, arch:
     return results
 
 
-def _cam_name(file: Path, stems: Counter) -> str:
-    """``<stem>.cam.png``, prefixed by its folder's name where two inputs share a stem (``stems``: their counts)."""
-    return f"{file.parent.name}_{file.stem}.cam.png" if stems[file.stem] > 1 else f"{file.stem}.cam.png"
+def cam_names(files: list[Path]) -> list[str]:
+    """The overlay file of each input: ``<stem>.cam.png`` where its stem is unique among ``files``; otherwise its path
+    below the inputs' common folder with its extension kept (``a/x.png`` -> ``a/x.png.cam.png``), so that no two
+    overlays share a name (compared without case, as macOS and Windows compare them)."""
+    stems = Counter(f.stem for f in files)
+    full = [f.resolve() for f in files]
+    base = Path(os.path.commonpath([p.parent for p in full])) if files else Path()
+    names: list[str] = []
+    used: set[str] = set()
+    for f, p in zip(files, full):
+        name = f"{f.stem}.cam.png" if stems[f.stem] == 1 else f"{p.relative_to(base).as_posix()}.cam.png"
+        unique, k = name, 2
+        while unique.lower() in used:  # the same file given twice
+            unique, k = f"{name[:-len('.cam.png')]}-{k}.cam.png", k + 1
+        used.add(unique.lower())
+        names.append(unique)
+    return names
 
 
-class RowWriter:
-    """Rows written to ``--output FILE.csv`` or ``.jsonl`` as they are made, each flushed at once, so a killed
-    run keeps every row it wrote; ``resume`` continues a file, and ``done`` holds the paths it already has."""
-
-    def __init__(self, path: str | Path, topk: int, resume: bool = False) -> None:
-        self.path, self.topk = Path(path), topk
-        self.kind = self.path.suffix.lower()
-        if self.kind not in (".csv", ".jsonl"):
-            raise ConfigError(f"--output {self.path}: the file name must end in .csv or .jsonl")
-        if self.path.is_dir():
-            raise ConfigError(f"--output {self.path} is a folder: give a file name")
-        if self.path.exists() and not resume:
-            raise ConfigError(f"--output {self.path} exists: add --resume to skip the files it holds and append, or "
-                              f"choose another file")
-        self.done = self._read_done() if resume and self.path.exists() else set()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        new = not self.path.exists() or self.path.stat().st_size == 0
-        self.file = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115 (open for the run: close())
-        if new and self.kind == ".csv":
-            self._csv().writerow(["path", *(f"{w}_{k}" for k in range(1, topk + 1) for w in ("class", "prob")),
-                                  "error"])
-
-    def _csv(self):
-        import csv
-
-        return csv.writer(self.file)
-
-    def _read_done(self) -> set[str]:
-        """The paths already in the file; a last line cut short by a kill is dropped (its file is redone)."""
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            data = data[:data.rfind(b"\n") + 1]
-            with open(self.path, "r+b") as f:
-                f.truncate(len(data))
-        text = data.decode("utf-8")
-        if self.kind == ".jsonl":
-            import json
-
-            return {json.loads(line)["path"] for line in text.splitlines() if line.strip()}
-        import csv
-
-        rows = list(csv.reader(text.splitlines()))
-        if rows and rows[0][:1] != ["path"]:
-            raise ConfigError(f"--output {self.path} is not a reslab predictions file: choose another file")
-        if rows and len(rows[0]) != 2 * self.topk + 2:
-            raise ConfigError(f"--output {self.path} holds the top {(len(rows[0]) - 2) // 2}, not --topk "
-                              f"{self.topk}: give that --topk to continue it")
-        return {r[0] for r in rows[1:] if r}
-
-    def write(self, rows: list[dict[str, Any]]) -> None:
-        if self.kind == ".jsonl":
-            import json
-
-            self.file.writelines(json.dumps(r) + "\n" for r in rows)
-        else:
-            w = self._csv()
-            for r in rows:
-                cells = [c for t in r.get("top", []) for c in (t["class"], t["prob"])]
-                w.writerow([r["path"], *cells, *[""] * (2 * self.topk - len(cells)), r.get("error", "")])
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
-
-    def __enter__(self) -> RowWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+def check_cam_folder(cam: str | Path | None) -> None:
+    """Refuse a ``--cam`` that cannot be the maps' folder, before any work."""
+    if cam is None:
+        return
+    cam = Path(cam)
+    if cam.exists() and not cam.is_dir():
+        raise DataError(f"--cam {cam} is a file; the maps go into a folder")
+    if not cam.exists() and cam.suffix.lower() in IMAGE_EXTENSIONS:
+        raise DataError(f"--cam {cam} looks like an image file name; the maps go into a folder: give its name")
+    try:
+        cam.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot make the --cam folder {cam}: {exc.strerror or exc}") from None
+    if not os.access(cam, os.W_OK):
+        raise DataError(f"cannot write into the --cam folder {cam}: permission denied")

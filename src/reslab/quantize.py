@@ -22,10 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checkpoint import atomic_write
 from .errors import UserError
 from .evaluate import evaluate_batches, model_batches
 from .log import say
-from .runtimes import OnnxModule, onnxruntime
+from .rundir import temp_prefix
+from .runtimes import OnnxModule, onnxruntime, tag_onnx
 
 MAX_DROP = 0.01  # refuse an int8 model that loses more than 1 point of test accuracy (unless --force)
 CALIBRATION = 256  # training images whose activations set the int8 scales
@@ -56,16 +58,18 @@ def quantize_int8(net: torch.nn.Module, meta: dict[str, Any], float_onnx: Path, 
         raise UserError(f"--calibration must be at least 1 and --max-drop in [0, 1], got {calibration}, {max_drop}")
     calib = calibration_batches(meta, data, calibration, data_dir)
     test, batches = model_batches(meta, data, "test", 128, torch.device("cpu"), samples=samples, data_dir=data_dir)
-    with tempfile.TemporaryDirectory(prefix=".reslab-int8-", dir=out.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=temp_prefix("int8"), dir=out.parent) as tmp:
         say(f"quantizing to int8: calibrating on {len(calib.split)} training images of {data}")
         quantize_onnx(float_onnx, Path(tmp) / "int8.onnx", (x.numpy() for x, _ in calib.epoch(0)))
+        tag_onnx(Path(tmp) / "int8.onnx", meta)
         say(f"checking int8 against float on {len(test)} test images")
         check = _compare(net, OnnxModule(Path(tmp) / "int8.onnx"), batches, len(test.classes))
         check.update(out=str(out), data=str(data), calibration=len(calib.split), max_drop=max_drop)
         result = QuantizeCheck(**check, written=check["drop"] <= max_drop or force)
         if result.written:
             os.replace(Path(tmp) / "int8.onnx", out)
-            out.with_suffix(".json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+            atomic_write(out.with_suffix(".json"), lambda f: f.write((json.dumps(asdict(result), indent=2) + "\n")
+                                                                     .encode()))
     return result
 
 

@@ -41,13 +41,30 @@ def _img(path: Path, alt: str) -> str:
 
 def _table(header: list[str], rows: list[list[Any]], numeric: set[int] = frozenset()) -> str:
     head = "".join(f"<th>{_esc(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f'<td{" class=n" if k in numeric else ""}>{_esc(v)}</td>'
+    n = ' class="n"'
+    body = "".join("<tr>" + "".join(f'<td{n if k in numeric else ""}>{_esc(v)}</td>'
                                      for k, v in enumerate(r)) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.2f} %"
+def _pct(v: Any) -> str:
+    return f"{100 * v:.2f} %" if _is_number(v) else "-"
+
+
+def _num(v: Any, fmt: str) -> str:
+    return format(v, fmt) if _is_number(v) else "-"
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _read_back(title: str, section, *args: Any) -> str:
+    """A section drawn from files a run holds, which anyone may have edited: one that cannot be read is a note."""
+    try:
+        return section(*args)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OSError) as exc:
+        return f"<h2>{_esc(title)}</h2><p class='note'>could not be read: {_esc(type(exc).__name__)}: {_esc(exc)}</p>"
 
 
 def _page(title: str, sections: list[str]) -> str:
@@ -58,7 +75,7 @@ def _page(title: str, sections: list[str]) -> str:
 def _machine_section(run: Path) -> str:
     machines = rundir.read_machines(run)
     if not machines:
-        return "<h2>Machine</h2><p class=note>not recorded (a run of an older reslab)</p>"
+        return "<h2>Machine</h2><p class='note'>not recorded (a run of an older reslab)</p>"
     rows = [[m.get("cpu"), ", ".join(m.get("cpu_extensions", [])), m.get("cores"), m.get("threads"),
              m.get("device"), m.get("gpu", ""), m.get("precision"), m.get("torch")] for m in machines]
     return "<h2>Machine</h2>" + _table(["CPU", "extensions", "cores", "threads", "device", "GPU", "precision",
@@ -71,7 +88,7 @@ def _config_section(config: dict[str, Any]) -> str:
         rows = [[f.name.replace("_", "-"), config[f.name]] for f in fields_of(name) if f.name in config]
         if rows:
             parts.append(f"<div><h3>{_esc(section.title)}</h3>{_table(['option', 'value'], rows)}</div>")
-    return "<h2>Config</h2><div class=grid>" + "".join(parts) + "</div>"
+    return "<h2>Config</h2><div class='grid'>" + "".join(parts) + "</div>"
 
 
 def _marks_section(run: Path) -> str:
@@ -91,29 +108,34 @@ def _evaluation_section(run: Path, config: dict[str, Any], tmp: Path, samples: i
     try:
         r = evaluate(run, config["data"], data_dir=config.get("data_dir"), samples=samples)
     except UserError as exc:
-        return f"<h2>Evaluation</h2><p class=note>not evaluated: {_esc(exc)}</p>"
+        return f"<h2>Evaluation</h2><p class='note'>not evaluated: {_esc(exc)}</p>"
     picture = _img(plot_confusion(r.confusion, r.classes, tmp / "confusion.png"), "confusion matrix")
     rows = [[m["class"], m["support"], _pct(m["precision"]), _pct(m["recall"]), f"{m['f1']:.3f}"]
             for m in class_metrics(r.confusion, r.classes)]
     return (f"<h2>Evaluation</h2><p>test accuracy <b>{_pct(r.accuracy)}</b> on {r.n} images of "
             f"<code>{_esc(config['data'])}</code>" + (f", top-5 {_pct(r.top5)}" if r.top5 is not None else "")
-            + f"</p><div class=grid><div>{picture}</div><div>"
+            + f"</p><div class='grid'><div>{picture}</div><div>"
             + _table(["class", "images", "precision", "recall", "F1"], rows, {1, 2, 3, 4}) + "</div></div>")
 
 
 def _gallery_section(run: Path) -> str:
     folder = run / "gallery"
     if not (folder / "gallery.json").is_file():
-        return ("<h2>Mistakes</h2><p class=note>no gallery: <code>reslab eval RUN --data DATA --gallery "
+        return ("<h2>Mistakes</h2><p class='note'>no gallery: <code>reslab eval RUN --data DATA --gallery "
                 "RUN/gallery</code> draws one</p>")
     g = json.loads((folder / "gallery.json").read_text())
     images = "".join(_img(folder / name, name) for name in ("mistakes.png", "confused.png")
                      if (folder / name).is_file())
-    pairs = [[p["true"], p["predicted"], p["count"], _pct(p["share_of_true"])] for p in g.get("pairs", [])]
+    pairs = [[p.get("true"), p.get("predicted"), p.get("count"), _pct(p.get("share_of_true"))]
+             for p in g.get("pairs", [])]
     if not g.get("mistakes"):
-        return f"<h2>Mistakes</h2><p>none among the {g.get('n')} images of the gallery</p>"
-    return (f"<h2>Mistakes</h2><p>{len(g['mistakes'])} of {g.get('n')} images</p>"
+        return f"<h2>Mistakes</h2><p>none among the {_esc(g.get('n'))} images of the gallery</p>"
+    return (f"<h2>Mistakes</h2><p>{len(g['mistakes'])} of {_esc(g.get('n'))} images</p>"
             + _table(["true class", "predicted", "images", "share of the true class"], pairs, {2, 3}) + images)
+
+
+def _severity(v: Any) -> str:
+    return v if v in ("error", "warning", "info") else "note"  # a class name from a file: only the known ones
 
 
 def _audit_section(run: Path) -> str:
@@ -121,8 +143,8 @@ def _audit_section(run: Path) -> str:
     if not path.is_file():
         return ""
     a = json.loads(path.read_text())
-    items = "".join(f"<li class={_esc(f['severity'])}><b>{_esc(f['message'])}</b><br>what to do: "
-                    f"{_esc(f['advice'])}</li>" for f in a.get("findings", []))
+    items = "".join(f'<li class="{_severity(f.get("severity"))}"><b>{_esc(f.get("message"))}</b><br>what to do: '
+                    f'{_esc(f.get("advice"))}</li>' for f in a.get("findings", []))
     return f"<h2>Data audit</h2><p>{_esc(a.get('data'))}</p><ul>{items or '<li>no problems found</li>'}</ul>"
 
 
@@ -137,20 +159,21 @@ def run_report(run: str | Path, samples: int | None = None, evaluate: bool = Tru
         raise UserError(f"{run} is not a reslab run directory with metrics (config.yaml, metrics.jsonl)")
     last = metrics[-1]
     summary = _table(["epochs", "steps", "train loss", "train accuracy", "test accuracy", "wall time"],
-                     [[last.get("epoch"), last.get("step"), f"{last.get('train_loss', 0):.4f}",
+                     [[last.get("epoch"), last.get("step"), _num(last.get("train_loss"), ".4f"),
                        _pct(last.get("train_acc")), _pct(last.get("test_acc")),
-                       f"{last.get('wall_seconds', 0):.0f} s"]], {0, 1, 2, 3, 4, 5})
+                       _num(last.get("wall_seconds"), ".0f") + " s"]], {0, 1, 2, 3, 4, 5})
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         curves = (_img(plot_runs([run], t / "error.png", metric="error"), "error curves")
                   + _img(plot_runs([run], t / "loss.png", metric="loss"), "loss curve"))
         sections = [f"<p>{_esc(config.get('arch'))} on <code>{_esc(config.get('data'))}</code></p>", summary,
-                    _machine_section(run), f"<h2>Curves</h2><div class=grid><div>{curves}</div></div>",
-                    _marks_section(run)]
+                    _machine_section(run), f"<h2>Curves</h2><div class='grid'><div>{curves}</div></div>",
+                    _read_back("Accuracy marks", _marks_section, run)]
         sections.append(_evaluation_section(run, config, t, samples) if evaluate and rundir.is_finished(run)
-                        else "<h2>Evaluation</h2><p class=note>not evaluated (no final model yet, or --no-evaluate)"
+                        else "<h2>Evaluation</h2><p class='note'>not evaluated (no final model yet, or --no-evaluate)"
                              "</p>")
-        sections += [_gallery_section(run), _audit_section(run), _config_section(config)]
+        sections += [_read_back("Mistakes", _gallery_section, run), _read_back("Data audit", _audit_section, run),
+                     _read_back("Config", _config_section, config)]
         out = run / "report.html"
         out.write_text(_page(f"reslab run {run.name}", sections))
     return out
@@ -172,7 +195,7 @@ def compare_report(folder: str | Path) -> Path:
         sections.append(f"<h2>What it shows</h2><ul>{lessons}</ul>")
     figures = [p for p in ("curves.png", "depth.png", "loss.png", "frontier.png") if (folder / p).is_file()]
     sections.append("<h2>Figures</h2>" + ("".join(_img(folder / p, p) for p in figures) if figures else
-                                          "<p class=note>no figures</p>"))
+                                          "<p class='note'>no figures</p>"))
     first = next((folder / r["name"] for r in summary["runs"] if (folder / r["name"]).is_dir()), None)
     if first is not None:
         sections.append(_machine_section(first))

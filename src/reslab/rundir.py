@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
@@ -27,6 +28,7 @@ HISTORY_DIR = "checkpoints"  # --keep-checkpoints: step-NNNNNNNN.pt
 CHECKPOINT_FILE, MODEL_FILE = "last.pt", "model.safetensors"
 LOCK_FILE = ".reslab.lock"  # held by the process training the run; its presence also marks a folder reslab made
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, MODEL_FILE)
+PROTECTED_FILES = (*RUN_FILES, MACHINE_FILE)  # what no other command may write over in a run directory
 
 
 @contextlib.contextmanager
@@ -43,7 +45,7 @@ def own(run: str | Path, new: bool, force: bool = False) -> Iterator[None]:
         return
     made = not run.exists()
     if new and not made and not force and not (run / LOCK_FILE).exists():
-        foreign = [f for f in RUN_FILES if (run / f).exists()]
+        foreign = [f for f in PROTECTED_FILES if (run / f).exists()]
         if foreign:
             raise UserError(f"{run} holds {', '.join(foreign)} that no reslab run made there: choose another --out, "
                             f"or add --force to write over them")
@@ -63,11 +65,7 @@ def own(run: str | Path, new: bool, force: bool = False) -> Iterator[None]:
         if lock.previous is not None and lock.previous.pid != os.getpid():
             say(f"reslab: {run} was left by {lock.previous}, which ended without releasing it (killed?); taking it "
                 f"over")
-        for tmp in run.glob(".*.tmp[0-9]*"):  # a killed checkpoint write's temporary file (its writer is gone)
-            pid = writer_pid(tmp.name)
-            if pid is not None and not pid_alive(pid):
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
+        remove_stale_temps(run)
         yield
     finally:
         lock.release()
@@ -75,6 +73,26 @@ def own(run: str | Path, new: bool, force: bool = False) -> Iterator[None]:
             with contextlib.suppress(OSError):
                 (run / LOCK_FILE).unlink()
                 run.rmdir()
+
+
+def temp_prefix(kind: str) -> str:
+    """The name prefix of a temporary folder a ``kind`` of writer makes (``.reslab-export.tmp<PID>.``): the PID
+    lets ``remove_stale_temps`` tell a killed writer's leftovers from a running one's."""
+    return f".reslab-{kind}.tmp{os.getpid()}."
+
+
+def remove_stale_temps(folder: str | Path) -> None:
+    """Remove the temporary files and folders that killed reslab writers left in ``folder`` (a checkpoint's
+    ``.last.pt.tmp<PID>``, an export's ``.reslab-export.tmp<PID>.*``): those whose process is gone."""
+    for tmp in Path(folder).glob(".*.tmp[0-9]*"):
+        pid = writer_pid(tmp.name)
+        if pid is None or pid_alive(pid):
+            continue
+        with contextlib.suppress(OSError):
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink()
 
 
 def check_output(out: str | Path, kinds: tuple[str, ...], *, force: bool = False, source: Path | None = None,

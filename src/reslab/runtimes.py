@@ -6,13 +6,33 @@ the server feed every runtime through one code path. Optional dependency: ``pip 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, first_line
+
+TAG = "reslab"  # the exported model's metadata entry: the weights it came from, its architecture and classes
+
+
+def model_tag(meta: dict[str, Any]) -> dict[str, Any]:
+    """What an exported file records of the model it came from (``meta``: ``load_model``'s)."""
+    return {"weights": meta["weights"], "arch": meta["arch"], "classes": list(meta["classes"])}
+
+
+def tag_onnx(path: str | Path, meta: dict[str, Any]) -> None:
+    """Record ``model_tag(meta)`` in the ONNX model at ``path`` (its metadata_props)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for prop in [p for p in model.metadata_props if p.key == TAG]:
+        model.metadata_props.remove(prop)
+    model.metadata_props.add(key=TAG, value=json.dumps(model_tag(meta)))
+    onnx.save(model, str(path))
 
 
 def onnxruntime():
@@ -40,7 +60,34 @@ class OnnxModule(nn.Module):
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
         super().__init__()
         self.path = Path(path)
-        self.session = onnx_session(path, threads)
+        try:
+            self.session = onnx_session(path, threads)
+        except UserError:
+            raise
+        except Exception as exc:  # ONNX Runtime's errors on a damaged or foreign file
+            raise UserError(f"{path} is not a readable ONNX model ({first_line(exc)[:200]}): make it again with "
+                            f"reslab export") from None
+
+    def tag(self) -> dict[str, Any] | None:
+        """The model this file was exported from (``model_tag``), or None when it does not say."""
+        raw = self.session.get_modelmeta().custom_metadata_map.get(TAG)
+        try:
+            tag = json.loads(raw) if raw else None
+        except ValueError:
+            return None
+        return tag if isinstance(tag, dict) else None
+
+    def check_made_from(self, meta: dict[str, Any], how: str) -> None:
+        """Refuse (one line) a file exported from other weights or classes than ``meta``'s; ``how``: the command
+        that makes it again."""
+        tag = self.tag()
+        if tag is None:
+            raise UserError(f"{self.path} does not record the weights it was exported from (an older reslab or "
+                            f"another tool made it): make it again with {how}")
+        if tag.get("weights") != meta["weights"] or tag.get("classes") != list(meta["classes"]):
+            what = "classes" if tag.get("weights") == meta["weights"] else "weights"
+            raise UserError(f"{self.path} was exported from other {what} than the model's (trained on since, or "
+                            f"from another run): make it again with {how}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         images = np.ascontiguousarray(x.detach().float().cpu().numpy())

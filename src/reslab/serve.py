@@ -11,6 +11,7 @@ time; a non-image, an oversized or a truncated upload gets a 4xx with one line, 
 # name types of the fastapi module imported inside create_app.
 import asyncio
 import io
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from .data import load_rgb
+from .data.folder import check_pixels, decode_bytes
 from .errors import UserError, first_line
 from .predict import ModelInput, inference_model, to_layout, top_rows
 from .runtime import autocast, prepare
@@ -81,21 +83,22 @@ class Batcher:
 
 def create_app(model: str | Path, *, topk: int = 5, device: str = "auto", precision: str = "fp32",
                max_batch: int = 16, batch_wait_ms: float = 5.0, max_upload_mb: float = 10.0,
-               decode_timeout: float = 5.0, runtime: str = "eager"):
+               decode_timeout: float = 5.0, decode_memory_mb: float = 1024.0, runtime: str = "eager"):
     """The FastAPI application serving ``model`` (a run directory, ``model.safetensors`` or ``last.pt``) in
-    ``runtime`` (``eager``, ``onnx``, ``onnx-int8``: see ``reslab.predict.inference_model``)."""
+    ``runtime`` (``eager``, ``onnx``, ``onnx-int8``: see ``reslab.predict.inference_model``). ``decode_memory_mb``:
+    the memory the images being decoded at once may take (an upload that alone needs more is refused)."""
     fastapi, _ = _fastapi()
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse
+    from starlette.exceptions import HTTPException
 
-    if topk < 1 or max_batch < 1 or batch_wait_ms < 0 or max_upload_mb <= 0 or decode_timeout <= 0:
-        raise UserError("--topk and --max-batch must be at least 1, --batch-wait-ms at least 0, "
-                        "--max-upload-mb and --decode-timeout positive")
+    check_options(topk=topk, max_batch=max_batch, batch_wait_ms=batch_wait_ms, max_upload_mb=max_upload_mb,
+                  decode_timeout=decode_timeout, decode_memory_mb=decode_memory_mb)
     dev, prec = prepare(device, precision)
     net, meta = inference_model(model, runtime, device=dev, precision=prec)
     model_input, classes = ModelInput(meta), meta["classes"]
     batcher = Batcher(net, dev, prec, max_batch, batch_wait_ms)
-    uploads = Uploads(model_input, max_upload_mb, decode_timeout)
-    limit = uploads.limit
+    uploads = Uploads(model_input, max_upload_mb, decode_timeout, decode_memory_mb)
 
     async def lifespan(app):
         task = asyncio.create_task(batcher.run())
@@ -111,13 +114,16 @@ def create_app(model: str | Path, *, topk: int = 5, device: str = "auto", precis
     async def unexpected(request: fastapi.Request, exc: Exception):
         return fail(500, f"the server failed: {type(exc).__name__}: {first_line(exc)}")
 
-    @app.middleware("http")
-    async def bounded(request: fastapi.Request, call_next):
-        # Before the form is parsed (FastAPI reads a whole upload before the endpoint runs): refuse by the header.
-        size = request.headers.get("content-length", "")
-        if size.isdigit() and int(size) > limit + 65536:
-            return fail(413, f"the upload is larger than --max-upload-mb {max_upload_mb:g}")
-        return await call_next(request)
+    @app.exception_handler(HTTPException)  # FastAPI's {"detail": ...}: one line, as every other answer
+    async def http_error(request: fastapi.Request, exc: HTTPException):
+        return fail(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)  # FastAPI's 422 object
+    async def invalid(request: fastapi.Request, exc: RequestValidationError):
+        return fail(400, "malformed request: POST /predict takes one image as the multipart field 'file'")
+
+    app.add_middleware(BodyLimit, limit=uploads.limit + 65536,
+                       line=f"the upload is larger than --max-upload-mb {max_upload_mb:g}")
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -129,9 +135,10 @@ def create_app(model: str | Path, *, topk: int = 5, device: str = "auto", precis
         return PAGE.replace("{{arch}}", meta["arch"]).replace("{{n}}", str(len(classes)))
 
     @app.post("/predict")
-    async def predict(file: fastapi.UploadFile | None = fastapi.File(None)):  # noqa: B008 (FastAPI idiom)
+    async def predict(request: fastapi.Request):
         t0 = time.perf_counter()
         try:
+            file = await uploads.form_file(request)
             x = await uploads.image(file)
         except Refused as r:
             return fail(r.status, str(r))
@@ -153,13 +160,100 @@ class Refused(Exception):
         self.status = status
 
 
-class Uploads:
-    """An upload becomes the model's input as ``reslab predict`` reads a file, bounded in size and decode time."""
+class BodyLimit:
+    """ASGI middleware: a request body is counted as it arrives and answered 413 once it passes ``limit`` bytes,
+    whether or not it declared its length (a chunked upload), so no more than the limit is ever read or spooled."""
 
-    def __init__(self, model_input: ModelInput, max_upload_mb: float, decode_timeout: float) -> None:
+    def __init__(self, app, limit: int, line: str) -> None:
+        self.app, self.limit, self.line = app, limit, line
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send)
+        seen, over, started = 0, False, False
+
+        async def counted():
+            nonlocal seen, over
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    over = True
+                    raise Refused(413, self.line)  # stops the form parser; answered below
+            return message
+
+        async def guarded(message) -> None:
+            nonlocal started
+            if over:  # whatever the app answers after the refusal (its error for a broken form) is replaced
+                return
+            started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted, guarded)
+        except Exception:
+            if not over:
+                raise
+        if over and not started:
+            await self._refuse(send)
+
+    async def _refuse(self, send) -> None:
+        import json
+
+        body = json.dumps({"error": self.line}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class DecodeMemory:
+    """Admits decodes while the memory they are estimated to need fits ``limit`` bytes, released when the decode
+    ends (not when its request times out: the thread still holds the memory). A few large images wait their turn
+    while small ones pass; one that alone needs more than the limit is refused."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+        self.freed = asyncio.Condition()
+
+    async def take(self, cost: int) -> None:
+        async with self.freed:
+            await self.freed.wait_for(lambda: self.used + cost <= self.limit)
+            self.used += cost
+
+    async def give(self, cost: int) -> None:
+        async with self.freed:
+            self.used -= cost
+            self.freed.notify_all()
+
+
+class Uploads:
+    """An upload becomes the model's input as ``reslab predict`` reads a file, bounded in size, in the memory its
+    decode takes and in decode time."""
+
+    def __init__(self, model_input: ModelInput, max_upload_mb: float, decode_timeout: float,
+                 decode_memory_mb: float = 1024.0) -> None:
         self.input, self.max_mb, self.timeout = model_input, max_upload_mb, decode_timeout
         self.limit = int(max_upload_mb * 1024 * 1024)
-        self.decoders = ThreadPoolExecutor(2, thread_name_prefix="reslab-decode")
+        self.memory_mb = decode_memory_mb
+        self.memory = DecodeMemory(int(decode_memory_mb * 1024 * 1024))
+        self.decoders = ThreadPoolExecutor(4, thread_name_prefix="reslab-decode")
+
+    async def form_file(self, request):
+        """The one upload of the multipart form (a second ``file`` part, or none, is a 400)."""
+        try:
+            form = await request.form(max_files=2, max_fields=16, max_part_size=self.limit)
+        except Refused:
+            raise
+        except Exception as exc:  # a malformed multipart body
+            raise Refused(400, f"malformed upload: {first_line(getattr(exc, 'detail', exc))}") from None
+        files = [f for f in form.getlist("file") if hasattr(f, "read")]
+        if len(form.getlist("file")) > 1:
+            raise Refused(400, "two 'file' parts in one request: send one image per request")
+        return files[0] if files else None
 
     async def image(self, file) -> torch.Tensor:
         if file is None:
@@ -169,25 +263,63 @@ class Uploads:
             raise Refused(413, f"the upload is larger than --max-upload-mb {self.max_mb:g}")
         if not data:
             raise Refused(400, "the upload is empty")
+        cost = self._cost(data)
+        await self.memory.take(cost)
         loop = asyncio.get_running_loop()
+        job = loop.run_in_executor(self.decoders, self._decode, data)
+        job.add_done_callback(lambda _: loop.create_task(self.memory.give(cost)))
         try:
-            return await asyncio.wait_for(loop.run_in_executor(self.decoders, self._decode, data), self.timeout)
+            return await asyncio.wait_for(asyncio.shield(job), self.timeout)
         except TimeoutError:
             raise Refused(408, f"decoding the image took longer than --decode-timeout {self.timeout:g} s") from None
-        except Exception as exc:  # PIL's refusal of a non-image, a truncated file, a decompression bomb
+        except Exception as exc:  # PIL's refusal of a non-image, a truncated file
             raise Refused(400, f"not a readable image: {type(exc).__name__}: {first_line(exc)}") from None
+
+    def _cost(self, data: bytes) -> int:
+        """The bytes decoding ``data`` will take, read from its header (no pixel is decoded here)."""
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                check_pixels(im)
+                cost = decode_bytes(im, self.input.keep)
+        except UserError as exc:
+            raise Refused(413, str(exc)) from None
+        except Exception as exc:
+            raise Refused(400, f"not a readable image: {type(exc).__name__}: {first_line(exc)}") from None
+        if cost > self.memory.limit:
+            raise Refused(413, f"decoding this image would take about {cost / 2**20:.0f} MB, more than "
+                               f"--decode-memory-mb {self.memory_mb:g}")
+        return cost
 
     def _decode(self, data: bytes) -> torch.Tensor:
         return self.input(load_rgb(io.BytesIO(data), min_side=self.input.keep))
 
 
+def check_options(**options: float) -> None:
+    """The server's limits, range-checked before anything loads (one line)."""
+    low = {"topk": 1, "max_batch": 1, "batch_wait_ms": 0}
+    for name, value in options.items():
+        if (name in low and value < low[name]) or (name not in low and not value > 0):
+            bound = f"at least {low[name]}" if name in low else "positive"
+            raise UserError(f"--{name.replace('_', '-')} must be {bound}, got {value:g}")
+
+
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
     """Serve ``model`` over HTTP until interrupted (see ``create_app`` for the options)."""
     _, uvicorn = _fastapi()
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port must be 0-65535, got {port}")
     app = create_app(model, **options)
+    try:  # bound here, so that a port in use is one line and the address printed is one that answers
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     print(f"serving {model} on http://{host}:{port}  (POST /predict with a multipart 'file', GET /health, "
           f"GET / for a form)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    server.run(sockets=[sock])
 
 
 PAGE = """<!doctype html>

@@ -27,8 +27,21 @@ from ..runtime import usable_cores
 from .cache import EntryWriter, cache_dir, entry_lock, read_entry, say
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
-# Refuse decompression bombs: no image of ours needs more pixels than this.
+# Refuse decompression bombs: no image of ours needs more pixels than this. PIL itself only warns up to twice the
+# limit, so ``load_rgb`` checks it, everywhere an image is read (training, eval, audit, predict, serve).
 Image.MAX_IMAGE_PIXELS = 64_000_000
+
+
+class TooManyPixels(DataError):
+    """An image larger than ``Image.MAX_IMAGE_PIXELS``: refused before it is decoded."""
+
+
+def check_pixels(im: Image.Image) -> None:
+    """Refuse an opened (not yet decoded) image over ``Image.MAX_IMAGE_PIXELS``."""
+    w, h = im.size
+    if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+        raise TooManyPixels(f"{w}x{h} is {w * h / 1e6:.0f} megapixels, over the limit of "
+                            f"{Image.MAX_IMAGE_PIXELS / 1e6:.0f} (a decompression bomb?): not decoded")
 
 
 def scan_folder(root: str | Path) -> tuple[list[str], list[str], list[str]]:
@@ -46,7 +59,7 @@ def scan_folder(root: str | Path) -> tuple[list[str], list[str], list[str]]:
         raise DataError(f"no class folders in {root} (expected {root}/<class>/<image files>)")
     paths, names, classes, empty = [], [], [], []
     for c in folders:
-        files = _image_files(str(root / c))
+        files = list_images(str(root / c))
         if not files:  # not a class: nothing could be learned or scored for it
             empty.append(c)
             continue
@@ -61,11 +74,18 @@ def scan_folder(root: str | Path) -> tuple[list[str], list[str], list[str]]:
     return paths, names, classes
 
 
-def _image_files(folder: str, _seen: set | None = None) -> list[str]:
+def list_images(folder: str, _seen: set | None = None) -> list[str]:
     """Image files under ``folder`` (recursively, following links once: a link loop is listed once, with a
     warning), sorted as paths sort. Directory entries carry their type, so listing 60,000 files costs no ``stat``
     each (0.1 s instead of 0.6 s with ``Path.rglob`` + ``is_file``)."""
     seen = _seen if _seen is not None else set()
+    try:
+        return _listed(folder, seen)
+    except PermissionError as exc:
+        raise DataError(f"cannot read the folder {exc.filename or folder}: {exc.strerror}") from None
+
+
+def _listed(folder: str, seen: set) -> list[str]:
     st = os.stat(folder)
     if (st.st_dev, st.st_ino) in seen:
         say(f"warning: {folder} links back to a folder already listed: skipped")
@@ -75,7 +95,7 @@ def _image_files(folder: str, _seen: set | None = None) -> list[str]:
     with os.scandir(folder) as entries:
         for e in entries:
             if e.is_dir():
-                files += _image_files(e.path, seen)
+                files += _listed(e.path, seen)
                 nested = True
             elif e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
                 files.append(e.path)
@@ -87,7 +107,19 @@ def sample_files(root: Path, limit: int = 256) -> list[Path]:
     """Up to ``limit`` image files of a split, spread over its classes, without listing and stat-ing every file."""
     classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     per_class = max(1, limit // max(1, len(classes)))
-    return [Path(f) for c in classes for f in _image_files(str(c))[:per_class]]
+    return [Path(f) for c in classes for f in list_images(str(c))[:per_class]]
+
+
+def decode_bytes(im: Image.Image, min_side: int | None = None) -> int:
+    """About the most memory ``load_rgb`` takes to decode the opened image ``im`` (its header read, no pixels):
+    the decoded pixels at the scale ``min_side`` lets a JPEG decode at, plus what each conversion to RGB holds."""
+    w, h = im.size
+    if min_side is not None and im.format == "JPEG":
+        r = next((r for r in (8, 4, 2) if min(w, h) / r >= min_side), 1)
+        w, h = -(-w // r), -(-h // r)
+    per = {"1": 1, "L": 1, "P": 1, "LA": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3}.get(im.mode, 4)
+    extra = 17 if im.mode in ("I;16", "I;16B", "I;16L", "I") else 8 if im.mode in ("RGBA", "LA", "PA", "P") else 0
+    return w * h * (per + 3 + extra)  # 16-bit: a float64 copy, clipped; alpha: a white RGBA to composite on
 
 
 def load_rgb(path: str | Path, min_side: int | None = None) -> Image.Image:
@@ -97,6 +129,7 @@ def load_rgb(path: str | Path, min_side: int | None = None) -> Image.Image:
     at least ``min_side`` (PIL's ``draft``): a 12-megapixel photo needed at 256 px costs a fraction of a full decode.
     """
     with Image.open(path) as im:
+        check_pixels(im)
         if min_side is not None and im.format == "JPEG":
             w, h = im.size
             scale = min_side / min(w, h)
@@ -131,8 +164,7 @@ def _decode_one(args: tuple[str, int | None]) -> np.ndarray | str:
     path, size = args
     try:
         with warnings.catch_warnings():
-            # Between 1x and 2x MAX_IMAGE_PIXELS PIL only warns: treat that as the decompression bomb it may be.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # load_rgb refuses it in one line
             im = load_rgb(path, min_side=size)
         if size is not None:
             im = fit_square(im, size)
