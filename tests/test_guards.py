@@ -492,3 +492,15 @@ def test_options_are_range_checked_before_any_work_in_one_line(trained, tmp_path
         code, _, err = cli(*args)
         assert code != 0 and line in err, (args, err)
         _one_line(err)
+
+
+def test_resume_auto_on_a_copied_run_does_not_name_the_folder_it_was_copied_from(tmp_path, cli):
+    folder = make_folder(tmp_path / "d", per_class=4)
+    assert cli("train", "--data", folder, "--out", tmp_path / "first", "--arch", "resnet20", "--epochs", "1",
+               "--batch-size", "8", "--threads", "1")[0] == 0
+    shutil.copytree(tmp_path / "first", tmp_path / "copy")
+    (tmp_path / "copy" / "model.safetensors").unlink()  # a run that did not finish, carried elsewhere
+    code, _, err = cli("train", "--resume", "auto", "--data", folder, "--out", tmp_path / "copy", "--arch",
+                       "resnet20", "--epochs", "2", "--batch-size", "8", "--threads", "1")
+    assert code == 0, err
+    assert "has a checkpoint: resuming it" in err and "kept the run's own --out" not in err

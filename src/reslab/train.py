@@ -158,7 +158,9 @@ def continue_or_start(config: TrainConfig, given: Collection[str] = (), started:
         return train(config, started=started, force=force)
     saved = rundir.read_config(out) or {}
     asked = {k: getattr(config, k) for k in given if k in RESUMABLE}
-    kept = sorted(k for k in given if k not in RESUMABLE and k in saved and saved[k] != getattr(config, k))
+    # --out is where the run is now (a copied or moved run records the folder it started in): never "kept".
+    kept = sorted(k for k in given if k not in RESUMABLE and k != "out" and k in saved
+                  and saved[k] != getattr(config, k))
     say(f"reslab: {out} has a checkpoint: resuming it"
         + (f" (restart {os.environ['TORCHELASTIC_RESTART_COUNT']} by torchrun)" if elastic_restart() else "")
         + (f"; kept the run's own {', '.join(_flag(k, saved[k]) for k in kept)}"
