@@ -238,8 +238,12 @@ def compare(config: TrainConfig, *, archs: list[str] | None = None, schedules: l
     variants = _variants(config, archs or [], schedules or [], budgets or [], seeds or [], preset, given)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for name, (_, cfg) in variants.items():
+    decided: dict[str, dict[str, Any]] = {}  # budget -> what its rule chose in the first seed's run
+    for name, (group, cfg) in variants.items():
         run = out / name
+        if group in decided:  # every seed of a budget trains what the first chose: a frontier row is one recipe
+            cfg = dataclasses.replace(cfg, **decided[group], budget_keep=sorted({*cfg.budget_keep, *decided[group]}))
+            variants[name] = (group, cfg)
         saved = rundir.read_config(run) if rundir.has_checkpoint(run) or rundir.is_finished(run) else None
         differences = recipe_differences(saved, dataclasses.replace(cfg, out=str(run))) if saved else []
         if differences:
@@ -253,6 +257,9 @@ def compare(config: TrainConfig, *, archs: list[str] | None = None, schedules: l
         else:
             print(f"compare: {name}: training into {run}", flush=True)
             train(dataclasses.replace(cfg, out=str(run)))
+        if budgets and group not in decided:
+            saved = rundir.read_config(run) or {}
+            decided[group] = {k: saved[k] for k in rule_chooses(cfg.budget_rule) if k in saved}
     rows = [_summary_row(name, group, cfg, out / name) for name, (group, cfg) in variants.items()]
     kind = "budgets" if budgets else "schedules" if schedules else "archs"
     summary = {"kind": kind, "runs": rows, "groups": group_stats(rows),
