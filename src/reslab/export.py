@@ -19,7 +19,7 @@ import torch
 
 from .checkpoint import load_model, resolve_model_path, write_failed
 from .errors import UserError, first_line
-from .rundir import CONFIG_FILE, PROTECTED_FILES, check_output, read_config, remove_stale_temps, temp_prefix
+from .rundir import check_output, is_run_file, read_config, remove_stale_temps, temp_prefix
 from .runtimes import model_tag, onnxruntime, tag_onnx
 
 TOLERANCE = 1e-4  # max |difference| of logits against PyTorch in eval mode
@@ -133,7 +133,7 @@ def check_sidecar(path: Path, force: bool) -> None:
     that is not an earlier check."""
     if not path.exists():
         return
-    if path.is_dir() or (path.name in PROTECTED_FILES and (path.parent / CONFIG_FILE).exists()):
+    if path.is_dir() or is_run_file(path):
         raise UserError(f"the int8 check would be written to {path}, a file of a run: choose another --out")
     try:
         earlier = json.loads(path.read_text())

@@ -202,8 +202,9 @@ def cam_names(files: list[Path]) -> list[str]:
     below the inputs' common folder with its extension kept (``a/x.png`` -> ``a/x.png.cam.png``), so that no two
     overlays share a name (compared without case, as macOS and Windows compare them)."""
     stems = Counter(f.stem for f in files)
-    full = [f.resolve() for f in files]
-    base = Path(os.path.commonpath([p.parent for p in full])) if files else Path()
+    repeated = any(n > 1 for n in stems.values())
+    full = [f.resolve() for f in files] if repeated else files  # paths resolved only where a stem repeats
+    base = Path(os.path.commonpath([p.parent for p in full])) if repeated else Path()
     names: list[str] = []
     used: set[str] = set()
     for f, p in zip(files, full):

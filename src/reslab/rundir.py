@@ -95,6 +95,13 @@ def remove_stale_temps(folder: str | Path) -> None:
                 tmp.unlink()
 
 
+def is_run_file(path: str | Path) -> bool:
+    """Whether ``path`` is one of a run directory's own files (``PROTECTED_FILES`` in a folder a run made)."""
+    path = Path(path)
+    return path.name in PROTECTED_FILES and ((path.parent / CONFIG_FILE).exists()
+                                             or (path.parent / LOCK_FILE).exists())
+
+
 def check_output(out: str | Path, kinds: tuple[str, ...], *, force: bool = False, source: Path | None = None,
                  option: str = "--out") -> None:
     """Refuse to write ``out`` over a file users need: the model being read (``source``), a run directory's own
@@ -104,8 +111,7 @@ def check_output(out: str | Path, kinds: tuple[str, ...], *, force: bool = False
         return
     if out.is_dir():
         raise UserError(f"{option} {out} is a folder: give a file name")
-    if (source is not None and out.resolve() == Path(source).resolve()) or (
-            out.name in RUN_FILES and ((out.parent / CONFIG_FILE).exists() or (out.parent / LOCK_FILE).exists())):
+    if (source is not None and out.resolve() == Path(source).resolve()) or is_run_file(out):
         raise UserError(f"{option} {out} is a file of a run: choose another {option}")
     if out.suffix.lower() not in kinds and not force:
         raise UserError(f"{option} {out} exists and is not a {'/'.join(kinds)} file reslab wrote: choose another "

@@ -250,10 +250,10 @@ class Uploads:
             raise
         except Exception as exc:  # a malformed multipart body
             raise Refused(400, f"malformed upload: {first_line(getattr(exc, 'detail', exc))}") from None
-        files = [f for f in form.getlist("file") if hasattr(f, "read")]
-        if len(form.getlist("file")) > 1:
+        parts = form.getlist("file")
+        if len(parts) > 1:
             raise Refused(400, "two 'file' parts in one request: send one image per request")
-        return files[0] if files else None
+        return parts[0] if parts and hasattr(parts[0], "read") else None
 
     async def image(self, file) -> torch.Tensor:
         if file is None:
