@@ -359,6 +359,44 @@ def test_a_chunked_upload_is_refused_as_it_arrives_not_after_it_is_spooled(serve
     assert sent < 2 * 2**20, sent  # answered within the first 2 MB of a 20 MB body, not after spooling it
 
 
+def test_a_client_that_trickles_its_headers_is_cut_off_and_kept_alive_clients_are_not(serve):
+    import http.client
+
+    url = serve("--header-timeout", "1")
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as slow:
+        start, answer = time.time(), b""
+        try:  # one header byte every 0.2 s: the request head is never complete within a second
+            for byte in b"POST /predict HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 50:
+                slow.sendall(bytes([byte]))
+                slow.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    answer += slow.recv(4096)
+                slow.setblocking(True)
+                if answer:
+                    break
+                time.sleep(0.2)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        slow.settimeout(10)
+        with contextlib.suppress(ConnectionResetError):
+            while more := slow.recv(4096):
+                answer += more
+        elapsed = time.time() - start
+    assert answer.startswith(b"HTTP/1.1 408") and b"--header-timeout 1 s" in answer, answer[:200]
+    assert elapsed < 4, elapsed
+    # requests on one kept-alive connection are not cut: the clock stops at each head and restarts after each answer
+    body, kind = _form(("file", _png()))
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    for _ in range(3):
+        conn.request("POST", "/predict", body, {"Content-Type": kind})
+        response = conn.getresponse()
+        assert response.status == 200, response.read()
+        response.read()
+        time.sleep(0.6)
+    conn.close()
+
+
 def test_the_server_answers_malformed_requests_in_one_line_and_checks_its_port(serve, trained, tmp_path, cli):
     url = serve()
     status, answer = _post(url + "/predict", *_form(("file", _png()), ("file", _png())))

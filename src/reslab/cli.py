@@ -483,7 +483,8 @@ def export_cmd(model: str, format: str = "onnx", out: Optional[str] = None, arch
 
 def serve_cmd(model: str, host: str = "127.0.0.1", port: int = 8000, topk: int = 5, device: str = "auto",
               precision: str = "fp32", max_batch: int = 16, batch_wait_ms: float = 5.0, max_upload_mb: float = 10.0,
-              decode_timeout: float = 5.0, decode_memory_mb: float = 1024.0, runtime: str = "eager") -> None:
+              decode_timeout: float = 5.0, decode_memory_mb: float = 1024.0, runtime: str = "eager",
+              header_timeout: float = 10.0) -> None:
     """Serve a trained model over HTTP: POST /predict (multipart field 'file') -> top-k JSON, GET /health, GET /.
 
     Needs pip install 'reslab[serve]' (FastAPI, uvicorn, python-multipart).
@@ -501,10 +502,11 @@ def serve_cmd(model: str, host: str = "127.0.0.1", port: int = 8000, topk: int =
         decode_timeout: seconds an image may take to decode (408 beyond).
         decode_memory_mb: memory the images decoded at once may take (others wait; one needing more: 413).
         runtime: eager (PyTorch), onnx or onnx-int8 (the run's exported model.onnx / model.int8.onnx).
+        header_timeout: seconds a connection may take to send its request headers (408 and closed beyond).
     """
     from .serve import serve
 
-    serve(model, host, port, topk=topk, device=device, precision=precision, max_batch=max_batch,
+    serve(model, host, port, header_timeout, topk=topk, device=device, precision=precision, max_batch=max_batch,
           batch_wait_ms=batch_wait_ms, max_upload_mb=max_upload_mb, decode_timeout=decode_timeout,
           decode_memory_mb=decode_memory_mb, runtime=runtime)
 

@@ -305,18 +305,66 @@ def check_options(**options: float) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be {bound}, got {value:g}")
 
 
-def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
-    """Serve ``model`` over HTTP until interrupted (see ``create_app`` for the options)."""
+def header_timeout_protocol(seconds: float) -> type:
+    """uvicorn's h11 protocol, closing a connection whose request line and headers take longer than ``seconds``.
+
+    A client that opens connections and sends its headers a byte at a time ("slowloris") would otherwise hold each
+    connection for ever (uvicorn times out only idle keep-alive connections). The clock starts when the connection
+    opens and again after every response; it stops when the headers are in. A slow *body* is bounded by the upload
+    limit, not by this clock (nginx's client_header_timeout is the same idea).
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeout(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            self._header_timer = self.loop.call_later(seconds, self._headers_late)
+
+        def _headers_late(self) -> None:
+            # IDLE: h11 has not yet parsed a whole request head on this connection since the clock started.
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                line = f'{{"error": "request headers took longer than --header-timeout {seconds:g} s"}}'.encode()
+                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                                     b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(line), line))
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            super().connection_lost(exc)
+
+    return HeaderTimeout
+
+
+def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, header_timeout: float = 10.0,
+          **options: Any) -> None:
+    """Serve ``model`` over HTTP until interrupted (see ``create_app`` for the options).
+
+    ``header_timeout``: seconds a connection may take to send its request line and headers (408 and closed beyond).
+    """
     _, uvicorn = _fastapi()
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be 0-65535, got {port}")
+    check_options(header_timeout=header_timeout)
     app = create_app(model, **options)
     try:  # bound here, so that a port in use is one line and the address printed is one that answers
         sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     except OSError as exc:
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", http=header_timeout_protocol(header_timeout)))
     print(f"serving {model} on http://{host}:{port}  (POST /predict with a multipart 'file', GET /health, "
           f"GET / for a form)", flush=True)
     server.run(sockets=[sock])
