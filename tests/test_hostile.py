@@ -398,7 +398,7 @@ def test_predict_reads_what_it_can(tmp_path, cli):
     code, out, err = cli("predict", run, "")
     assert code == 1 and "an empty path" in err
     code, out, err = cli("predict", run, images, "--topk", "-1")
-    assert code == 1 and "--topk" in err and "Traceback" not in err
+    assert code == 2 and "--topk must be positive, got -1" in err and "Traceback" not in err
 
 
 # --- Low: one line instead of a traceback, a true message instead of a misleading one ------------------------------
@@ -486,7 +486,7 @@ def test_bad_train_options_are_one_line(tmp_path, cli, args, needle):
 
 def test_eval_export_and_plot_refuse_in_one_line(tmp_path, cli):
     folder, run = _trained(tmp_path, cli)
-    _one_line_error(cli("eval", run, "--data", folder, "--batch-size", "0"), "--batch-size and --samples")
+    _one_line_error(cli("eval", run, "--data", folder, "--batch-size", "0"), "--batch-size must be positive, got 0")
     _one_line_error(cli("export", run, "--format", "torchscript", "--out", run / "model.safetensors"),
                     "is a file of a run")
     _one_line_error(cli("plot", run, "--out", run / "model.safetensors"), "is a file of a run")

@@ -22,13 +22,21 @@ from .errors import ConfigError, DataError, Interrupted, UserError
 from .log import say
 from .options import (
     TRAIN_ONLY,
+    ClosedUnitInterval,
     FirstPass,
+    Fraction,
+    NonNegativeFloat,
+    NonNegativeInt,
+    Port,
+    PositiveFloat,
+    PositiveInt,
     command_parser,
     compare_parser,
     first_pass,
     given_options,
     lr_find_parser,
     train_parser,
+    usage_message,
 )
 
 
@@ -68,7 +76,7 @@ def models_cmd(json: bool = False) -> None:
                            f"{r['input_size']:>7}{r['params']:>22,}")
 
 
-def summary_cmd(arch: str, image_size: Optional[int] = None, num_classes: int = 10,
+def summary_cmd(arch: str, image_size: Optional[PositiveInt] = None, num_classes: PositiveInt = 10,
                 stem: Optional[str] = None, shortcut: Optional[str] = None, json: bool = False) -> None:
     """Parameters, multiply-accumulates per forward pass and output shape of a model on a random input.
 
@@ -120,9 +128,9 @@ def train_cmd(config: TrainConfig, preset: Optional[str] = None, resume: Optiona
 
 
 def eval_cmd(model: str, data: str, split: str = "test", arch: Optional[str] = None, device: str = "auto",
-             precision: str = "auto", batch_size: int = 256, samples: Optional[int] = None,
-             data_dir: Optional[str] = None, tta: Optional[str] = None, tta_fraction: Optional[float] = None,
-             plot: Optional[str] = None, gallery: Optional[str] = None, gallery_size: int = 24,
+             precision: str = "auto", batch_size: PositiveInt = 256, samples: Optional[PositiveInt] = None,
+             data_dir: Optional[str] = None, tta: Optional[str] = None, tta_fraction: Optional[Fraction] = None,
+             plot: Optional[str] = None, gallery: Optional[str] = None, gallery_size: PositiveInt = 24,
              json: bool = False) -> None:
     """Evaluate a saved model on an image folder (or cifar10, digits): accuracy, per class, confusion matrix.
 
@@ -176,8 +184,9 @@ def eval_cmd(model: str, data: str, split: str = "test", arch: Optional[str] = N
         print(f"  {name:<{width}} " + " ".join(f"{v:5d}" for v in row))
 
 
-def predict_cmd(model: str, inputs: list[str], topk: int = 5, arch: Optional[str] = None, device: str = "auto",
-                precision: str = "fp32", batch_size: int = 64, workers: Optional[int] = None,
+def predict_cmd(model: str, inputs: list[str], topk: PositiveInt = 5, arch: Optional[str] = None,
+                device: str = "auto", precision: str = "fp32", batch_size: PositiveInt = 64,
+                workers: Optional[NonNegativeInt] = None,
                 output: Optional[str] = None, resume: bool = False, runtime: str = "eager",
                 cam: Optional[str] = None, json: bool = False) -> None:
     """Top-k classes and probabilities for image files or folders (of any size: batched, decoded in parallel).
@@ -244,11 +253,11 @@ def _print_prediction(r: dict, json: bool) -> None:
 
 
 def bench_cmd(arch: Optional[str] = None, preset: str = "seed", data: Optional[str] = None,
-              batch_size: Optional[int] = None,
-              steps: int = 20, warmup: int = 3, baseline: bool = False, device: str = "auto",
+              batch_size: Optional[PositiveInt] = None,
+              steps: PositiveInt = 20, warmup: NonNegativeInt = 3, baseline: bool = False, device: str = "auto",
               precision: str = "auto", channels_last: Optional[bool] = None, compile: bool = False,
-              threads: Optional[int] = None, tune: bool = False, inference: Optional[str] = None,
-              runtimes: Optional[str] = None, seconds: float = 2.0, json: bool = False) -> None:
+              threads: Optional[PositiveInt] = None, tune: bool = False, inference: Optional[str] = None,
+              runtimes: Optional[str] = None, seconds: PositiveFloat = 2.0, json: bool = False) -> None:
     """Training images/s of the whole step, achieved GFLOP/s against a measured GEMM roof, and the seed's pipeline;
     with --inference RUN, a trained model's latency and throughput in each inference runtime.
 
@@ -277,8 +286,6 @@ def bench_cmd(arch: Optional[str] = None, preset: str = "seed", data: Optional[s
     """
     from .bench import bench, tune_table
 
-    if batch_size is not None and batch_size < 1:  # not "or 64": a 0 given is a mistake to name, not a default
-        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     if inference:
         _bench_inference(inference, runtimes, threads, batch_size or 64, seconds, compile, data, json)
         return
@@ -356,7 +363,8 @@ def compare_cmd(config: TrainConfig, archs: Optional[str] = None, schedules: Opt
     print(f"report: {compare_out}/report.md, {compare_out}/report.html")
 
 
-def lr_find_cmd(config: TrainConfig, start_lr: float = 1e-6, end_lr: float = 10.0, range_steps: int = 200,
+def lr_find_cmd(config: TrainConfig, start_lr: PositiveFloat = 1e-6, end_lr: PositiveFloat = 10.0,
+                range_steps: PositiveInt = 200,
                 json: bool = False) -> None:
     """The learning-rate range test on ``config``'s data and recipe; prints the suggestion and its rule."""
     from .lrfind import lr_find
@@ -370,7 +378,8 @@ def lr_find_cmd(config: TrainConfig, start_lr: float = 1e-6, end_lr: float = 10.
     print(f"{len(r.lrs)} steps, {r.stopped}; curve: {r.files[0]}, plot: {r.files[1]}")
 
 
-def audit_cmd(data: str, run: Optional[str] = None, folds: int = 0, fold_epochs: float = 8.0, seed: int = 0,
+def audit_cmd(data: str, run: Optional[str] = None, folds: NonNegativeInt = 0, fold_epochs: PositiveFloat = 8.0,
+              seed: NonNegativeInt = 0,
               json: bool = False) -> None:
     """Check an image folder for the classic mistakes: unreadable or odd files, class counts, duplicates and
     train/test leakage, likely mislabeled images. Reads only: never moves or deletes a file.
@@ -410,7 +419,7 @@ def _print_audit(r) -> None:
     print(f"labels: {r.labels_checked}")
 
 
-def report_cmd(path: str, samples: Optional[int] = None, evaluate: bool = True) -> None:
+def report_cmd(path: str, samples: Optional[PositiveInt] = None, evaluate: bool = True) -> None:
     """Write one self-contained HTML page (report.html) for a run directory or a comparison directory.
 
     Args:
@@ -439,8 +448,8 @@ def plot_cmd(runs: list[str], out: str = "curves.png", metric: Literal["error", 
 
 
 def export_cmd(model: str, format: str = "onnx", out: Optional[str] = None, arch: Optional[str] = None,
-               quantize: Optional[str] = None, data: Optional[str] = None, calibration: int = 256,
-               samples: Optional[int] = None, max_drop: float = 0.01, force: bool = False,
+               quantize: Optional[str] = None, data: Optional[str] = None, calibration: PositiveInt = 256,
+               samples: Optional[PositiveInt] = None, max_drop: ClosedUnitInterval = 0.01, force: bool = False,
                json: bool = False) -> None:
     """Export a trained model to ONNX or TorchScript (dynamic batch size) and check parity with PyTorch.
 
@@ -481,10 +490,11 @@ def export_cmd(model: str, format: str = "onnx", out: Optional[str] = None, arch
         raise UserError(f"exported model differs from PyTorch by {r.max_abs_diff:.2e}")
 
 
-def serve_cmd(model: str, host: str = "127.0.0.1", port: int = 8000, topk: int = 5, device: str = "auto",
-              precision: str = "fp32", max_batch: int = 16, batch_wait_ms: float = 5.0, max_upload_mb: float = 10.0,
-              decode_timeout: float = 5.0, decode_memory_mb: float = 1024.0, runtime: str = "eager",
-              header_timeout: float = 10.0) -> None:
+def serve_cmd(model: str, host: str = "127.0.0.1", port: Port = 8000, topk: PositiveInt = 5,
+              device: str = "auto", precision: str = "fp32", max_batch: PositiveInt = 16,
+              batch_wait_ms: NonNegativeFloat = 5.0, max_upload_mb: PositiveFloat = 10.0,
+              decode_timeout: PositiveFloat = 5.0, decode_memory_mb: PositiveFloat = 1024.0, runtime: str = "eager",
+              header_timeout: PositiveFloat = 10.0) -> None:
     """Serve a trained model over HTTP: POST /predict (multipart field 'file') -> top-k JSON, GET /health, GET /.
 
     Needs pip install 'reslab[serve]' (FastAPI, uvicorn, python-multipart).
@@ -630,7 +640,7 @@ def _parse(argv: list[str]) -> tuple[str, dict[str, Any], frozenset[str], FirstP
 
 
 def _usage_error(exc: Exception, argv: list[str]) -> None:
-    msg = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    msg = usage_message(exc)
     command = next((a for a in argv if a in COMMANDS), None)
     print(f"reslab: error: {msg} (see {f'reslab {command} --help' if command else 'reslab --help'})",
           file=sys.stderr)

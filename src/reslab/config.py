@@ -88,6 +88,7 @@ class Range:
 
 POSITIVE = Range(0, low_open=True)
 NOT_NEGATIVE = Range(0)
+MOMENTUM = Range(0, 1, high_open=True, what="a momentum", example="0.9")  # 1 or more: the steps never decay
 
 
 def option(section: str, default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | None = None,
@@ -171,9 +172,9 @@ class TrainConfig:
     momentum for the conv filters at --muon-lr, SGD as above for everything else)."""
     muon_lr: float = option("optimisation", 0.24, check=POSITIVE)
     """--optimizer muon: peak learning rate of the conv filters (follows the same schedule as --lr)."""
-    muon_momentum: float = option("optimisation", 0.6)
+    muon_momentum: float = option("optimisation", 0.6, check=MOMENTUM)
     """--optimizer muon: momentum (Nesterov) of the conv filters."""
-    momentum: float = option("optimisation", 0.9)
+    momentum: float = option("optimisation", 0.9, check=MOMENTUM)
     """SGD momentum."""
     nesterov: bool = option("optimisation", False)
     """Use Nesterov momentum."""
@@ -188,7 +189,7 @@ class TrainConfig:
     """Weight of each batch in BatchNorm's running statistics (torch's convention; default torch's 0.1)."""
     bias_lr_scale: float = option("optimisation", 1.0, check=POSITIVE)
     """Multiply the learning rate of BatchNorm biases by this (their weight decay is divided by it)."""
-    whiten_bias_epochs: Optional[float] = option("optimisation", None)
+    whiten_bias_epochs: Optional[float] = option("optimisation", None, check=NOT_NEGATIVE)
     """Fast nets: train the whitening stem's bias for this many epochs only, then hold it (airbench: 3)."""
     lookahead: bool = option("optimisation", False)
     """Every 5 steps reset the weights to their running average (Zhang et al. 2019); the last step keeps the
@@ -207,9 +208,9 @@ class TrainConfig:
     """Unit of --step-size, --milestones and --warmup."""
     step_size: float = option("optimisation", 10, check=POSITIVE)
     """step schedule: multiply the lr by --gamma every this many units."""
-    gamma: float = option("optimisation", 0.1)
+    gamma: float = option("optimisation", 0.1, check=POSITIVE)
     """Decay factor of the step and multistep schedules."""
-    milestones: list[float] = option("optimisation", factory=list)
+    milestones: list[float] = option("optimisation", factory=list, check=NOT_NEGATIVE)
     """multistep schedule: multiply the lr by --gamma at each of these (in --schedule-unit)."""
     warmup: float = option("optimisation", 0, check=NOT_NEGATIVE)
     """Linear warm-up from lr/10 over this many units (0: none)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import re
 import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,9 +20,46 @@ from typing import Any, NamedTuple, Optional
 import yaml
 from docstring_parser import parse, parse_from_object
 from jsonargparse import ActionYesNo, ArgumentParser
+from jsonargparse.typing import (
+    ClosedUnitInterval,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    restricted_number_type,
+)
 
 from .config import PRESETS, SECTIONS, TrainConfig, fields_of
 from .errors import ConfigError
+
+# The ranges of the commands' numeric options, as types: the parser refuses a value outside before any work (one line,
+# exit 2), and ``--help`` shows them. ``BOUNDS`` words each restriction for the message.
+Fraction = restricted_number_type("Fraction", float, [(">", 0), ("<=", 1)])
+Port = restricted_number_type("Port", int, [(">=", 0), ("<=", 65535)])
+RANGED = (PositiveInt, NonNegativeInt, PositiveFloat, NonNegativeFloat, ClosedUnitInterval, Fraction, Port)
+BOUNDS = {"v>0": "must be positive", "v>=0": "must not be negative", "v>=0 and v<=1": "must be in [0, 1]",
+          "v>0 and v<=1": "must be in (0, 1]", "v>=0 and v<=65535": "must be 0-65535"}
+__all__ = ["ClosedUnitInterval", "Fraction", "NonNegativeFloat", "NonNegativeInt", "Port", "PositiveFloat",
+           "PositiveInt"]
+
+
+def usage_message(exc: Exception) -> str:
+    """One line for a parse error: ``--topk must be positive, got 0`` for a value outside its range, else the
+    parser's message on one line."""
+    text = str(exc)
+    key = re.search(r'Parser key "([^"]+)"', text)
+    bound = re.search(r"does not conform to restriction (.+?)\s*$", text, re.M)
+    value = re.search(r"Given value: (.*)$", text, re.M) or re.search(r"Not of type \w+: (.+?) does not", text)
+    word = (re.search(r"(?:invalid literal for int\(\) with base 10|could not convert string to float): '(.*)'", text)
+            or re.search(r"Expected a <class '(?:int|float)'>. Got value: (.*)$", text, re.M))
+    flag = key and "--" + key.group(1).rsplit(".", 1)[-1].replace("_", "-")
+    if flag and bound and value:
+        return f"{flag} {BOUNDS.get(bound.group(1), 'must satisfy ' + bound.group(1))}, got {value.group(1)}"
+    if flag and word:
+        kind = "an integer" if "int" in word.group(0) else "a number"
+        return f"{flag} takes {kind}, got {word.group(1)!r}"
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
 
 # Options of ``train`` that are not config fields: how the command runs, not what it trains.
 TRAIN_ONLY = ("preset", "config", "resume", "data_changed", "force")
@@ -181,9 +219,9 @@ def lr_find_parser(defaults: dict[str, Any]) -> ArgumentParser:
         "The learning-rate range test: train a copy of the model with an exponentially growing lr on the real data "
         "and recipe, stop at divergence, and suggest an lr. --out DIR receives lr_find.png and lr_find.json."))
     add_params(p, [
-        Param("start_lr", float, 1e-6, "learning rate of the first step"),
-        Param("end_lr", float, 10.0, "learning rate of the last step (the test usually diverges before)"),
-        Param("range_steps", int, 200, "optimizer steps of the test (a few hundred: a smooth curve)"),
+        Param("start_lr", PositiveFloat, 1e-6, "learning rate of the first step"),
+        Param("end_lr", PositiveFloat, 10.0, "learning rate of the last step (the test usually diverges before)"),
+        Param("range_steps", PositiveInt, 200, "optimizer steps of the test (a few hundred: a smooth curve)"),
         Param("json", bool, False, "print one JSON object (the curve and the suggestion)")],
         p.add_argument_group("the range test"))
     return p
