@@ -435,8 +435,10 @@ def test_a_full_disk_while_checkpointing_is_one_line(tmp_path):
 
 
 def test_ctrl_c_while_importing_is_one_line(tmp_path):
+    # SIGINT restored to its default: a shell that starts the suite in the background passes it on ignored
     proc = subprocess.Popen(_reslab("train", "--data", "digits", "--out", tmp_path / "r", "--steps", "1"),
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(0.3)  # inside the imports (torch alone takes about a second)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)

@@ -636,7 +636,17 @@ def _parse(argv: list[str]) -> tuple[str, dict[str, Any], frozenset[str], FirstP
     ns = parser.parse_args(argv)
     # Given: on the command line, and "config" for a --config file (its values then decide, not a budget rule).
     given = given_options(parser, argv, ns.command) | ({"config"} if first.config_file else set())
-    return ns.command, ns[ns.command].as_dict(), given, first
+    return ns.command, {k: _plain(v) for k, v in ns[ns.command].as_dict().items()}, given, first
+
+
+def _plain(value: Any) -> Any:
+    """A range-checked number as the builtin it is (jsonargparse's ``PositiveInt`` is an ``int`` subclass that YAML
+    and JSON writers refuse)."""
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return int(value)
+    return value
 
 
 def _usage_error(exc: Exception, argv: list[str]) -> None:
