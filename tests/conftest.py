@@ -49,7 +49,7 @@ def cifar_dir() -> Path:
 @pytest.fixture
 def cli(capsys):
     """Run ``reslab ARGS`` in-process; returns (exit status, stdout, stderr)."""
-    from reslab.cli import main
+    from reslab.cli.commands import main
 
     def run(*args: str):
         code = main([str(a) for a in args])

@@ -11,10 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from reslab import build, config, hooks, tune
-from reslab.config import make_config
-from reslab.hooks import BUDGET_END_SECONDS, MARKS_RESERVED, AccuracyMarks, TimeBudget, eval_seconds
-from reslab.loop import GUARD_IMAGES
+from reslab.config import schema
+from reslab.config.schema import make_config
+from reslab.training import build, hooks, tune
+from reslab.training.hooks import BUDGET_END_SECONDS, MARKS_RESERVED, AccuracyMarks, TimeBudget, eval_seconds
+from reslab.training.loop import GUARD_IMAGES
 
 # Seconds per training step of each net at batch 256 (the fake probe's answers): each width 2x the one before.
 STEP_SECONDS = {"resnet9s": 0.05, "conv8m": 0.1, "conv8w48": 0.2, "conv8": 0.4}
@@ -41,7 +42,7 @@ def _fake_timer(timed: list[str]):
 def test_the_width_rule_trains_the_widest_net_whose_own_epochs_reach_its_threshold(minutes, arch, timed,
                                                                                   monkeypatch, capsys):
     widths = [("conv8", 10.0, {"tta_fraction": 0.3}), ("conv8w48", 12.0, {"tta_fraction": 0.3})]
-    monkeypatch.setitem(config.BUDGET_WIDTHS, "fast", widths)
+    monkeypatch.setitem(schema.BUDGET_WIDTHS, "fast", widths)
     calls: list[str] = []
     monkeypatch.setattr(tune, "step_timer", _fake_timer(calls))
     cfg = make_config("fast", time_budget=minutes, arch="conv8m", tta="flip_shift", tta_fraction=1.0,
@@ -67,15 +68,15 @@ def test_the_width_rule_trains_the_widest_net_whose_own_epochs_reach_its_thresho
 def test_the_real_thresholds_grow_with_the_width_and_name_registered_nets():
     from reslab.models import list_models
 
-    widths = config.BUDGET_WIDTHS["fast"]
+    widths = schema.BUDGET_WIDTHS["fast"]
     assert [a for a, _, _ in widths] == ["conv8", "conv8w48"] and set(a for a, _, _ in widths) <= set(list_models())
     assert all(values["batch_size"] == 512 and values["lr"] == 1.5 for _, _, values in widths)  # as measured
-    assert config.rule_chooses("fast") >= {"arch", "tta_fraction", "optimizer", "batch_size", "lr"}
+    assert schema.rule_chooses("fast") >= {"arch", "tta_fraction", "optimizer", "batch_size", "lr"}
     assert make_config("fast", time_budget=10, batch_size=256).budget_keep == ["batch_size", "lr"]
 
 
 def test_a_budget_leaves_the_presets_accuracy_marks_out_unless_asked_for():
-    assert make_config("fast").accuracy_marks == config.PRESETS["fast"]["accuracy_marks"]
+    assert make_config("fast").accuracy_marks == schema.PRESETS["fast"]["accuracy_marks"]
     assert make_config("fast", time_budget=5).accuracy_marks == []
     assert make_config("fast", time_budget=5, accuracy_marks=[0.5]).accuracy_marks == [0.5]
 
@@ -132,7 +133,7 @@ def test_a_budgeted_run_with_marks_ends_inside_its_budget_on_a_fake_clock(tmp_pa
 
 
 def test_bench_times_what_the_start_up_probe_picks_when_execution_is_left_open(monkeypatch):
-    from reslab.bench import bench
+    from reslab.training.bench import bench
 
     # A CPU where one thread in fp32 NCHW is fastest (a busy core, say): the bench must time that, as train would.
     def step_timer(arch, model_kwargs, num_classes, batch_size, image_size, device=None, clock=None):
@@ -144,7 +145,7 @@ def test_bench_times_what_the_start_up_probe_picks_when_execution_is_left_open(m
         return measure
 
     monkeypatch.setattr(tune, "step_timer", step_timer)
-    monkeypatch.setattr("reslab.runtime.usable_cores", lambda: 2)
+    monkeypatch.setattr("reslab.core.execution.usable_cores", lambda: 2)
     monkeypatch.setattr(tune, "usable_cores", lambda: 2)
     r = bench(arch="resnet9s", preset="fast", batch_size=8, steps=1, warmup=1)
     assert (r.threads, r.precision, r.channels_last, r.execution) == (1, "fp32", False, "probe")

@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
+from reslab.core.progress import CountProgress
 from reslab.data import Batches, BatchTransform, DataError, load_data, load_split
-from reslab.progress import CountProgress
 
 from conftest import make_folder
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from reslab.cli import COMMANDS, build_parser, subcommand_parser
+from reslab.cli.commands import COMMANDS, build_parser, subcommand_parser
 from reslab.models import list_models
 
 

@@ -80,7 +80,7 @@ def test_degradation_preset_over_two_seeds(tmp_path, cli):
 
 
 def test_the_report_says_whether_fig6_is_shown():
-    from reslab.compare import depth_lessons, group_stats
+    from reslab.insight.compare import depth_lessons, group_stats
 
     def row(arch, seed, train, test, residual, depth):
         return {"name": f"{arch}-seed{seed}", "group": arch, "arch": arch, "schedule": "cosine", "residual": residual,
@@ -115,7 +115,7 @@ def test_decay_preset_compares_schedules_and_says_what_the_curves_show(tmp_path,
 
 
 def test_the_report_says_why_a_depth_lesson_is_not_shown():
-    from reslab.compare import MARGIN, depth_lessons, group_stats
+    from reslab.insight.compare import MARGIN, depth_lessons, group_stats
 
     def rows(r20, r56):
         return [{"name": f"{a}-seed0", "group": a, "arch": a, "schedule": "cosine", "residual": True, "depth": d,

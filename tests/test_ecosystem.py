@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import reslab
-from reslab.checkpoint import save_model
+from reslab.models.checkpoint import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

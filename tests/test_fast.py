@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reslab import rundir
-from reslab.config import make_config
+from reslab.config.schema import make_config
+from reslab.core import rundir
 from reslab.data.augment import BatchTransform, crop_flip
-from reslab.evaluate import tta_logits
+from reslab.inference.evaluate import tta_logits
 from reslab.models import FastResNet, create_model, list_models, model_info
-from reslab.train import lr_at
+from reslab.training.train import lr_at
 
 # The fast preset shrunk to the tiny colour folders: same recipe, a few steps.
 TINY_FAST = ["--preset", "fast", "--batch-size", "16", "--precision", "fp32", "--log-every", "5"]
@@ -140,8 +140,8 @@ def test_alternating_flips_show_every_image_both_ways_in_two_epochs():
 
 
 def test_the_whitening_bias_trains_for_its_epochs_then_holds(tmp_path, folder):
-    from reslab.hooks import Hook
-    from reslab.train import fit, setup
+    from reslab.training.hooks import Hook
+    from reslab.training.train import fit, setup
 
     biases = []
 
@@ -161,18 +161,19 @@ def test_the_whitening_bias_trains_for_its_epochs_then_holds(tmp_path, folder):
 
 
 def test_the_fast_preset_picks_its_net_and_tta_from_the_epochs_its_budget_buys(folder, tmp_path, cli, monkeypatch):
-    from reslab import config, tune
+    from reslab.config import schema
+    from reslab.training import tune
 
     # The real rule, keyed on epochs of the preset's own net: the fewest epochs keep its choices; more buy the
     # two-conv net with Muon and partial TTA, then full TTA; an explicit option always wins (with the options that
     # go with it); a --config file switches the rule off.
-    rules = config.BUDGET_RULES["fast"]
-    assert config.budget_choices("fast", rules[0][0] - 0.01) == {} and config.budget_choices("fast", None) == {}
+    rules = schema.BUDGET_RULES["fast"]
+    assert schema.budget_choices("fast", rules[0][0] - 0.01) == {} and schema.budget_choices("fast", None) == {}
     for at_least, values in rules:
-        assert values.items() <= config.budget_choices("fast", at_least).items()
-    assert config.budget_choices("fast", 100)["arch"] == "conv8m"
-    assert "arch" not in config.budget_choices("fast", 100, keep={"arch"})
-    assert config.budget_choices("fast", 100, keep={"config"}) == {}
+        assert values.items() <= schema.budget_choices("fast", at_least).items()
+    assert schema.budget_choices("fast", 100)["arch"] == "conv8m"
+    assert "arch" not in schema.budget_choices("fast", 100, keep={"arch"})
+    assert schema.budget_choices("fast", 100, keep={"config"}) == {}
     cfg = make_config("fast", time_budget=5)
     assert (cfg.arch, cfg.budget_rule, cfg.budget_keep) == ("resnet9s", "fast", [])  # decided when the run starts
     assert make_config("fast", time_budget=5, arch="resnet9s").budget_keep == ["arch", "optimizer",
@@ -184,8 +185,8 @@ def test_the_fast_preset_picks_its_net_and_tta_from_the_epochs_its_budget_buys(f
     # epochs here and a 7-second one ~100: the line says what was chosen and why, the config records it, a flag
     # wins, and `compare --budgets` gives each budget its own choice.
     monkeypatch.setattr(tune, "step_timer", lambda *a, **k: (lambda choice: 0.01))
-    monkeypatch.setitem(config.BUDGET_RULES, "fast", [(50, {"arch": "resnet9m", "tta": "flip_shift"})])
-    monkeypatch.setitem(config.BUDGET_WIDTHS, "fast", [])  # no wider net (tests/test_budget.py tests those)
+    monkeypatch.setitem(schema.BUDGET_RULES, "fast", [(50, {"arch": "resnet9m", "tta": "flip_shift"})])
+    monkeypatch.setitem(schema.BUDGET_WIDTHS, "fast", [])  # no wider net (tests/test_budget.py tests those)
     import reslab
 
     reslab.train(preset="fast", data=str(folder), batch_size=16, precision="fp32", time_budget=0.12,
@@ -209,7 +210,7 @@ def test_the_fast_preset_picks_its_net_and_tta_from_the_epochs_its_budget_buys(f
 
 
 def test_bn_momentum_sets_how_fast_the_running_statistics_follow(folder, tmp_path, cli):
-    from reslab.train import setup
+    from reslab.training.train import setup
 
     cfg = make_config("fast", data=str(folder), epochs=1, batch_size=16, bn_momentum=1.0, precision="fp32",
                       accuracy_marks=[], out=str(tmp_path / "run"))

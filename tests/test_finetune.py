@@ -14,11 +14,11 @@ import yaml
 from PIL import Image, ImageFilter
 
 import reslab
-from reslab.checkpoint import load_checkpoint
-from reslab.config import make_config
+from reslab.config.schema import make_config
 from reslab.data.augment import BatchTransform, pil_transform, store_size
 from reslab.data.folder import fit_square
-from reslab.train import fit, param_groups, setup
+from reslab.models.checkpoint import load_checkpoint
+from reslab.training.train import fit, param_groups, setup
 
 from conftest import make_folder
 

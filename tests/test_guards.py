@@ -29,7 +29,7 @@ TRAIN = ["--epochs", "2", "--batch-size", "16", "--lr", "0.05", "--threads", "1"
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A ResNet-20 that tells the colour classes apart, and a second run on the same data (other weights)."""
-    from reslab.cli import main
+    from reslab.cli.commands import main
 
     root = tmp_path_factory.mktemp("guards")
     folder = make_folder(root / "data", per_class=16)
@@ -417,7 +417,7 @@ def test_the_server_answers_malformed_requests_in_one_line_and_checks_its_port(s
 def test_decode_memory_admits_small_images_while_large_ones_wait(tmp_path):
     import asyncio
 
-    from reslab.serve import DecodeMemory
+    from reslab.ship.serve import DecodeMemory
 
     async def scenario() -> list[str]:
         memory, order = DecodeMemory(100), []
@@ -465,9 +465,9 @@ def test_a_folder_holding_a_users_machine_json_is_not_a_run_to_write_over(tmp_pa
 
 
 def test_a_failed_checkpoint_never_leaves_the_metrics_ahead_of_it(tmp_path, monkeypatch):
-    from reslab import loop
-    from reslab.checkpoint import load_checkpoint
-    from reslab.errors import CheckpointError
+    from reslab.core.errors import CheckpointError
+    from reslab.models.checkpoint import load_checkpoint
+    from reslab.training import loop
 
     folder = make_folder(tmp_path / "d", per_class=8)
     real, calls = loop.save_checkpoint, []
@@ -556,9 +556,9 @@ def test_every_numeric_option_of_every_command_is_range_checked_before_any_work(
     import inspect
     import typing
 
-    from reslab.cli import COMMANDS
-    from reslab.config import TrainConfig
-    from reslab.options import RANGED, lr_find_parser
+    from reslab.cli.commands import COMMANDS
+    from reslab.cli.options import RANGED, lr_find_parser
+    from reslab.config.schema import TrainConfig
 
     checked = 0
     for name, fn in COMMANDS.items():

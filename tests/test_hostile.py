@@ -74,7 +74,7 @@ def test_kill_9_mid_decode_leaves_no_workers_and_no_hang(tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and len(workers) >= 2, "the first run ended before it was decoding"
     time.sleep(1.0)
-    from reslab.locks import pid_alive
+    from reslab.core.locks import pid_alive
 
     orphans = [w for w in workers if pid_alive(w)]
     for w in orphans:  # never leave them to the rest of the suite
@@ -101,7 +101,7 @@ def test_a_stopped_decoder_is_named_and_not_waited_for_forever(tmp_path, monkeyp
     cache_mod.cache_dir().mkdir(parents=True, exist_ok=True)
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from reslab.locks import ProcessLock
+        from reslab.core.locks import ProcessLock
         lock = ProcessLock({str(cache_mod.cache_dir() / (key + '.lock'))!r})
         assert lock.acquire()
         print("held", flush=True)
@@ -275,9 +275,9 @@ def test_fast_preset_in_fp32_on_grayscale_digits_is_a_good_model(tmp_path, cli):
 def test_a_model_whose_running_statistics_are_broken_is_said_and_repaired(tmp_path, capsys):
     import torch
 
-    from reslab.config import make_config
-    from reslab.loop import _check_eval_mode
-    from reslab.train import setup
+    from reslab.config.schema import make_config
+    from reslab.training.loop import _check_eval_mode
+    from reslab.training.train import setup
 
     folder = make_folder(tmp_path / "data", per_class=16)
     run = setup(make_config(data=str(folder), arch="resnet20", batch_size=16, threads=1, precision="fp32",
@@ -424,7 +424,7 @@ def test_a_full_disk_while_checkpointing_is_one_line(tmp_path):
         import resource, signal, sys
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, like a full disk
         resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, resource.RLIM_INFINITY))
-        from reslab.cli import main
+        from reslab.cli.commands import main
         sys.exit(main(["train", "--data", {str(folder)!r}, "--out", {str(tmp_path / "r")!r}, "--arch", "resnet20",
                        "--epochs", "1", "--batch-size", "8", "--threads", "1"]))
         """)
@@ -527,7 +527,7 @@ def test_resume_after_a_torn_metrics_line_starts_a_new_line(tmp_path, cli):
     assert cli("train", "--resume", run, "--epochs", "2")[0] == 0
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert lines[-2] == '{"epoch": 9, "tr' and json.loads(lines[-1])
-    from reslab.rundir import read_metrics
+    from reslab.core.rundir import read_metrics
 
     assert [m["epoch"] for m in read_metrics(run)] == [1, 2]
 
@@ -599,7 +599,7 @@ def test_ctrl_c_during_the_final_evaluation_stops_and_resumes(tmp_path):
     assert not (run / "model.safetensors").exists()
     r = subprocess.run(_reslab("train", "--resume", run), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and (run / "model.safetensors").is_file(), r.stderr
-    from reslab.rundir import read_metrics
+    from reslab.core.rundir import read_metrics
 
     assert read_metrics(run)[-1]["test_acc"] is not None
 
@@ -614,7 +614,7 @@ def test_a_kill_while_scoring_the_marks_is_resumed(tmp_path):
     proc.kill()
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed while scoring"
-    from reslab.rundir import read_marks
+    from reslab.core.rundir import read_marks
 
     assert read_marks(run) == {}
     r = subprocess.run(_reslab("train", "--resume", run), capture_output=True, text=True, timeout=600)
@@ -624,7 +624,7 @@ def test_a_kill_while_scoring_the_marks_is_resumed(tmp_path):
 
 
 def test_a_hostile_tuning_cache_is_measured_again_not_obeyed(tmp_path, monkeypatch):
-    from reslab import tune
+    from reslab.training import tune
 
     monkeypatch.setenv("RESLAB_CACHE", str(tmp_path / "cache"))
     (tmp_path / "cache").mkdir()

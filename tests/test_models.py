@@ -130,7 +130,7 @@ def test_registry_api():
     assert reslab.list_models() == ALL and "resnet56" in ALL and "plain110" in ALL
     with pytest.raises(ValueError, match="already registered"):
         register_model("resnet20", input_size=32, family="cifar", residual=True, depth=20)(lambda **k: None)
-    with pytest.raises(reslab.errors.ModelError, match="unknown model"):
+    with pytest.raises(reslab.core.errors.ModelError, match="unknown model"):
         create_model("resnet19")
     m = reslab.create_model("resnet32", num_classes=100)
     assert isinstance(m, ResNet) and m.fc.out_features == 100

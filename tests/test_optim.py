@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reslab.optim import SGD
-from reslab.train import param_groups
+from reslab.training.optim import SGD
+from reslab.training.train import param_groups
 
 
 def _net() -> nn.Module:

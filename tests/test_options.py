@@ -8,10 +8,11 @@ import pytest
 import torch
 import yaml
 
-from reslab import build, config
-from reslab.compare import recipe_differences
-from reslab.config import NOT_RECIPE, RESUMABLE, SECTIONS, TrainConfig, make_config
-from reslab.errors import ConfigError
+from reslab.config import schema
+from reslab.config.schema import NOT_RECIPE, RESUMABLE, SECTIONS, TrainConfig, make_config
+from reslab.core.errors import ConfigError
+from reslab.insight.compare import recipe_differences
+from reslab.training import build
 
 
 def test_every_field_has_a_section_and_the_two_lists_come_from_them():
@@ -60,7 +61,7 @@ def test_each_section_checks_its_own_fields(kwargs, message):
 
 
 def _parsed(*argv: str):
-    from reslab.cli import _parse
+    from reslab.cli.commands import _parse
 
     _command, args, given, _ = _parse(list(argv))
     return args, given
@@ -119,9 +120,9 @@ def test_train_help_groups_the_options_by_section(cli, capsys):
 
 
 def test_bench_times_the_loops_step_on_the_parts_training_builds():
-    from reslab.bench import _bench_data
-    from reslab.loop import step
-    from reslab.optim import SGD
+    from reslab.training.bench import _bench_data
+    from reslab.training.loop import step
+    from reslab.training.optim import SGD
 
     cfg = make_config("fast", batch_size=8, steps=4, precision="fp32", channels_last=False, log_every=10**9,
                       whiten_bias_epochs=3)
@@ -141,4 +142,4 @@ def test_bench_times_the_loops_step_on_the_parts_training_builds():
 def test_config_module_exposes_sections_in_order():
     assert list(SECTIONS) == ["model", "data", "augmentation", "fine_tuning", "optimisation", "length", "budget",
                               "evaluation", "execution", "output"]
-    assert [f.name for f in config.fields_of("length")] == ["epochs", "steps"]
+    assert [f.name for f in schema.fields_of("length")] == ["epochs", "steps"]

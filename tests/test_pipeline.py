@@ -10,8 +10,8 @@ import torch
 import yaml
 
 import reslab
-from reslab.config import PRESETS, make_config
-from reslab.train import lr_at
+from reslab.config.schema import PRESETS, make_config
+from reslab.training.train import lr_at
 
 from conftest import COLOURS
 
@@ -108,7 +108,7 @@ def test_presets_hold_the_seed_and_paper_values():
 
 
 def test_preset_then_yaml_then_flags(tmp_path, monkeypatch):
-    from reslab import cli
+    from reslab.cli import commands as cli
 
     seen = {}
     monkeypatch.setitem(cli.COMMANDS, "train", lambda config, **kw: seen.update(cfg=config))

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 import reslab
-from reslab.checkpoint import atomic_write, clean_state_dict, load_checkpoint, save_checkpoint
+from reslab.core.errors import UserError
 from reslab.data import DataError, load_split
-from reslab.errors import UserError
+from reslab.models.checkpoint import atomic_write, clean_state_dict, load_checkpoint, save_checkpoint
 
 from conftest import make_folder
 
@@ -37,7 +37,7 @@ def _weights(run):
 
 
 def _marks(run):
-    marks = reslab.rundir.read_marks(run)
+    marks = reslab.core.rundir.read_marks(run)
     return {m: (r["step"], r["test_acc"]) for m, r in marks.items()}
 
 
@@ -70,7 +70,8 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, args):
     a, b = _weights(full), _weights(killed)
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
     assert _marks(killed) == _marks(full)
-    assert reslab.rundir.read_metrics(killed)[-1]["train_loss"] == reslab.rundir.read_metrics(full)[-1]["train_loss"]
+    read_metrics = reslab.core.rundir.read_metrics
+    assert read_metrics(killed)[-1]["train_loss"] == read_metrics(full)[-1]["train_loss"]
 
 
 def test_sigterm_saves_and_says_how_to_resume(tmp_path):

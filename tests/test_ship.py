@@ -26,7 +26,7 @@ pytest.importorskip("onnxruntime")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A ResNet-20 that tells the colour classes apart (test accuracy 1.0), trained once for the module."""
-    from reslab.cli import main
+    from reslab.cli.commands import main
 
     root = tmp_path_factory.mktemp("ship")
     folder = make_folder(root / "data", per_class=24)
@@ -49,7 +49,7 @@ def test_int8_export_keeps_the_test_accuracy_and_stores_the_check(trained, tmp_p
     # The int8 model answers like the float one on images it never saw in calibration.
     import torch
 
-    from reslab.runtimes import OnnxModule
+    from reslab.inference.backends import OnnxModule
 
     net = reslab.load_model(run)[0].eval()
     images = torch.from_numpy(np.random.default_rng(1).normal(0, 1, (16, 3, 32, 32)).astype(np.float32))

@@ -1,4 +1,4 @@
-"""Measured execution choices (reslab.tune), the slow-step line, Muon, and TTA on the least-confident images."""
+"""Measured execution choices (reslab.training.tune), the slow-step line, Muon, TTA on the least-confident images."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from reslab import tune
-from reslab.tune import Choice
+from reslab.training import tune
+from reslab.training.tune import Choice
 
 
 def _fake(seconds: dict[tuple[int, str, bool], float], calls: list | None = None):
@@ -107,7 +107,7 @@ class _Run:
 
 
 def test_steps_much_slower_than_measured_are_said_once(capsys):
-    from reslab.hooks import SlowSteps
+    from reslab.training.hooks import SlowSteps
 
     clock = _Clock()
     hook = SlowSteps(0.1, clock)
@@ -125,9 +125,9 @@ def test_steps_much_slower_than_measured_are_said_once(capsys):
 
 
 def test_a_long_cpu_run_probes_and_records_its_choice(tmp_path, monkeypatch, capsys):
-    from reslab import rundir
-    from reslab.config import make_config
-    from reslab.train import setup
+    from reslab.config.schema import make_config
+    from reslab.core import rundir
+    from reslab.training.train import setup
 
     from conftest import make_folder
 
@@ -161,7 +161,7 @@ def _reference_orthogonalize(g: torch.Tensor, steps: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("shape", [(32, 24 * 9), (128, 32 * 9), (300, 40)])
 def test_orthogonalize_matches_the_reference_and_flattens_the_spectrum(shape):
-    from reslab.optim import orthogonalize
+    from reslab.training.optim import orthogonalize
 
     gen = torch.Generator().manual_seed(0)
     u, _, vt = torch.linalg.svd(torch.randn(*shape, generator=gen), full_matrices=False)
@@ -173,7 +173,7 @@ def test_orthogonalize_matches_the_reference_and_flattens_the_spectrum(shape):
 
 
 def test_a_muon_step_is_normalise_then_step_along_the_orthogonalised_nesterov_momentum():
-    from reslab.optim import Chain, Muon
+    from reslab.training.optim import Chain, Muon
 
     gen = torch.Generator().manual_seed(1)
     w = torch.nn.Parameter(torch.randn(16, 8, 3, 3, generator=gen))
@@ -189,7 +189,7 @@ def test_a_muon_step_is_normalise_then_step_along_the_orthogonalised_nesterov_mo
         expected = expected - 0.1 * _reference_orthogonalize(update.view(16, -1), 5).view_as(expected)
     assert torch.allclose(w.detach().double(), expected, atol=1e-4)
     # Its state round-trips inside a chain with SGD, as a checkpoint would hold it.
-    from reslab.optim import SGD
+    from reslab.training.optim import SGD
 
     b = torch.nn.Parameter(torch.zeros(16))
     b.grad = torch.ones(16)
@@ -222,7 +222,7 @@ def test_training_with_muon_learns_and_records_it(tmp_path, folder, cli):
 # --- TTA on the least-confident images ----------------------------------------------------------------------------
 
 def test_partial_tta_augments_only_the_least_confident_images():
-    from reslab.evaluate import tta_cost, tta_logits
+    from reslab.inference.evaluate import tta_cost, tta_logits
     from reslab.models import create_model
 
     torch.manual_seed(0)
@@ -243,7 +243,7 @@ def test_partial_tta_augments_only_the_least_confident_images():
 
 
 def test_bench_tune_prints_every_choice_and_the_probes_pick(cli):
-    from reslab.runtime import cpu_has_bf16, usable_cores
+    from reslab.core.execution import cpu_has_bf16, usable_cores
 
     code, out, err = cli("bench", "--tune", "--preset", "fast", "--batch-size", "8", "--json")
     assert code == 0, err

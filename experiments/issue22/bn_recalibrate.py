@@ -6,10 +6,10 @@ import sys
 
 import torch
 
-from reslab.checkpoint import load_model
+from reslab.core.execution import autocast
 from reslab.data import Batches, BatchTransform, load_data
-from reslab.evaluate import evaluate_batches
-from reslab.runtime import autocast
+from reslab.inference.evaluate import evaluate_batches
+from reslab.models.checkpoint import load_model
 
 data_dir, runs = sys.argv[1], sys.argv[2:]
 torch.set_num_threads(1)

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+from reslab.core.execution import autocast
 from reslab.models import create_model
-from reslab.optim import SGD
-from reslab.runtime import autocast
+from reslab.training.optim import SGD
 
 arch = sys.argv[1] if len(sys.argv) > 1 else "conv8m"
 torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 1)

@@ -12,40 +12,41 @@ The public API::
 """
 
 import importlib
-import sys
-import types
 from typing import Any
 
+# The package's layers, in order: a module imports only from its own layer or those before it (tests/test_layers.py
+# holds this, and checks the README's table against it).
+LAYERS = {
+    "core": "errors, messages, file locks, progress, run directories, torchrun, execution (device, precision, threads)",
+    "config": "TrainConfig (its fields in sections, each with its range) and the presets with their budget rules",
+    "models": "one ResNet class and the fast nets in a registry, safe checkpoint loading, pretrained weights",
+    "data": "datasets and image folders, the decoded-image cache, augmentation, batch loaders",
+    "inference": "evaluation, prediction (files to rows; the --output writer), Grad-CAM, ONNX Runtime backends",
+    "training": "the loop, its hooks (one per file), the schedule, the builders, train, optimizers, the probe, bench",
+    "insight": "audit, comparisons, the mistakes gallery, figures, the HTML report, the lr range test",
+    "ship": "export (ONNX, TorchScript), int8 quantization, the inference benchmark, the HTTP server",
+    "cli": "the reslab command: flags from type hints and docstrings, one function per command",
+}
+
 # Imported on first use (PEP 562): the console script starts without torch, so a Ctrl-C while torch loads is caught.
-_API = {"load_model": "checkpoint", "PRESETS": "config", "TrainConfig": "config", "make_config": "config",
-        "UserError": "errors", "EvalResult": "evaluate", "evaluate": "evaluate", "predict": "predict",
-        "create_model": "models", "list_models": "models", "TrainResult": "train", "train": "train"}
+_API = {"load_model": "models.checkpoint", "PRESETS": "config.schema", "TrainConfig": "config.schema",
+        "make_config": "config.schema", "UserError": "core.errors", "EvalResult": "inference.evaluate",
+        "evaluate": "inference.evaluate", "predict": "inference.predict", "create_model": "models",
+        "list_models": "models", "TrainResult": "training.train", "train": "training.train"}
 
 
 def __getattr__(name: str) -> Any:
     if name == "__version__":
-        from .rundir import package_version
+        from .core.version import package_version
 
         return package_version()
     if name in _API:
         return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
     try:
-        return importlib.import_module(f".{name}", __name__)  # a submodule: reslab.rundir, reslab.data, ...
+        return importlib.import_module(f".{name}", __name__)  # a layer: reslab.core, reslab.data, ...
     except ModuleNotFoundError:
         raise AttributeError(f"module 'reslab' has no attribute {name!r}") from None
 
 
-class _Package(types.ModuleType):
-    """Importing the submodule ``reslab.train`` would bind it over the function ``reslab.train`` (and ``evaluate``):
-    the API's names win, as they did when this file imported them eagerly."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _API and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
-
-__all__ = ["PRESETS", "EvalResult", "TrainConfig", "TrainResult", "UserError", "__version__", "create_model",
-           "evaluate", "list_models", "load_model", "make_config", "predict", "train"]
+__all__ = ["LAYERS", "PRESETS", "EvalResult", "TrainConfig", "TrainResult", "UserError", "__version__",
+           "create_model", "evaluate", "list_models", "load_model", "make_config", "predict", "train"]

@@ -1,3 +1,3 @@
-from ._console import run
+from .cli.console import run
 
 run()

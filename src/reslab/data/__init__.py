@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..core.errors import DataError
 from .augment import BatchTransform, channel_stats, pil_transform, store_size
 from .datasets import Split, balanced_indices, load_split, typical_image_size
 from .folder import channel_histogram, fit_square, load_rgb, sample_histogram

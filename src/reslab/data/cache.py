@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import log
-from ..locks import ProcessLock, pid_alive, writer_pid
+from ..core import log
+from ..core.locks import ProcessLock, pid_alive, writer_pid
 
 FORMAT = 4  # 1-2: one .npz per entry (reslab 0.1); 3: raw .u8 rows + .json; 4: with checksums
 CRC_BLOCK = 64 * 2**20  # bytes of pixels per crc32 (~3 GB/s here: 50 ms for CIFAR-10's training images)

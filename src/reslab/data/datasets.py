@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import DataError
-from ..log import say
+from ..core.errors import DataError
+from ..core.log import say
 from .folder import CacheUnavailable, decode_images, image_sizes, sample_files, scan_folder
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

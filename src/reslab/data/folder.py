@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import DataError
-from ..locks import die_with_parent
-from ..progress import CountProgress
-from ..rundir import package_version
-from ..runtime import usable_cores
+from ..core.errors import DataError
+from ..core.execution import usable_cores
+from ..core.locks import die_with_parent
+from ..core.progress import CountProgress
+from ..core.version import package_version
 from .cache import EntryWriter, cache_dir, entry_lock, read_entry, say
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import ConfigError, DataError
+from ..core.errors import ConfigError, DataError
 from .augment import BatchTransform, pil_transform, store_size
 from .datasets import Split
 from .folder import load_rgb

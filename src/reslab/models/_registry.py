@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..errors import ModelError
+from ..core.errors import ModelError
 
 __all__ = ["ModelInfo", "create_model", "list_models", "model_info", "register_model"]
 

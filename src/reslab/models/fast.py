@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..errors import ModelError
+from ..core.errors import ModelError
 from ._registry import register_model
 from .resnet import BasicBlock, conv3x3
 

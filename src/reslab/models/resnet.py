@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ModelError
+from ..core.errors import ModelError
 from ._registry import register_model
 
 Stem = Literal["imagenet", "cifar", "seed"]

@@ -1,0 +1,1 @@
+"""The inference layer: evaluation, prediction (files to rows; the --output writer), Grad-CAM, ONNX Runtime backends."""

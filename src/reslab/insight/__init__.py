@@ -1,0 +1,1 @@
+"""The insight layer: audit, comparisons, the mistakes gallery, figures, the HTML report, the lr range test."""
