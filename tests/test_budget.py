@@ -13,7 +13,7 @@ from torch import nn
 
 from reslab.config import schema
 from reslab.config.schema import make_config
-from reslab.training import build, hooks, tune
+from reslab.training import build, tune
 from reslab.training.hooks import BUDGET_END_SECONDS, MARKS_RESERVED, AccuracyMarks, TimeBudget, eval_seconds
 from reslab.training.loop import GUARD_IMAGES
 
@@ -114,7 +114,7 @@ def test_a_budgeted_run_with_marks_ends_inside_its_budget_on_a_fake_clock(tmp_pa
         scorings.append(now[0])
         return SimpleNamespace(accuracy=0.9)
 
-    monkeypatch.setattr(hooks, "evaluate_batches", evaluate)
+    monkeypatch.setattr("reslab.training.hooks.accuracy_marks.evaluate_batches", evaluate)
     budget, marks = TimeBudget(1.0, clock=clock, eval_cost=cost), AccuracyMarks([0.5], tmp_path, clock=clock)
     budget.on_fit_start(run)
     while run.step < run.total_steps:

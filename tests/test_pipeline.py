@@ -11,7 +11,7 @@ import yaml
 
 import reslab
 from reslab.config.schema import PRESETS, make_config
-from reslab.training.train import lr_at
+from reslab.training.schedule import lr_at
 
 from conftest import COLOURS
 

@@ -1,8 +1,9 @@
 """The training loop: ``fit`` runs a built ``Run`` to its end. Read it top to bottom.
 
 The loop is batch -> forward -> loss -> backward -> step -> hooks; the learning rate is a pure function of the step
-(``lr_at``). Everything that remembers something across steps is a ``Hook`` (``hooks.py``) that saves its own state
-into ``last.pt``; a hook changes the run only through ``Run.request_stop`` and ``Run.set_total_steps``.
+(``schedule.lr_at``). Everything that remembers something across steps is a ``Hook`` (``hooks/``, one per file)
+that saves its own state into ``last.pt``; a hook changes the run only through ``Run.request_stop`` and
+``Run.set_total_steps``.
 
 Imports: models, data, evaluation, checkpoints, the run directory; never ``hooks``, ``build`` or ``train``.
 """
@@ -21,7 +22,7 @@ from torch import nn
 
 from ..config.schema import TrainConfig
 from ..core import distributed, rundir
-from ..core.errors import ConfigError, Interrupted, UserError
+from ..core.errors import Interrupted, UserError
 from ..core.execution import autocast
 from ..core.log import say
 from ..data import Batches, DataBundle, mix_seed
@@ -29,35 +30,7 @@ from ..data.extras import mix_batch
 from ..inference.evaluate import evaluate_batches, recalibrate_bn
 from ..models.checkpoint import save_checkpoint, save_model, unwrap_model
 from .optim import SGD, Chain
-
-# --- the learning rate: a pure function of the step ---------------------------------------------------------------
-
-def lr_at(step: int, cfg: TrainConfig, steps_per_epoch: int, total_steps: int) -> float:
-    """Learning rate of optimizer step ``step`` (0-based).
-
-    ``step`` and ``multistep`` change the rate at whole units, as PyTorch's StepLR/MultiStepLR stepped once per
-    epoch (or per iteration with ``schedule_unit=step``, as He et al. count 32k/48k iterations).
-    """
-    per_unit = steps_per_epoch if cfg.schedule_unit == "epoch" else 1
-    unit = step // per_unit  # whole epochs (or steps) completed
-    warmup_steps = cfg.warmup * per_unit
-    if step < warmup_steps:  # linear warm-up from lr/10
-        return cfg.lr * (0.1 + 0.9 * step / warmup_steps)
-    if cfg.schedule == "constant":
-        return cfg.lr
-    if cfg.schedule == "step":
-        return cfg.lr * cfg.gamma ** math.floor(unit / cfg.step_size)
-    if cfg.schedule == "multistep":
-        return cfg.lr * cfg.gamma ** sum(unit >= m for m in cfg.milestones)
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    if cfg.schedule == "cosine":
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    if cfg.schedule == "onecycle":  # linear up over the first 30 %, then linear down to zero
-        return cfg.lr * (progress / 0.3 if progress < 0.3 else max(0.0, (1 - progress) / 0.7))
-    if cfg.schedule == "linear":  # linear down to zero at the last step (the fast trainers' schedule)
-        return cfg.lr * max(0.0, 1 - progress)
-    raise ConfigError(f"unknown schedule {cfg.schedule!r}")
-
+from .schedule import lr_at
 
 # --- what the loop carries ----------------------------------------------------------------------------------------
 

@@ -25,7 +25,8 @@ from ..core.log import say
 from ..models.checkpoint import load_checkpoint
 from . import build
 from .build import make_optimizer, param_groups
-from .loop import EpochMeter, Run, TrainResult, fit, lr_at
+from .loop import EpochMeter, Run, TrainResult, fit
+from .schedule import lr_at
 
 __all__ = ["EpochMeter", "Run", "TrainResult", "fit", "lr_at", "make_optimizer", "param_groups",
            "resume_config", "run_dir", "setup", "train"]
