@@ -35,6 +35,24 @@ from .time_budget import (
 )
 from .whitening_bias import WhiteningBiasWindow
 
-__all__ = ["BUDGET_END_SECONDS", "BUDGET_MEASURE", "BUDGET_RESERVE", "EVAL_COST", "MARKS_RESERVED", "AccuracyMarks", "Hook",
-           "Checkpointer", "FrozenBackbone", "Lookahead", "MetricsLog", "ProgressLog", "SlowSteps", "StopOnSignal",
-           "TimeBudget", "WeightEma", "WhiteningBiasWindow", "eval_seconds", "size_to_budget"]
+__all__ = [
+    "BUDGET_END_SECONDS",
+    "BUDGET_MEASURE",
+    "BUDGET_RESERVE",
+    "EVAL_COST",
+    "MARKS_RESERVED",
+    "AccuracyMarks",
+    "Checkpointer",
+    "FrozenBackbone",
+    "Hook",
+    "Lookahead",
+    "MetricsLog",
+    "ProgressLog",
+    "SlowSteps",
+    "StopOnSignal",
+    "TimeBudget",
+    "WeightEma",
+    "WhiteningBiasWindow",
+    "eval_seconds",
+    "size_to_budget",
+]
