@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..core.errors import ModelError
 from ._registry import register_model
+from .layers import get_stages, he_init, set_stages
 from .resnet import BasicBlock, conv3x3
 
 WHITEN_KERNEL = 2
@@ -85,29 +86,16 @@ class FastResNet(nn.Module):
         # bias makes a constant channel whose BatchNorm running statistics never settle (10 % in eval mode).
         self.conv1.bias.register_hook(lambda grad: grad * self.conv1.weight.flatten(1).ne(0).any(1).to(grad.dtype))
         self.relu = ACTIVATIONS[act]()
-        inplanes = stem
-        for i, (width, n, convs) in enumerate(zip(widths, blocks, stage_convs)):
-            layer = [ConvPool(inplanes, width, convs, act)] + [BasicBlock(width, width) for _ in range(n)]
-            setattr(self, f"layer{i + 1}", nn.Sequential(*layer))
-            inplanes = width
-        self.num_stages = len(widths)
+        ins = (stem, *widths[:-1])
+        set_stages(self, (nn.Sequential(ConvPool(i, w, c, act), *[BasicBlock(w, w) for _ in range(n)])
+                          for i, w, n, c in zip(ins, widths, blocks, stage_convs)))
+        inplanes = widths[-1]
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.num_features = inplanes
         self.fc = nn.Linear(inplanes, num_classes, bias=False)
         self.logit_scale = logit_scale
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d) and m is not self.conv1:
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                # Identity-initialised filters (airbench): the first in_channels filters pass their input through.
-                with torch.no_grad():
-                    k = min(m.in_channels, m.out_channels)
-                    nn.init.dirac_(m.weight[:k])
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        # Identity-initialised filters (airbench): the first in_channels filters pass their input through.
+        he_init(self, skip=self.conv1, identity=True)
 
     @torch.no_grad()
     def init_whitening(self, images: Tensor, eps: float = 5e-4) -> None:
@@ -133,7 +121,7 @@ class FastResNet(nn.Module):
 
     def stages(self) -> list[nn.Sequential]:
         """The stages ``layer1..layerN`` in order."""
-        return [getattr(self, f"layer{i + 1}") for i in range(self.num_stages)]
+        return get_stages(self)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Feature maps before pooling: (B, num_features, H', W')."""

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..core.errors import ModelError
 from ._registry import register_model
+from .layers import get_stages, he_init, set_stages
 
 Stem = Literal["imagenet", "cifar", "seed"]
 Shortcut = Literal["A", "B", "C"]
@@ -152,10 +153,9 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(self.inplanes)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()
-        for i, (n, width) in enumerate(zip(layers, widths)):
-            # The first stage keeps the resolution; every later one halves it in its first block (section 3.3).
-            setattr(self, f"layer{i + 1}", self._make_layer(block, width, n, stride=1 if i == 0 else 2))
-        self.num_stages = len(layers)
+        # The first stage keeps the resolution; every later one halves it in its first block (section 3.3).
+        set_stages(self, [self._make_layer(block, width, n, stride=1 if i == 0 else 2)
+                          for i, (n, width) in enumerate(zip(layers, widths))])
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.num_features = widths[-1] * block.expansion
         self.fc = nn.Linear(self.num_features, num_classes)
@@ -172,13 +172,7 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def _init_weights(self, zero_init_residual: bool) -> None:
-        # He initialisation (He et al. 2015b), as torchvision does it.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        he_init(self)
         if zero_init_residual and self.residual:  # a plain net has no branch to start at zero: nothing changes
             for m in self.modules():
                 last_bn = m.bn3 if isinstance(m, Bottleneck) else m.bn2 if isinstance(m, BasicBlock) else None
@@ -187,7 +181,7 @@ class ResNet(nn.Module):
 
     def stages(self) -> list[nn.Sequential]:
         """The residual stages ``layer1..layerN`` in order."""
-        return [getattr(self, f"layer{i + 1}") for i in range(self.num_stages)]
+        return get_stages(self)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Feature maps before pooling: (B, num_features, H', W')."""
