@@ -202,8 +202,8 @@ def test_compare_refuses_a_finished_run_of_another_recipe(tmp_path, cli):
     folder = make_folder(tmp_path / "data", per_class=4)
     args = ["--data", folder, "--epochs", "1", "--batch-size", "8", "--precision", "fp32", "--out", tmp_path / "cmp"]
     assert cli("compare", "--archs", "resnet20", "--lr", "0.01", *args)[0] == 0
-    code, out, err = cli("compare", "--archs", "resnet20", "--lr", "0.01", "--threads", "1", *args)
-    assert code == 0 and "reused" in out  # threads do not change the experiment
+    code, _, err = cli("compare", "--archs", "resnet20", "--lr", "0.01", "--threads", "1", *args)
+    assert code == 0 and "reused" in err  # threads do not change the experiment
     code, _, err = cli("compare", "--archs", "resnet20", "--lr", "0.05", *args)
     assert code == 1 and "another recipe" in err and "--lr 0.01 (asked 0.05)" in err
     assert len(err.strip().splitlines()) == 1

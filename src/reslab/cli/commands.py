@@ -284,7 +284,7 @@ def bench_cmd(arch: Optional[str] = None, preset: str = "seed", data: Optional[s
         seconds: with --inference, seconds per measurement.
         json: print one JSON object on stdout.
     """
-    from ..training.bench import bench, tune_table
+    from ..training.bench import bench
 
     if inference:
         _bench_inference(inference, runtimes, threads, batch_size or 64, seconds, compile, data, json)
@@ -292,19 +292,15 @@ def bench_cmd(arch: Optional[str] = None, preset: str = "seed", data: Optional[s
     batch_size = batch_size or 128
 
     if tune:
-        _print_table(tune_table(arch, preset, batch_size), json,
-                     f"{'threads':>7} {'precision':>9} {'layout':>13} {'img/s':>9} {'GFLOP/s':>8} {'roof':>7} "
-                     f"{'of roof':>7}",
-                     lambda row: f"{row.threads:>7} {row.precision:>9} "
-                                 f"{'channels-last' if row.channels_last else 'NCHW':>13} "
-                                 f"{row.images_per_sec:>9,.0f} {row.gflops_per_sec:>8.0f} "
-                                 f"{row.roof_gflops_per_sec:>7.0f} {row.roof_fraction:>7.0%}"
-                                 f"{'  <- the probe picks this' if row.chosen else ''}")
+        _bench_tune(arch, preset, batch_size, json)
         return
+    _bench_training(bench(arch=arch, preset=preset, data=data, batch_size=batch_size, steps=steps, warmup=warmup,
+                          baseline=baseline, device=device, precision=precision, channels_last=channels_last,
+                          compile=compile, threads=threads), json)
 
-    r = bench(arch=arch, preset=preset, data=data, batch_size=batch_size, steps=steps, warmup=warmup,
-              baseline=baseline, device=device, precision=precision, channels_last=channels_last, compile=compile,
-              threads=threads)
+
+def _bench_training(r, json: bool) -> None:
+    """Print a training benchmark: images/s of the whole step and of evaluation, GFLOP/s against the roof."""
     if json:
         _print_json(r)
         return
@@ -318,6 +314,20 @@ def bench_cmd(arch: Optional[str] = None, preset: str = "seed", data: Optional[s
           f"{r.precision} GEMM roof ({r.roof_gflops_per_sec:.0f} GFLOP/s); {r.macs / 1e6:.1f} M MACs/image")
     if r.speedup is not None:
         print(f"  seed pipeline {r.baseline_images_per_sec:9.1f} img/s   -> speedup {r.speedup:.2f}x")
+
+
+def _bench_tune(arch, preset, batch_size, json) -> None:
+    """Print the start-up probe's table: the training step under every execution choice, and its pick."""
+    from ..training.bench import tune_table
+
+    _print_table(tune_table(arch, preset, batch_size), json,
+                 f"{'threads':>7} {'precision':>9} {'layout':>13} {'img/s':>9} {'GFLOP/s':>8} {'roof':>7} "
+                 f"{'of roof':>7}",
+                 lambda row: f"{row.threads:>7} {row.precision:>9} "
+                             f"{'channels-last' if row.channels_last else 'NCHW':>13} "
+                             f"{row.images_per_sec:>9,.0f} {row.gflops_per_sec:>8.0f} "
+                             f"{row.roof_gflops_per_sec:>7.0f} {row.roof_fraction:>7.0%}"
+                             f"{'  <- the probe picks this' if row.chosen else ''}")
 
 
 def _bench_inference(model, runtimes, threads, batch_size, seconds, compile, data, json) -> None:

@@ -16,7 +16,9 @@ from typing import Any
 from ..config.schema import NOT_RECIPE, TrainConfig, budget_rule_fields, rule_chooses
 from ..core import rundir
 from ..core.errors import ConfigError
+from ..core.log import say
 from ..models import count_macs, count_params, create_model, model_info
+from .report import compare_report, percent
 
 
 def recipe_differences(saved: dict[str, Any], requested: TrainConfig) -> list[str]:
@@ -230,14 +232,35 @@ def compare(config: TrainConfig, *, archs: list[str] | None = None, schedules: l
     Returns:
         The summary: one row per run (also written to ``out/summary.json`` and ``out/report.md``).
     """
-    from ..training.train import train
-
     if plots:  # checked before hours of training, not after them
         from .plots import pyplot
         pyplot()
     variants = _variants(config, archs or [], schedules or [], budgets or [], seeds or [], preset, given)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    _train_all(variants, out, bool(budgets))
+    rows = [_summary_row(name, group, cfg, out / name) for name, (group, cfg) in variants.items()]
+    kind = "budgets" if budgets else "schedules" if schedules else "archs"
+    summary = {"kind": kind, "runs": rows, "groups": group_stats(rows),
+               "recipe": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("arch", "out", "seed")},
+               "seeds": sorted({r["seed"] for r in rows})}
+    if budgets:
+        summary["frontier"] = frontier(rows)
+    else:
+        summary["lessons"] = depth_lessons(summary["groups"], rows) if kind == "archs" else \
+            decay_lessons(summary["groups"])
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    figures = _figures(summary, variants, out) if plots else []
+    (out / "report.md").write_text(_report(summary, [f.name for f in figures]))
+    compare_report(out)  # report.html beside report.md: the same, in one page with the figures inside
+    return summary
+
+
+def _train_all(variants: dict[str, tuple[str, TrainConfig]], out: Path, budgets: bool) -> None:
+    """Train (or resume, or reuse) every variant into ``out/<name>``; each seed of a budget trains what the budget
+    rule chose for its first seed, so a frontier row is one recipe."""
+    from ..training.train import train
+
     decided: dict[str, dict[str, Any]] = {}  # budget -> what its rule chose in the first seed's run
     for name, (group, cfg) in variants.items():
         run = out / name
@@ -250,50 +273,31 @@ def compare(config: TrainConfig, *, archs: list[str] | None = None, schedules: l
             raise ConfigError(f"{run} holds a run of another recipe ({'; '.join(differences[:3])}): delete it or "
                               f"compare into another --out")
         if rundir.is_finished(run):
-            print(f"compare: {name}: finished run found in {run}, reused", flush=True)
+            say(f"compare: {name}: finished run found in {run}, reused")
         elif rundir.has_checkpoint(run):
-            print(f"compare: {name}: resuming the interrupted run in {run}", flush=True)
+            say(f"compare: {name}: resuming the interrupted run in {run}")
             train(resume=str(run))
         else:
-            print(f"compare: {name}: training into {run}", flush=True)
+            say(f"compare: {name}: training into {run}")
             train(dataclasses.replace(cfg, out=str(run)))
         if budgets and group not in decided:
             saved = rundir.read_config(run) or {}
             decided[group] = {k: saved[k] for k in rule_chooses(cfg.budget_rule) if k in saved}
-    rows = [_summary_row(name, group, cfg, out / name) for name, (group, cfg) in variants.items()]
-    kind = "budgets" if budgets else "schedules" if schedules else "archs"
-    summary = {"kind": kind, "runs": rows, "groups": group_stats(rows),
-               "recipe": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("arch", "out", "seed")},
-               "seeds": sorted({r["seed"] for r in rows})}
-    if budgets:
-        summary["frontier"] = frontier(rows)
-    else:
-        summary["lessons"] = depth_lessons(summary["groups"], rows) if kind == "archs" else \
-            decay_lessons(summary["groups"])
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    figures = []
-    if plots:
-        from .plots import plot_depth, plot_frontier, plot_groups
-
-        groups = {}
-        for name, (group, _) in variants.items():
-            groups.setdefault(group, []).append(out / name)
-        if budgets:
-            figures.append(plot_frontier(summary["frontier"], rows, out / "frontier.png"))
-        elif schedules:
-            figures.append(plot_groups(groups, out / "loss.png", metric="loss"))
-        else:
-            figures.append(plot_groups(groups, out / "curves.png", metric="error", split_plain=True))
-            figures.append(plot_depth(summary["groups"], out / "depth.png"))
-    (out / "report.md").write_text(_report(summary, [f.name for f in figures]))
-    from .report import compare_report
-
-    compare_report(out)  # report.html beside report.md: the same, in one page with the figures inside
-    return summary
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.2f}"
+def _figures(summary: dict[str, Any], variants: dict[str, tuple[str, TrainConfig]], out: Path) -> list[Path]:
+    """The comparison's PNG figures: the frontier, the loss curves of the schedules, or the depth lesson's curves."""
+    from .plots import plot_depth, plot_frontier, plot_groups
+
+    groups: dict[str, list[Path]] = {}
+    for name, (group, _) in variants.items():
+        groups.setdefault(group, []).append(out / name)
+    if summary["kind"] == "budgets":
+        return [plot_frontier(summary["frontier"], summary["runs"], out / "frontier.png")]
+    if summary["kind"] == "schedules":
+        return [plot_groups(groups, out / "loss.png", metric="loss")]
+    return [plot_groups(groups, out / "curves.png", metric="error", split_plain=True),
+            plot_depth(summary["groups"], out / "depth.png")]
 
 
 def _report(summary: dict[str, Any], figures: list[str]) -> str:
@@ -320,8 +324,8 @@ def _report(summary: dict[str, Any], figures: list[str]) -> str:
     for r in summary["runs"]:
         loss = "-" if r["final_train_loss"] is None else f"{r['final_train_loss']:.4f}"
         lines.append(f"| {r['name']} | {r['depth']} | {r['params'] / 1e6:.2f}M | {r['macs'] / 1e6:.1f}M | "
-                     f"{_pct(r['final_test_error'])} | {_pct(r['best_test_error'])} | "
-                     f"{_pct(r['final_train_error'])} | {loss} | {r['wall_seconds']} |")
+                     f"{percent(r['final_test_error'], '')} | {percent(r['best_test_error'], '')} | "
+                     f"{percent(r['final_train_error'], '')} | {loss} | {r['wall_seconds']} |")
     lines += ["", "Best test error is the minimum over epochs and is shown for reference only: choosing an epoch "
               "on the test set is model selection on the test set. Training error is measured on the augmented "
               "training batches during each epoch, as in He et al. Fig. 6.", ""]
@@ -346,7 +350,7 @@ def _frontier_report(table: list[dict[str, Any]]) -> list[str]:
     for t in table:
         cells = [f"{t['time_budget']:g}", t["arch"], t["tta"], str(t["seeds"]),
                  f"{100 * t['mean']:.2f} ± {100 * t['std']:.2f}",
-                 _pct(t["min"]), _pct(t["max"]), f"{t['mean_seconds_to_result']:.0f}"]
+                 percent(t["min"], ""), percent(t["max"], ""), f"{t['mean_seconds_to_result']:.0f}"]
         for m in marks:
             r = t["marks"].get(m) or {}
             cells.append(f"{r['median_seconds']:.0f} ({r['reached']}/{t['seeds']})" if r.get("median_seconds")

@@ -47,8 +47,9 @@ def _table(header: list[str], rows: list[list[Any]], numeric: set[int] = frozens
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _pct(v: Any) -> str:
-    return f"{100 * v:.2f} %" if _is_number(v) else "-"
+def percent(v: Any, unit: str = " %") -> str:
+    """A fraction as a percentage with two decimals (``"-"`` for a missing or non-numeric value)."""
+    return f"{100 * v:.2f}{unit}" if _is_number(v) else "-"
 
 
 def _num(v: Any, fmt: str) -> str:
@@ -96,7 +97,7 @@ def _marks_section(run: Path) -> str:
     if not marks:
         return ""
     rows = [[f"{100 * float(k):g} %", "-" if v.get("seconds") is None else f"{v['seconds']:.0f} s",
-             v.get("step") or "-", _pct(v.get("test_acc"))] for k, v in marks.items()]
+             v.get("step") or "-", percent(v.get("test_acc"))] for k, v in marks.items()]
     return "<h2>Accuracy marks</h2>" + _table(["test accuracy", "reached after", "step", "accuracy then"], rows,
                                               {1, 2, 3})
 
@@ -110,10 +111,10 @@ def _evaluation_section(run: Path, config: dict[str, Any], tmp: Path, samples: i
     except UserError as exc:
         return f"<h2>Evaluation</h2><p class='note'>not evaluated: {_esc(exc)}</p>"
     picture = _img(plot_confusion(r.confusion, r.classes, tmp / "confusion.png"), "confusion matrix")
-    rows = [[m["class"], m["support"], _pct(m["precision"]), _pct(m["recall"]), f"{m['f1']:.3f}"]
+    rows = [[m["class"], m["support"], percent(m["precision"]), percent(m["recall"]), f"{m['f1']:.3f}"]
             for m in class_metrics(r.confusion, r.classes)]
-    return (f"<h2>Evaluation</h2><p>test accuracy <b>{_pct(r.accuracy)}</b> on {r.n} images of "
-            f"<code>{_esc(config['data'])}</code>" + (f", top-5 {_pct(r.top5)}" if r.top5 is not None else "")
+    return (f"<h2>Evaluation</h2><p>test accuracy <b>{percent(r.accuracy)}</b> on {r.n} images of "
+            f"<code>{_esc(config['data'])}</code>" + (f", top-5 {percent(r.top5)}" if r.top5 is not None else "")
             + f"</p><div class='grid'><div>{picture}</div><div>"
             + _table(["class", "images", "precision", "recall", "F1"], rows, {1, 2, 3, 4}) + "</div></div>")
 
@@ -126,7 +127,7 @@ def _gallery_section(run: Path) -> str:
     g = json.loads((folder / "gallery.json").read_text())
     images = "".join(_img(folder / name, name) for name in ("mistakes.png", "confused.png")
                      if (folder / name).is_file())
-    pairs = [[p.get("true"), p.get("predicted"), p.get("count"), _pct(p.get("share_of_true"))]
+    pairs = [[p.get("true"), p.get("predicted"), p.get("count"), percent(p.get("share_of_true"))]
              for p in g.get("pairs", [])]
     if not g.get("mistakes"):
         return f"<h2>Mistakes</h2><p>none among the {_esc(g.get('n'))} images of the gallery</p>"
@@ -160,7 +161,7 @@ def run_report(run: str | Path, samples: int | None = None, evaluate: bool = Tru
     last = metrics[-1]
     summary = _table(["epochs", "steps", "train loss", "train accuracy", "test accuracy", "wall time"],
                      [[last.get("epoch"), last.get("step"), _num(last.get("train_loss"), ".4f"),
-                       _pct(last.get("train_acc")), _pct(last.get("test_acc")),
+                       percent(last.get("train_acc")), percent(last.get("test_acc")),
                        _num(last.get("wall_seconds"), ".0f") + " s"]], {0, 1, 2, 3, 4, 5})
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
@@ -186,7 +187,7 @@ def compare_report(folder: str | Path) -> Path:
         summary = json.loads((folder / "summary.json").read_text())
     except (OSError, ValueError) as exc:
         raise UserError(f"{folder} holds no readable summary.json of a comparison: {exc}") from None
-    rows = [[r["name"], r.get("depth"), _pct(r.get("final_test_error")), _pct(r.get("final_train_error")),
+    rows = [[r["name"], r.get("depth"), percent(r.get("final_test_error")), percent(r.get("final_train_error")),
              f"{r.get('final_train_loss') or 0:.4f}", f"{r.get('wall_seconds', 0):.0f} s"] for r in summary["runs"]]
     sections = [f"<p>{_esc(summary['kind'])}, seeds {_esc(summary.get('seeds'))}</p>",
                 _table(["run", "depth", "test error", "train error", "train loss", "wall time"], rows, {1, 2, 3, 4, 5})]

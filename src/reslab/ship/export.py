@@ -11,6 +11,7 @@ import io
 import json
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,14 +70,28 @@ def export(model: str | Path, format: str = "onnx", out: str | Path | None = Non
     net = net.float().eval()
     size = meta.get("input_size") or 32
     src = Path(model)
-    default_dir = src if src.is_dir() else src.parent
     if quantize:
         data, data_dir = run_data(src, data, data_dir)
+    out = _output(src, out, format, quantize, force)
+    example = torch.randn(2, 3, size, size)
+    check = torch.randn(check_batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = net(check)
+        if quantize:
+            return _export_int8(net, meta, example, check, out, data, data_dir, calibration, samples, max_drop,
+                                force)
+        got = _replace(out, lambda tmp: _write(net, meta, format, example, check, tmp))
+    diff = (got - expected).abs().max().item()
+    return ExportResult(out, format, diff, diff <= TOLERANCE, ["batch", 3, size, size])
+
+
+def _output(src: Path, out: str | Path | None, format: str, quantize: str | None, force: bool) -> Path:
+    """The file to write (default: beside the model), checked before any work with the int8 check's sidecar; its
+    folder made and cleared of a killed export's temporary files."""
     name = {"onnx": "model.onnx", "torchscript": "model.ts"}[format] if not quantize else "model.int8.onnx"
-    out = Path(out or default_dir / name)
+    out = Path(out or (src if src.is_dir() else src.parent) / name)
     if out.is_dir():
         out = out / name
-    # Every file this export writes is checked before any work: the model, and the int8 check's sidecar.
     check_output(out, (".onnx", ".ts"), force=force, source=resolve_model_path(src))
     if quantize:
         check_sidecar(out.with_suffix(".json"), force)
@@ -85,29 +100,25 @@ def export(model: str | Path, format: str = "onnx", out: str | Path | None = Non
     except OSError as exc:
         raise UserError(f"cannot make the folder of --out {out}: {exc.strerror or exc}") from None
     remove_stale_temps(out.parent)
-    example = torch.randn(2, 3, size, size)
-    check = torch.randn(check_batch, 3, size, size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = net(check)
-        if quantize:
-            return _export_int8(net, meta, example, check, out, data, data_dir, calibration, samples, max_drop,
-                                force)
-        # Written beside ``out`` and renamed over it only when complete: a failed export (disk full, a kill)
-        # leaves the previous good file as it was.
-        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-        try:
-            got = _write(net, meta, format, example, check, tmp)
-            os.replace(tmp, out)
-        except Exception as exc:
-            if not write_failed(exc):
-                raise
-            raise UserError(f"cannot write {out}: {getattr(exc, 'strerror', None) or first_line(exc)} (disk full? "
-                            f"a file-size limit?); {'the previous one is kept' if out.exists() else 'nothing written'}"
-                            ) from None
-        finally:
-            tmp.unlink(missing_ok=True)
-    diff = (got - expected).abs().max().item()
-    return ExportResult(out, format, diff, diff <= TOLERANCE, ["batch", 3, size, size])
+    return out
+
+
+def _replace(out: Path, write: Callable[[Path], Any]) -> Any:
+    """``write`` a temporary file beside ``out`` and rename it over ``out`` only when complete: a failed export
+    (disk full, a kill) leaves the previous good file as it was. Returns what ``write`` returns."""
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        result = write(tmp)
+        os.replace(tmp, out)
+        return result
+    except Exception as exc:
+        if not write_failed(exc):
+            raise
+        raise UserError(f"cannot write {out}: {getattr(exc, 'strerror', None) or first_line(exc)} (disk full? "
+                        f"a file-size limit?); {'the previous one is kept' if out.exists() else 'nothing written'}"
+                        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _write(net: torch.nn.Module, meta: dict[str, Any], format: str, example: torch.Tensor, check: torch.Tensor,

@@ -9,11 +9,8 @@ run's training images when its data is at hand, on random inputs otherwise (then
 
 from __future__ import annotations
 
-import contextlib
-import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,8 +130,7 @@ def _onnx_rows(net, meta, model, runtimes, size, batch, seconds, threads, data) 
     with tempfile.TemporaryDirectory(prefix="reslab-bench-") as tmp:
         float_onnx = Path(tmp) / "float.onnx"
         example = torch.randn(2, 3, size, size)
-        with torch.no_grad(), contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with torch.no_grad():  # export_onnx keeps the exporter's progress lines and warnings to itself
             export_onnx(net, example, float_onnx, example.numpy())
         if "onnx-fp32" in runtimes:
             m = OnnxModule(float_onnx, threads)

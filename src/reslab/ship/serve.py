@@ -88,9 +88,7 @@ def create_app(model: str | Path, *, topk: int = 5, device: str = "auto", precis
     ``runtime`` (``eager``, ``onnx``, ``onnx-int8``: see ``reslab.predict.inference_model``). ``decode_memory_mb``:
     the memory the images being decoded at once may take (an upload that alone needs more is refused)."""
     fastapi, _ = _fastapi()
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse
-    from starlette.exceptions import HTTPException
+    from fastapi.responses import HTMLResponse
 
     check_options(topk=topk, max_batch=max_batch, batch_wait_ms=batch_wait_ms, max_upload_mb=max_upload_mb,
                   decode_timeout=decode_timeout, decode_memory_mb=decode_memory_mb)
@@ -106,22 +104,7 @@ def create_app(model: str | Path, *, topk: int = 5, device: str = "auto", precis
         task.cancel()
 
     app = fastapi.FastAPI(title="reslab", lifespan=lifespan)
-
-    def fail(status: int, line: str):
-        return JSONResponse({"error": line}, status_code=status)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: fastapi.Request, exc: Exception):
-        return fail(500, f"the server failed: {type(exc).__name__}: {first_line(exc)}")
-
-    @app.exception_handler(HTTPException)  # FastAPI's {"detail": ...}: one line, as every other answer
-    async def http_error(request: fastapi.Request, exc: HTTPException):
-        return fail(exc.status_code, str(exc.detail))
-
-    @app.exception_handler(RequestValidationError)  # FastAPI's 422 object
-    async def invalid(request: fastapi.Request, exc: RequestValidationError):
-        return fail(400, "malformed request: POST /predict takes one image as the multipart field 'file'")
-
+    _one_line_errors(app)
     app.add_middleware(BodyLimit, limit=uploads.limit + 65536,
                        line=f"the upload is larger than --max-upload-mb {max_upload_mb:g}")
 
@@ -141,15 +124,40 @@ def create_app(model: str | Path, *, topk: int = 5, device: str = "auto", precis
             file = await uploads.form_file(request)
             x = await uploads.image(file)
         except Refused as r:
-            return fail(r.status, str(r))
+            return _fail(r.status, str(r))
         try:
             probs = await batcher.probabilities(x)
         except Exception as exc:
-            return fail(500, f"the model failed: {type(exc).__name__}: {first_line(exc)}")
+            return _fail(500, f"the model failed: {type(exc).__name__}: {first_line(exc)}")
         return {"file": file.filename, "top": top_rows(probs[None], classes, topk)[0],
                 "ms": round(1000 * (time.perf_counter() - t0), 2)}
 
     return app
+
+
+def _fail(status: int, line: str):
+    """Every refusal and failure is one line: ``{"error": line}``."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": line}, status_code=status)
+
+
+def _one_line_errors(app) -> None:
+    """FastAPI's own answers (``{"detail": ...}``, the 422 object, a crash) as the one-line ``{"error": ...}``."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(Exception)
+    async def unexpected(request, exc: Exception):
+        return _fail(500, f"the server failed: {type(exc).__name__}: {first_line(exc)}")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        return _fail(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc: RequestValidationError):
+        return _fail(400, "malformed request: POST /predict takes one image as the multipart field 'file'")
 
 
 class Refused(Exception):

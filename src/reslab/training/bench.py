@@ -141,15 +141,8 @@ def bench(arch: str | None = None, preset: str = "seed", data: str | None = None
                       steps=warmup + steps, log_every=2**62, out=None)
     if cfg.augment is None:
         cfg, _ = resolve_inputs(cfg, model_info(cfg.arch).family, None)
-    # What the options leave open is decided as a training run decides it on this CPU: by the start-up probe.
-    dev, prec = prepare(device, precision, threads)
-    probed = dev.type == "cpu" and (threads is None or precision == "auto" or channels_last is None)
-    if probed:
-        choice = tune.choose(cfg.arch, cfg.model_kwargs, 10, batch_size, cfg.input_size, threads=threads,
-                             precision=None if precision == "auto" else prec, channels_last=channels_last).choice
-        prec, channels_last = choice.precision, choice.channels_last
-    cl = channels_last if channels_last is not None else default_channels_last(dev, prec)
-    cfg = dataclasses.replace(cfg, device=str(dev), precision=prec, channels_last=cl, threads=torch.get_num_threads())
+    cfg, probed = _execution(cfg, device, precision, channels_last, threads)
+    dev, prec, cl = torch.device(cfg.device), cfg.precision, cfg.channels_last
     bundle = _bench_data(cfg, data, (warmup + steps) * batch_size)
     run = build.bare_run(cfg, bundle, dev, prec)
     run.model.train()
@@ -157,15 +150,7 @@ def bench(arch: str | None = None, preset: str = "seed", data: str | None = None
         hook.on_epoch_start(run)
     ips = _time_steps(lambda x, y: step(run, x, y), run.train_batches, warmup, steps, dev)
 
-    net = run.eval_model()
-
-    @torch.no_grad()
-    def eval_step(x, y):
-        with autocast(dev, prec):
-            net(x).argmax(1)  # a plain forward pass (no test-time augmentation)
-
-    net.eval()
-    eval_ips = _time_steps(eval_step, run.eval_batches["test"], 1, max(3, steps // 2), dev)
+    eval_ips = _eval_images_per_sec(run, dev, prec, max(3, steps // 2))
     num_classes = len(bundle.classes)
     macs = count_macs(create_model(cfg.arch, num_classes=num_classes, **cfg.model_kwargs), cfg.input_size)
     gflops = 3 * 2 * macs * ips / 1e9  # a training step costs about three forward passes
@@ -177,6 +162,34 @@ def bench(arch: str | None = None, preset: str = "seed", data: str | None = None
         result.baseline_images_per_sec = round(_seed_pipeline(cfg, bundle, warmup, steps, dev), 1)
         result.speedup = round(ips / result.baseline_images_per_sec, 2)
     return result
+
+
+def _execution(cfg: TrainConfig, device: str, precision: str, channels_last: bool | None,
+               threads: int | None) -> tuple[TrainConfig, bool]:
+    """``cfg`` with its execution decided: what the options leave open is decided as a training run decides it on
+    this CPU, by the start-up probe (and whether the probe ran)."""
+    dev, prec = prepare(device, precision, threads)
+    probed = dev.type == "cpu" and (threads is None or precision == "auto" or channels_last is None)
+    if probed:
+        choice = tune.choose(cfg.arch, cfg.model_kwargs, 10, cfg.batch_size, cfg.input_size, threads=threads,
+                             precision=None if precision == "auto" else prec, channels_last=channels_last).choice
+        prec, channels_last = choice.precision, choice.channels_last
+    cl = channels_last if channels_last is not None else default_channels_last(dev, prec)
+    return dataclasses.replace(cfg, device=str(dev), precision=prec, channels_last=cl,
+                               threads=torch.get_num_threads()), probed
+
+
+def _eval_images_per_sec(run, device: torch.device, precision: str, steps: int) -> float:
+    """Evaluation images/s of the run's model: a plain forward pass (no test-time augmentation) per batch."""
+    net = run.eval_model()
+
+    @torch.no_grad()
+    def eval_step(x, y):
+        with autocast(device, precision):
+            net(x).argmax(1)
+
+    net.eval()
+    return _time_steps(eval_step, run.eval_batches["test"], 1, steps, device)
 
 
 def _seed_pipeline(cfg: TrainConfig, data: DataBundle, warmup: int, steps: int, device: torch.device) -> float:
