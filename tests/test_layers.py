@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import re
+import shutil
 from pathlib import Path
 
 import reslab
@@ -14,18 +15,18 @@ ROOT = Path(reslab.__file__).parent
 TOP = ("__init__", "__main__")  # the package's API and ``python -m reslab``: above every layer
 
 
-def _module_name(path: Path) -> str:
-    return ".".join(path.relative_to(ROOT.parent).with_suffix("").parts).removesuffix(".__init__")
+def _module_name(path: Path, root: Path = ROOT) -> str:
+    return ".".join(path.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__")
 
 
-def _exists(dotted: str) -> bool:
-    base = ROOT.parent / dotted.replace(".", "/")
+def _exists(dotted: str, root: Path) -> bool:
+    base = root.parent / dotted.replace(".", "/")
     return base.with_suffix(".py").exists() or (base / "__init__.py").exists()
 
 
-def _imports(path: Path) -> set[str]:
+def _imports(path: Path, root: Path) -> set[str]:
     """The reslab modules ``path`` imports (a submodule where the import names one, else the package)."""
-    name = _module_name(path)
+    name = _module_name(path, root)
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -40,11 +41,16 @@ def _imports(path: Path) -> set[str]:
         else:
             continue
         for alias in node.names:
-            found.add(f"{target}.{alias.name}" if _exists(f"{target}.{alias.name}") else target)
+            found.add(f"{target}.{alias.name}" if _exists(f"{target}.{alias.name}", root) else target)
     return found - {name}
 
 
-GRAPH = {_module_name(p): _imports(p) for p in ROOT.rglob("*.py")}
+def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """Module -> the reslab modules it imports, for the package at ``root``."""
+    return {_module_name(p, root): _imports(p, root) for p in root.rglob("*.py")}
+
+
+GRAPH = import_graph()
 
 
 def _layer(module: str) -> str:
@@ -58,27 +64,54 @@ def test_every_module_lives_in_a_layer():
         assert layer in reslab.LAYERS or layer in TOP, f"{module} is in no layer of reslab.LAYERS"
 
 
-def test_no_module_imports_from_a_later_layer():
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import from a later layer (or from the package's top), as ``module -> target``."""
     order = list(reslab.LAYERS)
     upward = []
-    for module, targets in GRAPH.items():
+    for module, targets in graph.items():
         if _layer(module) in TOP:
             continue
         for target in targets:
             if _layer(target) in TOP or order.index(_layer(target)) > order.index(_layer(module)):
                 upward.append(f"{module} -> {target}")
-    assert not upward, "imports from a later layer: " + ", ".join(sorted(upward))
+    return sorted(upward)
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (the package ``__init__``, which imports the API lazily, left out), or None."""
+    def visit(node: str, stack: list[str]) -> list[str] | None:
+        if node in stack:
+            return [*stack, node]
+        for nxt in graph.get(node, ()):
+            if (cycle := visit(nxt, [*stack, node])) is not None:
+                return cycle
+        return None
+
+    return next((c for m in graph if m != "reslab" and (c := visit(m, [])) is not None), None)
+
+
+def test_no_module_imports_from_a_later_layer():
+    assert not upward_imports(GRAPH), "imports from a later layer: " + ", ".join(upward_imports(GRAPH))
 
 
 def test_no_import_cycles_between_modules():
-    def visit(node: str, stack: list[str]) -> None:
-        assert node not in stack, f"import cycle: {' -> '.join([*stack, node])}"
-        for nxt in GRAPH.get(node, ()):
-            visit(nxt, [*stack, node])
+    cycle = import_cycle(GRAPH)
+    assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
 
-    for module in GRAPH:
-        if module != "reslab":  # the package __init__ imports the API lazily; nothing inside imports it back
-            visit(module, [])
+
+def test_the_layering_checks_fail_on_a_wrong_import(tmp_path):
+    """A copy of the package with an import from a later layer inside a function, and with a cycle, is caught."""
+    copy = tmp_path / "reslab"
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    errors = copy / "core" / "errors.py"
+    errors.write_text(errors.read_text() + "\n\ndef _late():\n    from ..cli import commands  # noqa\n")
+    assert upward_imports(import_graph(copy)) == ["reslab.core.errors -> reslab.cli.commands"]
+    assert import_cycle(GRAPH) is None
+    log = copy / "core" / "log.py"
+    log.write_text(log.read_text() + "\n\ndef _cycle():\n    from .errors import UserError  # noqa\n")
+    errors.write_text(errors.read_text() + "\n\ndef _back():\n    from .log import say  # noqa\n")
+    cycle = import_cycle(import_graph(copy))
+    assert cycle is not None and {"reslab.core.errors", "reslab.core.log"} <= set(cycle), cycle
 
 
 def test_the_training_layer_imports_one_way():
