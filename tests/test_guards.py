@@ -557,7 +557,7 @@ def test_every_numeric_option_of_every_command_is_range_checked_before_any_work(
     import typing
 
     from reslab.cli.commands import COMMANDS
-    from reslab.cli.options import RANGED, lr_find_parser
+    from reslab.cli.options import RANGED
     from reslab.config.schema import TrainConfig
 
     checked = 0
@@ -566,10 +566,6 @@ def test_every_numeric_option_of_every_command_is_range_checked_before_any_work(
             continue
         hints = typing.get_type_hints(fn)
         params = list(inspect.signature(fn).parameters.values())
-        if name == "lr-find":
-            params = [inspect.Parameter(a.dest, inspect.Parameter.KEYWORD_ONLY, annotation=a.type)
-                      for a in lr_find_parser({})._actions if a.dest in ("start_lr", "end_lr", "range_steps")]
-            hints = {p.name: p.annotation for p in params}
         required = [("x" if p.annotation is not bool else None) for p in params
                     if p.default is inspect.Parameter.empty and p.kind is not inspect.Parameter.KEYWORD_ONLY
                     and p.name != "config"]

@@ -63,7 +63,7 @@ def test_each_section_checks_its_own_fields(kwargs, message):
 def _parsed(*argv: str):
     from reslab.cli.commands import _parse
 
-    _command, args, given, _ = _parse(list(argv))
+    _command, args, given = _parse(list(argv))
     return args, given
 
 

@@ -111,7 +111,7 @@ def test_preset_then_yaml_then_flags(tmp_path, monkeypatch):
     from reslab.cli import commands as cli
 
     seen = {}
-    monkeypatch.setitem(cli.COMMANDS, "train", lambda config, **kw: seen.update(cfg=config))
+    monkeypatch.setattr("reslab.training.train.train", lambda config, **kw: seen.update(cfg=config))
     yml = tmp_path / "c.yaml"
     yml.write_text("lr: 0.5\nbatch_size: 32\n")
     assert cli.main(["train", "--preset", "seed", "--config", str(yml), "--batch-size", "16"]) == 0

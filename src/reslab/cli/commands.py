@@ -7,6 +7,7 @@ precedence is: defaults < ``--preset`` < ``--config FILE.yaml`` < flags (in the 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import sys
 import time
@@ -15,15 +16,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+from docstring_parser import parse as parse_doc
 from jsonargparse import ArgumentParser
 
 from ..config.schema import PRESETS, TrainConfig, budget_rule_fields
 from ..core.errors import ConfigError, DataError, Interrupted, UserError
 from ..core.log import say
 from .options import (
-    TRAIN_ONLY,
     ClosedUnitInterval,
-    FirstPass,
     Fraction,
     NonNegativeFloat,
     NonNegativeInt,
@@ -31,12 +31,11 @@ from .options import (
     PositiveFloat,
     PositiveInt,
     command_parser,
-    compare_parser,
     first_pass,
     given_options,
-    lr_find_parser,
-    train_parser,
+    takes_config,
     usage_message,
+    wraps,
 )
 
 
@@ -106,8 +105,28 @@ def summary_cmd(arch: str, image_size: Optional[PositiveInt] = None, num_classes
 
 
 def train_cmd(config: TrainConfig, preset: Optional[str] = None, resume: Optional[str] = None,
-              given: frozenset[str] = frozenset(), force: bool = False, data_changed: Optional[str] = None) -> None:
-    """Train a new run from ``config``, or continue ``resume`` with the options ``given`` on the command line."""
+              data_changed: Optional[Literal["ok"]] = None, force: bool = False,
+              given: frozenset[str] = frozenset()) -> None:
+    """Train a model; writes config.yaml, metrics.jsonl, last.pt, model.safetensors.
+
+    Args:
+        config: the recipe (every option of the sections below).
+        preset: start from a preset (seed, paper, fast, ...); --config and flags override it.
+        resume: continue the run in this directory from its last.pt; flags given with it may change its length
+            (--epochs, --steps), evaluation, logging and device, nothing else. auto: continue --out if it has a
+            checkpoint, else start it (what a torchrun restart does).
+        data_changed: with --resume: continue on a data folder whose images changed since the run started.
+        force: write over a config.yaml or metrics.jsonl in --out that no reslab run made.
+        given: the options given on the command line (and "config" for a --config file).
+    """
+    if data_changed and not resume:
+        raise ConfigError("--data-changed goes with --resume")
+    resuming = resume not in (None, "auto")  # auto may start the run: it needs the whole config
+    if resuming and "config" in given:
+        raise ConfigError("--resume continues a run with its saved config: no --config with it")
+    if not resuming:
+        config = dataclasses.replace(config, **budget_rule_fields(preset, config.time_budget, given))
+    given = given - {"preset", "config", "resume", "data_changed", "force"}
     from ..core.distributed import shutdown
     from ..core.execution import process_age
     from ..training.train import continue_or_start, elastic_restart, train
@@ -127,9 +146,10 @@ def train_cmd(config: TrainConfig, preset: Optional[str] = None, resume: Optiona
         shutdown(wait_for_peers=ok)
 
 
-def eval_cmd(model: str, data: str, split: str = "test", arch: Optional[str] = None, device: str = "auto",
-             precision: str = "auto", batch_size: PositiveInt = 256, samples: Optional[PositiveInt] = None,
-             data_dir: Optional[str] = None, tta: Optional[str] = None, tta_fraction: Optional[Fraction] = None,
+@wraps("inference.evaluate:evaluate", "insight.gallery:gallery")
+def eval_cmd(model: str, data: str, split: str = ..., arch: Optional[str] = ..., device: str = ...,
+             precision: str = ..., batch_size: PositiveInt = ..., samples: Optional[PositiveInt] = ...,
+             data_dir: Optional[str] = ..., tta: Optional[str] = ..., tta_fraction: Optional[Fraction] = ...,
              plot: Optional[str] = None, gallery: Optional[str] = None, gallery_size: PositiveInt = 24,
              json: bool = False) -> None:
     """Evaluate a saved model on an image folder (or cifar10, digits): accuracy, per class, confusion matrix.
@@ -184,11 +204,12 @@ def eval_cmd(model: str, data: str, split: str = "test", arch: Optional[str] = N
         print(f"  {name:<{width}} " + " ".join(f"{v:5d}" for v in row))
 
 
-def predict_cmd(model: str, inputs: list[str], topk: PositiveInt = 5, arch: Optional[str] = None,
-                device: str = "auto", precision: str = "fp32", batch_size: PositiveInt = 64,
-                workers: Optional[NonNegativeInt] = None,
-                output: Optional[str] = None, resume: bool = False, runtime: str = "eager",
-                cam: Optional[str] = None, json: bool = False) -> None:
+@wraps("inference.predict:predict_rows")
+def predict_cmd(model: str, inputs: list[str], topk: PositiveInt = ..., arch: Optional[str] = ...,
+                device: str = ..., precision: str = ..., batch_size: PositiveInt = ...,
+                workers: Optional[NonNegativeInt] = ...,
+                output: Optional[str] = None, resume: bool = False, runtime: str = ...,
+                cam: Optional[str] = ..., json: bool = False) -> None:
     """Top-k classes and probabilities for image files or folders (of any size: batched, decoded in parallel).
 
     Args:
@@ -252,12 +273,13 @@ def _print_prediction(r: dict, json: bool) -> None:
               + (f"  (cam: {r['cam']})" if "cam" in r else ""))
 
 
-def bench_cmd(arch: Optional[str] = None, preset: str = "seed", data: Optional[str] = None,
+@wraps("training.bench:bench", "ship.infer_bench:bench_inference")
+def bench_cmd(arch: Optional[str] = ..., preset: str = ..., data: Optional[str] = ...,
               batch_size: Optional[PositiveInt] = None,
-              steps: PositiveInt = 20, warmup: NonNegativeInt = 3, baseline: bool = False, device: str = "auto",
-              precision: str = "auto", channels_last: Optional[bool] = None, compile: bool = False,
-              threads: Optional[PositiveInt] = None, tune: bool = False, inference: Optional[str] = None,
-              runtimes: Optional[str] = None, seconds: PositiveFloat = 2.0, json: bool = False) -> None:
+              steps: PositiveInt = ..., warmup: NonNegativeInt = ..., baseline: bool = ..., device: str = ...,
+              precision: str = ..., channels_last: Optional[bool] = ..., compile: bool = ...,
+              threads: Optional[PositiveInt] = ..., tune: bool = False, inference: Optional[str] = None,
+              runtimes: Optional[str] = None, seconds: PositiveFloat = ..., json: bool = False) -> None:
     """Training images/s of the whole step, achieved GFLOP/s against a measured GEMM roof, and the seed's pipeline;
     with --inference RUN, a trained model's latency and throughput in each inference runtime.
 
@@ -343,7 +365,21 @@ def _bench_inference(model, runtimes, threads, batch_size, seconds, compile, dat
 
 def compare_cmd(config: TrainConfig, archs: Optional[str] = None, schedules: Optional[str] = None,
                 budgets: Optional[str] = None, seeds: Optional[str] = None, preset: Optional[str] = None,
-                compare_out: str = "runs/compare", given: frozenset[str] = frozenset()) -> None:
+                given: frozenset[str] = frozenset()) -> None:
+    """Train several models (or schedules) with one recipe into OUT/<name>/, then write report.md, summary.json
+    and figures. --preset degradation compares plain20, plain56, resnet20 and resnet56 (He et al. Fig. 6);
+    --preset decay compares step, cosine and constant schedules.
+
+    Args:
+        config: the shared recipe; its --out is the comparison directory (default runs/compare).
+        archs: models to compare, e.g. plain20,resnet20,plain56,resnet56.
+        schedules: schedules to compare on --arch, e.g. step,constant.
+        budgets: --time-budget minutes to compare, e.g. 2.5,5,10,20.
+        seeds: repeat every model, schedule or budget with each of these seeds, e.g. 0,1,2 (the report and figures
+            show the mean and spread).
+        preset: the preset the recipe starts from (its comparison, when it names one, is the default).
+        given: the options given on the command line.
+    """
     from ..insight.compare import COMPARISONS, compare
 
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else []
@@ -355,6 +391,7 @@ def compare_cmd(config: TrainConfig, archs: Optional[str] = None, schedules: Opt
     chosen = dict(archs=split(archs), schedules=split(schedules), budgets=numbers[0])
     if not any(chosen.values()) and preset in COMPARISONS:  # the preset says what it compares
         chosen.update(COMPARISONS[preset])
+    compare_out = config.out or "runs/compare"  # --out names the comparison directory
     summary = compare(config, **chosen, seeds=numbers[1], out=compare_out, preset=preset, given=given)
     if budgets:
         print(f"{'budget min':>10}{'seeds':>7}{'test acc % mean':>17}{'std':>7}{'s to result':>13}")
@@ -373,10 +410,19 @@ def compare_cmd(config: TrainConfig, archs: Optional[str] = None, schedules: Opt
     print(f"report: {compare_out}/report.md, {compare_out}/report.html")
 
 
-def lr_find_cmd(config: TrainConfig, start_lr: PositiveFloat = 1e-6, end_lr: PositiveFloat = 10.0,
-                range_steps: PositiveInt = 200,
-                json: bool = False) -> None:
-    """The learning-rate range test on ``config``'s data and recipe; prints the suggestion and its rule."""
+@wraps("insight.lrfind:lr_find", range_steps="steps")
+def lr_find_cmd(config: TrainConfig, start_lr: PositiveFloat = ..., end_lr: PositiveFloat = ...,
+                range_steps: PositiveInt = ..., json: bool = False) -> None:
+    """The learning-rate range test: train a copy of the model with an exponentially growing lr on the real data
+    and recipe, stop at divergence, and suggest an lr. --out DIR receives lr_find.png and lr_find.json.
+
+    Args:
+        config: the recipe whose learning rate is sought.
+        start_lr: learning rate of the first step.
+        end_lr: learning rate of the last step (the test usually diverges before).
+        range_steps: optimizer steps of the test (a few hundred: a smooth curve).
+        json: print one JSON object (the curve and the suggestion).
+    """
     from ..insight.lrfind import lr_find
 
     r = lr_find(config, config.out or "runs/lr-find", start_lr, end_lr, range_steps)
@@ -388,8 +434,9 @@ def lr_find_cmd(config: TrainConfig, start_lr: PositiveFloat = 1e-6, end_lr: Pos
     print(f"{len(r.lrs)} steps, {r.stopped}; curve: {r.files[0]}, plot: {r.files[1]}")
 
 
-def audit_cmd(data: str, run: Optional[str] = None, folds: NonNegativeInt = 0, fold_epochs: PositiveFloat = 8.0,
-              seed: NonNegativeInt = 0,
+@wraps("insight.audit:audit")
+def audit_cmd(data: str, run: Optional[str] = ..., folds: NonNegativeInt = ..., fold_epochs: PositiveFloat = ...,
+              seed: NonNegativeInt = ...,
               json: bool = False) -> None:
     """Check an image folder for the classic mistakes: unreadable or odd files, class counts, duplicates and
     train/test leakage, likely mislabeled images. Reads only: never moves or deletes a file.
@@ -429,7 +476,8 @@ def _print_audit(r) -> None:
     print(f"labels: {r.labels_checked}")
 
 
-def report_cmd(path: str, samples: Optional[PositiveInt] = None, evaluate: bool = True) -> None:
+@wraps("insight.report:report")
+def report_cmd(path: str, samples: Optional[PositiveInt] = ..., evaluate: bool = ...) -> None:
     """Write one self-contained HTML page (report.html) for a run directory or a comparison directory.
 
     Args:
@@ -442,7 +490,8 @@ def report_cmd(path: str, samples: Optional[PositiveInt] = None, evaluate: bool 
     print(f"report: {report(path, samples=samples, evaluate=evaluate)}")
 
 
-def plot_cmd(runs: list[str], out: str = "curves.png", metric: Literal["error", "loss", "lr"] = "error") -> None:
+@wraps("insight.plots:plot_runs")
+def plot_cmd(runs: list[str], out: str = "curves.png", metric: Literal["error", "loss", "lr"] = ...) -> None:
     """Draw curves from run directories' metrics.jsonl.
 
     Args:
@@ -457,9 +506,10 @@ def plot_cmd(runs: list[str], out: str = "curves.png", metric: Literal["error", 
     print(plot_runs(runs, out, metric=metric))
 
 
-def export_cmd(model: str, format: str = "onnx", out: Optional[str] = None, arch: Optional[str] = None,
-               quantize: Optional[str] = None, data: Optional[str] = None, calibration: PositiveInt = 256,
-               samples: Optional[PositiveInt] = None, max_drop: ClosedUnitInterval = 0.01, force: bool = False,
+@wraps("ship.export:export")
+def export_cmd(model: str, format: str = ..., out: Optional[str] = ..., arch: Optional[str] = ...,
+               quantize: Optional[str] = ..., data: Optional[str] = ..., calibration: PositiveInt = ...,
+               samples: Optional[PositiveInt] = ..., max_drop: ClosedUnitInterval = ..., force: bool = ...,
                json: bool = False) -> None:
     """Export a trained model to ONNX or TorchScript (dynamic batch size) and check parity with PyTorch.
 
@@ -500,11 +550,12 @@ def export_cmd(model: str, format: str = "onnx", out: Optional[str] = None, arch
         raise UserError(f"exported model differs from PyTorch by {r.max_abs_diff:.2e}")
 
 
-def serve_cmd(model: str, host: str = "127.0.0.1", port: Port = 8000, topk: PositiveInt = 5,
-              device: str = "auto", precision: str = "fp32", max_batch: PositiveInt = 16,
-              batch_wait_ms: NonNegativeFloat = 5.0, max_upload_mb: PositiveFloat = 10.0,
-              decode_timeout: PositiveFloat = 5.0, decode_memory_mb: PositiveFloat = 1024.0, runtime: str = "eager",
-              header_timeout: PositiveFloat = 10.0) -> None:
+@wraps("ship.serve:serve", "ship.serve:create_app")
+def serve_cmd(model: str, host: str = ..., port: Port = ..., topk: PositiveInt = ...,
+              device: str = ..., precision: str = ..., max_batch: PositiveInt = ...,
+              batch_wait_ms: NonNegativeFloat = ..., max_upload_mb: PositiveFloat = ...,
+              decode_timeout: PositiveFloat = ..., decode_memory_mb: PositiveFloat = ..., runtime: str = ...,
+              header_timeout: PositiveFloat = ...) -> None:
     """Serve a trained model over HTTP: POST /predict (multipart field 'file') -> top-k JSON, GET /health, GET /.
 
     Needs pip install 'reslab[serve]' (FastAPI, uvicorn, python-multipart).
@@ -585,11 +636,9 @@ COMMANDS: dict[str, Callable[..., None]] = {
 }
 
 
-TRAIN_DESCRIPTION = "Train a model; writes config.yaml, metrics.jsonl, last.pt, model.safetensors."
-
-
 def build_parser(preset: str | None = None, config: dict[str, Any] | None = None) -> ArgumentParser:
-    """The full ``reslab`` parser; ``preset`` and ``config`` (a ``--config`` file's values) set the train defaults."""
+    """The full ``reslab`` parser; ``preset`` and ``config`` (a ``--config`` file's values) set the recipe's
+    defaults."""
     defaults = {**(PRESETS[preset] if preset else {}), **(config or {})}
     parser = ArgumentParser(prog="reslab", description="Train, evaluate and compare residual networks.",
                             exit_on_error=False)
@@ -597,56 +646,41 @@ def build_parser(preset: str | None = None, config: dict[str, Any] | None = None
     sub = parser.add_subcommands(dest="command")
     for name in COMMANDS:
         p = subcommand_parser(name, defaults)
-        sub.add_subcommand(name, p, help=(p.description or "").split("\n")[0])
+        summary = parse_doc(COMMANDS[name].__doc__ or "").short_description or ""
+        sub.add_subcommand(name, p, help=" ".join(summary.split()))
     return parser
 
 
 def subcommand_parser(name: str, defaults: dict[str, Any] | None = None) -> ArgumentParser:
-    """The parser of ``reslab NAME``; ``defaults`` are the train options' (a preset's and a config file's)."""
-    if name == "train":
-        return train_parser(defaults or {}, TRAIN_DESCRIPTION)
-    if name == "compare":
-        return compare_parser(defaults or {})
-    if name == "lr-find":
-        return lr_find_parser(defaults or {})
-    return command_parser(COMMANDS[name])
+    """The parser of ``reslab NAME``, made from its function; ``defaults`` are the recipe's (a preset's and a config
+    file's), for the commands that take one."""
+    return command_parser(COMMANDS[name], defaults or {})
 
 
-def _train(args: dict[str, Any], given: frozenset[str], first: FirstPass) -> None:
-    special = {k: args.pop(k) for k in ("preset", "resume", "force", "data_changed")}
-    args.pop("config")
-    if special["data_changed"] and not special["resume"]:
-        raise ConfigError("--data-changed goes with --resume")
-    resuming = special["resume"] not in (None, "auto")  # auto may start the run: it needs the whole config
-    if resuming and first.config_file:
-        raise ConfigError("--resume continues a run with its saved config: no --config with it")
-    if not resuming:
-        args.update(budget_rule_fields(special["preset"], args["time_budget"], given))
-    COMMANDS["train"](TrainConfig(**args), given=given - set(TRAIN_ONLY), **special)
+def _run(command: str, args: dict[str, Any], given: frozenset[str]) -> None:
+    """Call the command's function: the recipe's options become its ``TrainConfig``, ``given`` is handed to those
+    that take it."""
+    fn = COMMANDS[command]
+    params = inspect.signature(fn).parameters
+    if takes_config(fn):
+        args.pop("config")  # the --config file: read by the first pass, already in the defaults
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        args["config"] = TrainConfig(**{k: args.pop(k) for k in list(args) if k in fields})
+        if "preset" not in params:
+            args.pop("preset")
+    if "given" in params:
+        args["given"] = given
+    fn(**args)
 
 
-def _compare(args: dict[str, Any], given: frozenset[str], first: FirstPass) -> None:
-    special = {k: args.pop(k) for k in ("preset", "archs", "schedules", "budgets", "seeds")}
-    args.pop("config")
-    out = args.pop("out", None) or "runs/compare"  # --out names the comparison directory
-    COMMANDS["compare"](TrainConfig(**args), compare_out=out, given=given, **special)
-
-
-def _lr_find(args: dict[str, Any]) -> None:
-    for key in ("preset", "config"):
-        args.pop(key)
-    own = {k: args.pop(k) for k in ("start_lr", "end_lr", "range_steps", "json")}
-    COMMANDS["lr-find"](TrainConfig(**args), **own)
-
-
-def _parse(argv: list[str]) -> tuple[str, dict[str, Any], frozenset[str], FirstPass]:
-    """The command, its arguments, the options given explicitly, and the first pass (raises ``ArgumentError``)."""
+def _parse(argv: list[str]) -> tuple[str, dict[str, Any], frozenset[str]]:
+    """The command, its arguments and the options given explicitly (raises ``ArgumentError``)."""
     first = first_pass(argv)
     parser = build_parser(first.preset, first.config)
     ns = parser.parse_args(argv)
     # Given: on the command line, and "config" for a --config file (its values then decide, not a budget rule).
     given = given_options(parser, argv, ns.command) | ({"config"} if first.config_file else set())
-    return ns.command, {k: _plain(v) for k, v in ns[ns.command].as_dict().items()}, given, first
+    return ns.command, {k: _plain(v) for k, v in ns[ns.command].as_dict().items()}, given
 
 
 def _plain(value: Any) -> Any:
@@ -671,21 +705,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        command, args, given, first = _parse(argv)
+        command, args, given = _parse(argv)
     except (ArgumentError, ConfigError) as exc:  # a bad option is one line on stderr, not a screen of usage
         if debug:
             raise
         _usage_error(exc, argv)
         return 2
     try:
-        if command == "train":
-            _train(args, given, first)
-        elif command == "compare":
-            _compare(args, given, first)
-        elif command == "lr-find":
-            _lr_find(args)
-        else:
-            COMMANDS[command](**args)
+        _run(command, args, given)
     except Interrupted as exc:
         print(f"reslab: {exc}", file=sys.stderr)
         return 130

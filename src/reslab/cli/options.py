@@ -9,7 +9,9 @@ false``. "Given" means on the command line (the second pass without its defaults
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import functools
 import inspect
 import re
 import typing
@@ -135,12 +137,46 @@ def add_params(parser: ArgumentParser, params: list[Param], group: Any = None) -
                                 **({"required": True} if required else {"default": p.default}), help=p.help)
 
 
+def wraps(*functions: str, **renamed: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Declare the library functions a command wraps (``"inference.evaluate:evaluate"``): its parameters whose
+    default is ``...`` take the library's default, so a default is written once, where the work is done.
+    ``renamed``: option name -> the library's name for it (``range_steps="steps"``)."""
+    def mark(command: Callable[..., None]) -> Callable[..., None]:
+        command.__wraps__, command.__renamed__ = functions, renamed
+        return command
+    return mark
+
+
+def library_default(command: Callable[..., Any], name: str) -> Any:
+    """The default of ``name`` in the first library function ``command`` wraps that has one, read from its source
+    with ``ast`` rather than by importing it (the CLI builds its parsers without loading torch)."""
+    name = getattr(command, "__renamed__", {}).get(name, name)
+    for target in getattr(command, "__wraps__", ()):
+        module, function = target.split(":")
+        base = Path(__file__).parents[1] / module.replace(".", "/")
+        source = base.with_suffix(".py") if base.with_suffix(".py").exists() else base / "__init__.py"
+        tree = _parsed(source)
+        node = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == function)
+        args = node.args.posonlyargs + node.args.args
+        defaults = dict(zip([a.arg for a in args[len(args) - len(node.args.defaults):]], node.args.defaults))
+        defaults |= {a.arg: d for a, d in zip(node.args.kwonlyargs, node.args.kw_defaults) if d is not None}
+        if name in defaults:
+            return ast.literal_eval(defaults[name])
+    raise TypeError(f"{command.__name__}: no function it wraps has a default for {name!r}")
+
+
+@functools.cache
+def _parsed(source: Path) -> ast.Module:
+    return ast.parse(source.read_text())
+
+
 def function_params(fn: Callable[..., Any], skip: tuple[str, ...] = ()) -> list[Param]:
-    """The parameters of a command function, with their types and the descriptions of its docstring's Args."""
+    """The parameters of a command function, with their types, defaults (``...``: the wrapped library function's)
+    and the descriptions of its docstring's Args."""
     hints = typing.get_type_hints(fn)
     docs = {d.arg_name: d.description or "" for d in parse(fn.__doc__ or "").params}
-    return [Param(name, hints[name], p.default, docs.get(name, ""))
-            for name, p in inspect.signature(fn).parameters.items() if name not in skip]
+    return [Param(name, hints[name], library_default(fn, name) if p.default is ... else p.default,
+                  docs.get(name, "")) for name, p in inspect.signature(fn).parameters.items() if name not in skip]
 
 
 def config_params() -> Iterator[tuple[str, list[Param]]]:
@@ -165,63 +201,29 @@ def given_options(parser: ArgumentParser, argv: list[str], command: str) -> froz
     return frozenset(explicit[command].as_dict()) if command in explicit else frozenset()
 
 
-def train_params(resume: bool) -> list[Param]:
-    """The options of ``train`` (and ``compare``) that are not config fields."""
-    params = [Param("preset", Optional[str], None, f"start from a preset ({', '.join(PRESETS)}); --config and flags "
-                                                   f"override it"),
-              Param("config", Optional[str], None, "a YAML file of options (e.g. a run's config.yaml); flags "
-                                                   "override it")]
-    if resume:
-        params += [
-            Param("resume", Optional[str], None, "continue the run in this directory from its last.pt; flags given "
-                  "with it may change its length (--epochs, --steps), evaluation, logging and device, nothing else. "
-                  "auto: continue --out if it has a checkpoint, else start it (what a torchrun restart does)"),
-            Param("data_changed", Optional[typing.Literal["ok"]], None, "with --resume: continue on a data folder "
-                  "whose images changed since the run started"),
-            Param("force", bool, False, "write over a config.yaml or metrics.jsonl in --out that no reslab run made")]
-    return params
+def takes_config(fn: Callable[..., Any]) -> bool:
+    """Whether a command trains from a recipe: its first parameter is ``config: TrainConfig``."""
+    first = next(iter(inspect.signature(fn).parameters.values()), None)
+    return first is not None and first.name == "config" and typing.get_type_hints(fn)["config"] is TrainConfig
 
 
-def train_parser(defaults: dict[str, Any], description: str, resume: bool = True) -> ArgumentParser:
-    """The parser of ``train``: its own options, then the config's by section, defaulting to ``defaults``."""
-    p = ArgumentParser(description=description, exit_on_error=False)
-    add_params(p, train_params(resume))
-    add_config_params(p)
-    p.set_defaults(defaults)
-    return p
+# The recipe commands' first-pass options: read before the parse (they set its defaults), declared for --help.
+RECIPE_SOURCES = [
+    Param("preset", Optional[str], None, f"start from a preset ({', '.join(PRESETS)}); --config and flags override it"),
+    Param("config", Optional[str], None, "a YAML file of options (e.g. a run's config.yaml); flags override it")]
 
 
-def compare_parser(defaults: dict[str, Any]) -> ArgumentParser:
-    """The parser of ``compare``: ``train``'s options, less resuming, and what to compare."""
-    p = train_parser(defaults, resume=False, description=(
-        "Train several models (or schedules) with one recipe into OUT/<name>/, then write report.md, summary.json "
-        "and figures. --preset degradation compares plain20, plain56, resnet20 and resnet56 (He et al. Fig. 6); "
-        "--preset decay compares step, cosine and constant schedules."))
-    add_params(p, [
-        Param("archs", Optional[str], None, "models to compare, e.g. plain20,resnet20,plain56,resnet56"),
-        Param("schedules", Optional[str], None, "schedules to compare on --arch, e.g. step,constant"),
-        Param("budgets", Optional[str], None, "--time-budget minutes to compare, e.g. 2.5,5,10,20"),
-        Param("seeds", Optional[str], None, "repeat every model, schedule or budget with each of these seeds, e.g. "
-              "0,1,2 (the report and figures show the mean and spread)")], p.add_argument_group("what to compare"))
-    return p
-
-
-def command_parser(fn: Callable[..., Any]) -> ArgumentParser:
-    """The parser of a command made from its function: the docstring's first line, and one option per parameter."""
-    p = ArgumentParser(description=(fn.__doc__ or "").split("\n")[0], exit_on_error=False)
-    add_params(p, function_params(fn))
-    return p
-
-
-def lr_find_parser(defaults: dict[str, Any]) -> ArgumentParser:
-    """The parser of ``lr-find``: ``train``'s options (the recipe whose learning rate is sought), and the range."""
-    p = train_parser(defaults, resume=False, description=(
-        "The learning-rate range test: train a copy of the model with an exponentially growing lr on the real data "
-        "and recipe, stop at divergence, and suggest an lr. --out DIR receives lr_find.png and lr_find.json."))
-    add_params(p, [
-        Param("start_lr", PositiveFloat, 1e-6, "learning rate of the first step"),
-        Param("end_lr", PositiveFloat, 10.0, "learning rate of the last step (the test usually diverges before)"),
-        Param("range_steps", PositiveInt, 200, "optimizer steps of the test (a few hundred: a smooth curve)"),
-        Param("json", bool, False, "print one JSON object (the curve and the suggestion)")],
-        p.add_argument_group("the range test"))
+def command_parser(fn: Callable[..., Any], defaults: dict[str, Any] | None = None) -> ArgumentParser:
+    """The parser of a command, made from its function: the docstring's description, one option per parameter (the
+    docstring's Args as help); a command that takes ``config: TrainConfig`` also gets ``--preset``, ``--config``
+    and every recipe option, by section, defaulting to ``defaults``. ``given`` is supplied, never a flag."""
+    doc = parse(fn.__doc__ or "")
+    description = "\n\n".join(d for d in (doc.short_description, doc.long_description) if d)
+    p = ArgumentParser(description=" ".join(description.split()), exit_on_error=False)
+    recipe = takes_config(fn)
+    own = [q for q in function_params(fn, skip=("config", "given")) if not (recipe and q.name == "preset")]
+    add_params(p, (RECIPE_SOURCES if recipe else []) + own)
+    if recipe:
+        add_config_params(p)
+        p.set_defaults(defaults or {})
     return p
