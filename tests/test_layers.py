@@ -104,12 +104,13 @@ def test_the_layering_checks_fail_on_a_wrong_import(tmp_path):
     copy = tmp_path / "reslab"
     shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
     errors = copy / "core" / "errors.py"
-    errors.write_text(errors.read_text() + "\n\ndef _late():\n    from ..cli import commands  # noqa\n")
+    original = errors.read_text()
+    errors.write_text(original + "\n\ndef _late():\n    from ..cli import commands  # noqa\n")
     assert upward_imports(import_graph(copy)) == ["reslab.core.errors -> reslab.cli.commands"]
     assert import_cycle(GRAPH) is None
     log = copy / "core" / "log.py"
     log.write_text(log.read_text() + "\n\ndef _cycle():\n    from .errors import UserError  # noqa\n")
-    errors.write_text(errors.read_text() + "\n\ndef _back():\n    from .log import say  # noqa\n")
+    errors.write_text(original + "\n\ndef _back():\n    from .log import say  # noqa\n")
     cycle = import_cycle(import_graph(copy))
     assert cycle is not None and {"reslab.core.errors", "reslab.core.log"} <= set(cycle), cycle
 
