@@ -20,12 +20,9 @@ from PIL import Image
 from reslab.core.progress import CountProgress
 from reslab.data import Batches, BatchTransform, DataError, load_data, load_split
 
-from conftest import make_folder
+from helpers import make_folder
 
-
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("RESLAB_CACHE", str(tmp_path / "cache"))  # these tests count the entries
+pytestmark = pytest.mark.usefixtures("own_cache")  # these tests count the entries
 
 
 def cache() -> Path:

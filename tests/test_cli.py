@@ -12,9 +12,11 @@ import pytest
 from reslab.cli.commands import COMMANDS, build_parser, subcommand_parser
 from reslab.models import list_models
 
+from helpers import reslab_cmd
+
 
 def test_help_lists_every_subcommand():
-    out = subprocess.run([sys.executable, "-m", "reslab", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(reslab_cmd("--help"), capture_output=True, text=True, check=True).stdout
     for name in COMMANDS:
         assert name in out
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import make_folder
+from helpers import make_folder
 
 
 def _args(folder):

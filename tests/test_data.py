@@ -19,7 +19,7 @@ from reslab.data import BatchTransform, DataError, balanced_indices, load_data, 
 from reslab.data.augment import _shift_hue, color_jitter, crop_flip, resize_crop
 from reslab.data.datasets import load_cifar10
 
-from conftest import make_folder
+from helpers import make_folder
 
 
 def test_hue_brightness_contrast_match_torchvision():
@@ -206,7 +206,7 @@ def test_reduced_jpeg_decoding_matches_a_full_decode(tmp_path, size):
 
 
 def test_cache_command_lists_and_clears(tmp_path, cli, monkeypatch):
-    from conftest import make_folder
+    from helpers import make_folder
 
     monkeypatch.setenv("RESLAB_CACHE", str(tmp_path / "cache"))
     root = make_folder(tmp_path / "d", per_class=3)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import torch
 
 import reslab
 
-from conftest import make_folder
+from helpers import make_folder, metrics, reslab_cmd
 
 # With --augment none both runs see the same global batches in the same order and DDP averages the gradients over
 # the global batch. What still differs is BatchNorm: each process normalises its 8 images, not all 16 (SyncBatchNorm
@@ -36,9 +35,6 @@ def _elastic(restarts: int, *args) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def _metrics(run):
-    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-
 
 def test_two_gloo_processes_match_one_process(tmp_path):
     folder = make_folder(tmp_path / "data", per_class=24)  # 72 train images: 4 global batches of 16
@@ -49,7 +45,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(p.name for p in ddp.iterdir()) == [".reslab.lock", "config.yaml", "last.pt", "machine.json",
                                                      "metrics.jsonl", "model.safetensors"]  # one writer: rank 0
-    a, b = _metrics(single), _metrics(ddp)
+    a, b = metrics(single), metrics(ddp)
     assert len(a) == len(b) == 3  # one set of files: rank 1 wrote no lines of its own
     assert [m["step"] for m in b] == [4, 8, 12]
     # Evaluation is sharded over the ranks and summed: every test image counted exactly once.
@@ -71,7 +67,7 @@ def test_resume_under_torchrun(tmp_path):
     torch.save(ckpt, run / "last.pt")
     r = _torchrun("train", "--resume", run)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert [m["step"] for m in _metrics(run)] == [2, 4, 6]  # epoch 1 stopped at 2, finished at 4; epoch 2 at 6
+    assert [m["step"] for m in metrics(run)] == [2, 4, 6]  # epoch 1 stopped at 2, finished at 4; epoch 2 at 6
 
 
 def _rank_pid(parent: int, rank: int) -> int | None:
@@ -114,7 +110,7 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path):
     assert err.count(f"stopped after step {step} ") == 2  # both ranks stopped at the step rank 0 saved
     r = _torchrun("train", "--resume", run, "--steps", str(step + 4))  # the run continues from there
     assert r.returncode == 0, r.stderr[-3000:]
-    assert _metrics(run)[-1]["step"] == step + 4
+    assert metrics(run)[-1]["step"] == step + 4
 
 
 def _worker(agent: int, rank: int, restart: int) -> int | None:
@@ -157,7 +153,7 @@ def test_an_elastic_restart_resumes_by_itself_and_ends_bit_identical(tmp_path):
     assert err.count("has a checkpoint: resuming it (restart ") >= 2  # both ranks, each restart, said so
     whole = (tmp_path / "whole" / "model.safetensors").read_bytes()
     assert (run / "model.safetensors").read_bytes() == whole  # bit-identical to the uninterrupted run
-    assert [m["step"] for m in _metrics(run)] == [m["step"] for m in _metrics(tmp_path / "whole")]
+    assert [m["step"] for m in metrics(run)] == [m["step"] for m in metrics(tmp_path / "whole")]
 
 
 def test_time_based_checkpoints_and_a_history_that_resumes_exactly(tmp_path):
@@ -167,14 +163,14 @@ def test_time_based_checkpoints_and_a_history_that_resumes_exactly(tmp_path):
     run = tmp_path / "run"
     args = ["train", "--data", folder, "--out", run, *RECIPE, "--checkpoint-every-minutes", "0.0002",
             "--keep-checkpoints", "2"]
-    subprocess.run([sys.executable, "-m", "reslab", *map(str, args)], check=True, capture_output=True)
+    subprocess.run(reslab_cmd(*args), check=True, capture_output=True)
     history = sorted((run / "checkpoints").iterdir())
     steps = [torch.load(p, weights_only=True)["step"] for p in history]
     assert len(history) == 2 and steps == [11, 12] and [p.name for p in history] == ["step-00000011.pt",
                                                                                    "step-00000012.pt"]
     final = (run / "model.safetensors").read_bytes()
     shutil.copy(history[0], run / "last.pt")  # back to step 11, mid-epoch: the run redoes its last step
-    r = subprocess.run([sys.executable, "-m", "reslab", "train", "--resume", str(run)], capture_output=True,
+    r = subprocess.run(reslab_cmd("train", "--resume", str(run)), capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (run / "model.safetensors").read_bytes() == final
@@ -197,9 +193,9 @@ def test_a_checkpoint_resumes_under_another_world_size(tmp_path):
     alone("train", "--resume", tmp_path / "2to1", "--steps", "12")
     alone("train", "--data", folder, "--out", tmp_path / "1to2", *RECIPE, "--steps", "6")
     pair("train", "--resume", tmp_path / "1to2", "--steps", "12")
-    whole = _metrics(tmp_path / "whole")
+    whole = metrics(tmp_path / "whole")
     for name in ("2to1", "1to2"):
-        lines = _metrics(tmp_path / name)
+        lines = metrics(tmp_path / name)
         # The global batch is the same, so the data order and the schedule are: the same steps, the same lr.
         # (The run stopped at step 6 has a line for its partial epoch 2 as well.)
         assert [(m["step"], m["lr"]) for m in lines if m["step"] != 6] == [(m["step"], m["lr"]) for m in whole]
@@ -266,10 +262,10 @@ def test_a_stopped_rank_is_named_within_the_collective_timeout(tmp_path, stopped
     assert f"seen from rank {1 - stopped}" in line and "is intact: continue with reslab train --resume" in line
     assert proc.returncode != 0
     step = torch.load(run / "last.pt", weights_only=True)["step"]  # the last checkpoint is whole, and resumes
-    r = subprocess.run([sys.executable, "-m", "reslab", "train", "--resume", str(run), "--steps", str(step + 2)],
+    r = subprocess.run(reslab_cmd("train", "--resume", str(run), "--steps", str(step + 2)),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert _metrics(run)[-1]["step"] == step + 2
+    assert metrics(run)[-1]["step"] == step + 2
 
 
 def _state(pid: int) -> str:
@@ -311,4 +307,4 @@ def test_a_kill_during_a_mid_epoch_checkpoint_write_resumes_bit_identical(tmp_pa
     assert "has a checkpoint: resuming it (restart 1 by torchrun)" in err
     assert not tmp.exists()  # the restarted run cleared the dead writer's half-written file
     assert (run / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
-    assert [m["step"] for m in _metrics(run)] == [m["step"] for m in _metrics(tmp_path / "whole")]
+    assert [m["step"] for m in metrics(run)] == [m["step"] for m in metrics(tmp_path / "whole")]

@@ -20,7 +20,7 @@ from reslab.data.folder import fit_square
 from reslab.models.checkpoint import load_checkpoint
 from reslab.training.train import fit, param_groups, setup
 
-from conftest import make_folder
+from helpers import make_folder
 
 SMALL = ["--arch", "resnet18", "--epochs", "1", "--batch-size", "8", "--image-size", "64", "--precision", "fp32",
          "--threads", "1", "--lr", "0.01"]

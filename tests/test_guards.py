@@ -21,7 +21,7 @@ from PIL import Image
 
 import reslab
 
-from conftest import make_folder
+from helpers import make_folder, reslab_cmd
 
 TRAIN = ["--epochs", "2", "--batch-size", "16", "--lr", "0.05", "--threads", "1", "--precision", "fp32"]
 
@@ -170,7 +170,7 @@ def test_a_failed_export_keeps_the_previous_model_and_leaves_no_temporary_file(t
         resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 
     for fmt in ("onnx", "torchscript"):
-        p = subprocess.run([sys.executable, "-m", "reslab", "export", str(run), "--format", fmt], text=True,
+        p = subprocess.run(reslab_cmd("export", str(run), "--format", fmt), text=True,
                            capture_output=True, preexec_fn=small_files, timeout=300)
         assert p.returncode == 1 and "cannot write" in p.stderr, p.stderr
         _one_line(p.stderr)
@@ -266,8 +266,7 @@ def serve(trained, tmp_path):
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 (the server's output while it runs)
-        proc = subprocess.Popen([sys.executable, "-m", "reslab", "serve", str(trained[0]), "--port", str(port),
-                                 *options], stdout=log, stderr=log)
+        proc = subprocess.Popen(reslab_cmd("serve", trained[0], "--port", port, *options), stdout=log, stderr=log)
         procs.append((proc, log))
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 60
@@ -408,8 +407,7 @@ def test_the_server_answers_malformed_requests_in_one_line_and_checks_its_port(s
     code, _, err = cli("serve", trained[0], "--port", "80000")
     assert code == 2 and "--port must be 0-65535, got 80000" in err
     port = int(url.rsplit(":", 1)[1])
-    p = subprocess.run([sys.executable, "-m", "reslab", "serve", str(trained[0]), "--port", str(port)],
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(reslab_cmd("serve", trained[0], "--port", port), capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "cannot listen on 127.0.0.1" in p.stderr and "serving" not in p.stdout
     _one_line(p.stderr)
 

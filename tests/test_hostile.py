@@ -18,16 +18,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import make_folder
+from helpers import make_folder, reslab_cmd
 
+pytestmark = pytest.mark.usefixtures("own_cache")  # these tests look at the entries
 
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("RESLAB_CACHE", str(tmp_path / "cache"))  # these tests look at the entries
-
-
-def _reslab(*args, env=None, **kw) -> list[str]:
-    return [sys.executable, "-m", "reslab", *map(str, args)]
 
 
 def _big_folder(root: Path, n: int = 400, size: int = 200) -> Path:
@@ -59,7 +53,7 @@ def test_kill_9_mid_decode_leaves_no_workers_and_no_hang(tmp_path):
     folder = _big_folder(tmp_path / "big", n=1200)
     cache = tmp_path / "cache"
     env = {**os.environ, "RESLAB_CACHE": str(cache)}
-    cmd = _reslab("train", "--data", folder, "--image-size", "96", "--steps", "2", "--batch-size", "8",
+    cmd = reslab_cmd("train", "--data", folder, "--image-size", "96", "--steps", "2", "--batch-size", "8",
                   "--arch", "resnet20", "--precision", "fp32", "--threads", "1")
     proc = subprocess.Popen([*cmd, "--out", tmp_path / "r1"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -202,7 +196,7 @@ def test_cache_listing_survives_debris_and_shows_partial_files(tmp_path, cli, mo
 
 
 def _train(folder, out, *extra):
-    return _reslab("train", "--data", folder, "--out", out, "--arch", "resnet20", "--batch-size", "8",
+    return reslab_cmd("train", "--data", folder, "--out", out, "--arch", "resnet20", "--batch-size", "8",
                    "--precision", "fp32", "--threads", "1", *extra)
 
 
@@ -210,7 +204,7 @@ def test_two_writers_on_one_run_directory_exactly_one_proceeds(tmp_path):
     folder = make_folder(tmp_path / "data", per_class=16)
     run = tmp_path / "run"
     env = {**os.environ, "RESLAB_CACHE": str(tmp_path / "cache")}
-    subprocess.run(_reslab("cache"), env=env, capture_output=True)  # nothing: warm the imports' disk cache
+    subprocess.run(reslab_cmd("cache"), env=env, capture_output=True)  # nothing: warm the imports' disk cache
     procs = [subprocess.Popen(_train(folder, run, "--epochs", "3", "--lr", lr), env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for lr in ("0.01", "0.02")]
     outs = [p.communicate(timeout=300) for p in procs]
@@ -230,14 +224,14 @@ def test_two_writers_on_one_run_directory_exactly_one_proceeds(tmp_path):
         deadline = time.time() + 120
         while not (tmp_path / "long" / "last.pt").exists() and time.time() < deadline:
             time.sleep(0.05)
-        r = subprocess.run(_reslab("train", "--resume", tmp_path / "long", "--epochs", "3"), env=env,
+        r = subprocess.run(reslab_cmd("train", "--resume", tmp_path / "long", "--epochs", "3"), env=env,
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 1 and f"(PID {long.pid}, since" in r.stderr, r.stderr
     finally:
         long.kill()
         long.wait()
     # killed: its lock is taken over by the resume, with one line
-    r = subprocess.run(_reslab("train", "--resume", tmp_path / "long", "--epochs", "2"), env=env,
+    r = subprocess.run(reslab_cmd("train", "--resume", tmp_path / "long", "--epochs", "2"), env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert f"was left by PID {long.pid}" in r.stderr and "taking it over" in r.stderr
@@ -372,7 +366,7 @@ def test_a_metadata_list_is_one_line(tmp_path, cli):
 
 def test_threads_beyond_the_cores_are_bounded_and_said(tmp_path):
     folder = make_folder(tmp_path / "data", per_class=4)
-    r = subprocess.run(_reslab("train", "--data", folder, "--out", tmp_path / "r", "--arch", "resnet20", "--steps",
+    r = subprocess.run(reslab_cmd("train", "--data", folder, "--out", tmp_path / "r", "--arch", "resnet20", "--steps",
                                "1", "--batch-size", "8", "--threads", "100000"), capture_output=True, text=True,
                        timeout=300)
     cores = len(os.sched_getaffinity(0))
@@ -436,7 +430,7 @@ def test_a_full_disk_while_checkpointing_is_one_line(tmp_path):
 
 def test_ctrl_c_while_importing_is_one_line(tmp_path):
     # SIGINT restored to its default: a shell that starts the suite in the background passes it on ignored
-    proc = subprocess.Popen(_reslab("train", "--data", "digits", "--out", tmp_path / "r", "--steps", "1"),
+    proc = subprocess.Popen(reslab_cmd("train", "--data", "digits", "--out", tmp_path / "r", "--steps", "1"),
                             stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(0.3)  # inside the imports (torch alone takes about a second)
@@ -597,7 +591,7 @@ def test_ctrl_c_during_the_final_evaluation_stops_and_resumes(tmp_path):
     assert proc.returncode == 130, seen + err
     assert "SIGINT received: stopped after step 3" in err and "(it only finishes: training is done)" in err
     assert not (run / "model.safetensors").exists()
-    r = subprocess.run(_reslab("train", "--resume", run), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(reslab_cmd("train", "--resume", run), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and (run / "model.safetensors").is_file(), r.stderr
     from reslab.core.rundir import read_metrics
 
@@ -617,7 +611,7 @@ def test_a_kill_while_scoring_the_marks_is_resumed(tmp_path):
     from reslab.core.rundir import read_marks
 
     assert read_marks(run) == {}
-    r = subprocess.run(_reslab("train", "--resume", run), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(reslab_cmd("train", "--resume", run), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "its accuracy marks were not scored (interrupted): scoring them now" in r.stderr
     assert read_marks(run)["0.01"]["test_acc"] > 0

@@ -175,7 +175,7 @@ def _planted_folder(root):
 
     from PIL import Image, ImageEnhance
 
-    from conftest import make_folder
+    from helpers import make_folder
 
     make_folder(root, per_class=30)
     train, test = root / "train", root / "test"
@@ -300,7 +300,7 @@ def test_a_report_of_an_older_run_without_gallery_or_machine(tmp_path, folder, c
 
 
 def test_every_insight_command_on_a_photo_sized_folder(tmp_path, cli):
-    from conftest import make_folder
+    from helpers import make_folder
 
     photos = make_folder(tmp_path / "photos", per_class=8, size=96, ext="jpg")
     run = tmp_path / "run"
@@ -326,7 +326,7 @@ def test_every_insight_command_on_a_photo_sized_folder(tmp_path, cli):
 
 
 def test_the_audit_of_a_folder_of_one_class(tmp_path, cli):
-    from conftest import make_folder
+    from helpers import make_folder
 
     one = make_folder(tmp_path / "one", per_class=6, classes={"red": (210, 40, 40)})
     code, out, err = cli("audit", one, "--folds", "2", "--json")

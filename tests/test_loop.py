@@ -19,13 +19,10 @@ from reslab.models.checkpoint import load_checkpoint
 from reslab.training.hooks import BUDGET_END_SECONDS, BUDGET_RESERVE, Hook, Lookahead, TimeBudget, size_to_budget
 from reslab.training.train import fit, param_groups, setup
 
-from conftest import make_folder
+from helpers import make_folder, metrics
 
 TINY = dict(arch="resnet20", batch_size=8, lr=0.02, precision="fp32", threads=1, log_every=1000)
 
-
-def _metrics(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 # --- resume -------------------------------------------------------------------------------------------------------
@@ -39,7 +36,7 @@ def test_resume_with_more_epochs_trains_on_and_refuses_what_defines_the_run(tmp_
     assert code == 1 and "already finished" in err and "--epochs" in err
     code, _, err = cli("train", "--resume", run, "--epochs", "6", "--eval-every", "2")
     assert code == 0, err
-    lines = _metrics(run)
+    lines = metrics(run)
     assert [m["epoch"] for m in lines] == [1, 2, 3, 4, 5, 6] and lines[-1]["step"] == 18
     assert "test_acc" not in lines[4] and "test_acc" in lines[5]  # --eval-every 2 took effect: epoch 5 not scored
     assert load_checkpoint(run / "last.pt")["config"]["epochs"] == 6
@@ -71,7 +68,7 @@ def test_marks_survive_a_crash_at_the_last_step(tmp_path):
     strip = lambda marks: {m: (r["step"], r["test_acc"]) for m, r in marks.items()}
     assert strip(resumed.accuracy_marks) == strip(full.accuracy_marks)
     assert full.accuracy_marks["0.5"]["step"] is not None
-    assert _metrics(tmp_path / "part")[-2]["train_loss"] == pytest.approx(_metrics(tmp_path / "full")[-2]["train_loss"])
+    assert metrics(tmp_path / "part")[-2]["train_loss"] == pytest.approx(metrics(tmp_path / "full")[-2]["train_loss"])
     assert not (tmp_path / "part" / "snapshots").exists()  # scored, then removed
 
 
@@ -232,5 +229,5 @@ def test_time_budget_under_torchrun_ends_both_ranks_at_the_same_step(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)  # a disagreement hangs: the timeout fails
     assert r.returncode == 0, r.stderr[-3000:]
     step = load_checkpoint(run / "last.pt")["step"]
-    assert _metrics(run)[-1]["step"] == step < 1000 * 4
+    assert metrics(run)[-1]["step"] == step < 1000 * 4
     assert "time budget 0.5 min" in r.stderr and r.stderr.count("time budget 0.5 min") == 1  # rank 0 speaks

@@ -13,7 +13,7 @@ import reslab
 from reslab.config.schema import PRESETS, make_config
 from reslab.training.schedule import lr_at
 
-from conftest import COLOURS
+from helpers import COLOURS
 
 # A step schedule: the lr of a step does not depend on the run length, so a shortened run is a true prefix.
 TINY = dict(arch="resnet20", epochs=3, batch_size=8, lr=0.01, precision="fp32", schedule="step", step_size=1,

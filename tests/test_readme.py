@@ -74,7 +74,7 @@ def test_the_photo_commands_run_as_written(tmp_path, cli, monkeypatch):
     import torch
     import torchvision
 
-    from conftest import make_folder
+    from helpers import make_folder
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))

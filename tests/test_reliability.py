@@ -16,7 +16,7 @@ from reslab.core.errors import UserError
 from reslab.data import DataError, load_split
 from reslab.models.checkpoint import atomic_write, clean_state_dict, load_checkpoint, save_checkpoint
 
-from conftest import make_folder
+from helpers import make_folder, reslab_cmd
 
 ARGS = ["--arch", "resnet20", "--batch-size", "8", "--lr", "0.01", "--precision", "fp32", "--schedule", "step",
         "--step-size", "2", "--gamma", "0.5", "--threads", "1"]
@@ -64,7 +64,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, args):
     step = load_checkpoint(ckpt)["step"]
     assert 0 < step < 30
 
-    r = subprocess.run([sys.executable, "-m", "reslab", "train", "--resume", str(killed)], capture_output=True,
+    r = subprocess.run(reslab_cmd("train", "--resume", str(killed)), capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr
     a, b = _weights(full), _weights(killed)

@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from PIL import Image
 
 import reslab
 
-from conftest import make_folder
+from helpers import make_folder, reslab_cmd
 
 pytest.importorskip("onnxruntime")
 
@@ -157,8 +156,8 @@ def test_a_killed_predict_keeps_its_rows_and_resume_does_the_rest(trained, tmp_p
     run, _ = trained
     photos = _photo_folder(tmp_path / "photos", 600)
     out = tmp_path / "p.jsonl"
-    cmd = [sys.executable, "-m", "reslab", "predict", str(run), str(photos), "--output", str(out), "--batch-size",
-           "8", "--workers", "1"]
+    cmd = reslab_cmd("predict", str(run), str(photos), "--output", str(out), "--batch-size",
+           "8", "--workers", "1")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -215,8 +214,8 @@ def server(trained, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 (the server's output while it runs)
-    proc = subprocess.Popen([sys.executable, "-m", "reslab", "serve", str(run), "--port", str(port), "--topk", "3",
-                             "--batch-wait-ms", "50", "--max-upload-mb", "0.05"], stdout=log, stderr=log)
+    proc = subprocess.Popen(reslab_cmd("serve", str(run), "--port", str(port), "--topk", "3",
+                             "--batch-wait-ms", "50", "--max-upload-mb", "0.05"), stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while time.time() < deadline:

@@ -129,7 +129,7 @@ def test_a_long_cpu_run_probes_and_records_its_choice(tmp_path, monkeypatch, cap
     from reslab.core import rundir
     from reslab.training.train import setup
 
-    from conftest import make_folder
+    from helpers import make_folder
 
     data = make_folder(tmp_path / "d", per_class=8)
     monkeypatch.setattr(tune, "PROBE_MIN_STEPS", 10)
