@@ -7,6 +7,7 @@ The data folder may be read-only (a shared copy), so the decoded array lives und
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..core.errors import DataError
 from ..core.execution import usable_cores
@@ -26,7 +27,27 @@ from ..core.progress import CountProgress
 from ..core.version import package_version
 from .cache import EntryWriter, cache_dir, entry_lock, read_entry, say
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+HEIF_EXTENSIONS = {".heic", ".heif"}  # phones' photos; read through pillow-heif (pip install 'reslab[photos]')
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
+                    *HEIF_EXTENSIONS}
+EXIF_ORIENTATION = 0x0112
+HEIF_MISSING = "pip install 'reslab[photos]' (pillow-heif) to read HEIC/HEIF photos"
+
+
+@functools.cache
+def heif_readable() -> bool:
+    """Whether HEIC/HEIF files can be read here: pillow-heif is installed (its opener is then registered with PIL,
+    once per process: the decode workers register their own)."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
+def is_heif(path: str | Path) -> bool:
+    return os.path.splitext(str(path))[1].lower() in HEIF_EXTENSIONS
 # Refuse decompression bombs: no image of ours needs more pixels than this. PIL itself only warns up to twice the
 # limit, so ``load_rgb`` checks it, everywhere an image is read (training, eval, audit, predict, serve).
 Image.MAX_IMAGE_PIXELS = 64_000_000
@@ -66,6 +87,11 @@ def scan_folder(root: str | Path) -> tuple[list[str], list[str], list[str]]:
         classes.append(c)
         paths += files
         names += [c] * len(files)
+    if not heif_readable() and any(is_heif(f) for f in paths):
+        kept = [i for i, f in enumerate(paths) if not is_heif(f)]
+        say(f"warning: {root}: {len(paths) - len(kept)} HEIC/HEIF photos skipped: {HEIF_MISSING}")
+        paths, names = [paths[i] for i in kept], [names[i] for i in kept]
+        classes = sorted(set(names))
     if not paths:
         raise DataError(f"no images found under {root}")
     if empty:
@@ -123,19 +149,27 @@ def decode_bytes(im: Image.Image, min_side: int | None = None) -> int:
 
 
 def load_rgb(path: str | Path, min_side: int | None = None) -> Image.Image:
-    """Open an image as 8-bit RGB, whatever its mode (grayscale, palette, RGBA, CMYK, 16-bit).
+    """Open an image as 8-bit RGB, whatever its mode (grayscale, palette, RGBA, CMYK, 16-bit), upright by its EXIF
+    orientation; HEIC/HEIF through pillow-heif where it is installed.
 
     With ``min_side``, a JPEG is decoded at the smallest of libjpeg's 1/2, 1/4, 1/8 scales whose shorter side is still
     at least ``min_side`` (PIL's ``draft``): a 12-megapixel photo needed at 256 px costs a fraction of a full decode.
     """
+    if is_heif(path) and not heif_readable():
+        raise DataError(f"{path} is a HEIC/HEIF photo: {HEIF_MISSING}")
     with Image.open(path) as im:
         check_pixels(im)
+        # A phone stores the photo as its sensor saw it and the way up in EXIF: apply it, so the model sees the
+        # picture upright whichever way the phone was held (torchvision's ImageFolder does not).
+        rotated = im.getexif().get(EXIF_ORIENTATION, 1) not in (1, None)
         if min_side is not None and im.format == "JPEG":
             w, h = im.size
             scale = min_side / min(w, h)
             if scale < 1:
                 im.draft(im.mode, (math.ceil(w * scale), math.ceil(h * scale)))
         im.load()
+        if rotated:
+            im = ImageOps.exif_transpose(im)
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
             # 16-bit grayscale: scale to 8 bits rather than clip (PIL's convert would saturate).
             arr = np.asarray(im, dtype=np.float64)
@@ -176,7 +210,7 @@ def _decode_one(args: tuple[str, int | None]) -> np.ndarray | str:
 def _fingerprint(paths: list[str], size: int | None) -> str:
     """Key of a decoded entry: every file's path, size and modification time (a file rewritten in place changes
     them), and the decode settings. One ``stat`` per file: ~0.1 s for 60,000 files."""
-    h = hashlib.sha256(f"v2 size={size}\n".encode())  # v2: JPEGs decoded at a reduced scale
+    h = hashlib.sha256(f"v3 size={size}\n".encode())  # v2: JPEGs decoded at a reduced scale; v3: EXIF upright
     for p in paths:
         st = os.stat(p)
         h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())

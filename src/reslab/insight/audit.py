@@ -1,6 +1,6 @@
 """``reslab audit DATA``: the classic mistakes of an image folder, found before (or after) training.
 
-Checked: files that do not decode, odd modes, EXIF orientations reslab does not apply, images far off the folder's
+Checked: files that do not decode, odd modes, EXIF orientations (reslab applies them), images far off the folder's
 typical size; class counts, imbalance, near-empty and missing classes; exact and near-duplicate images within a
 split and across splits (train/test leakage); and, with predicted probabilities that did not see the image
 (``--folds K`` trains K reslab models on the other folds; ``--run RUN`` uses a trained model, out of sample on the
@@ -142,10 +142,9 @@ def _file_findings(files: dict[str, list[tuple[str, str]]]) -> list[Finding]:
                                 "nothing to do: reslab converts them to RGB (transparency on white, 16-bit scaled)",
                                 paths))
     if rotated:
-        findings.append(Finding("exif_rotation", "warning", f"{len(rotated)} images carry an EXIF orientation tag",
-                                "reslab (like torchvision's ImageFolder) feeds pixels as stored, ignoring the tag: "
-                                "rotate the pixels themselves (e.g. PIL.ImageOps.exif_transpose) if the camera's "
-                                "orientation matters", rotated))
+        findings.append(Finding("exif_rotation", "info", f"{len(rotated)} images carry an EXIF orientation tag",
+                                "nothing to do: reslab turns them upright as it reads them (training, eval, predict "
+                                "and serve alike); other tools (torchvision's ImageFolder) may not", rotated))
     if sizes:
         shorter = np.array([min(wh) for wh in sizes.values()])
         median = float(np.median(shorter))
