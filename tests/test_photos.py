@@ -3,6 +3,7 @@ folder of class folders split for the user (near-duplicates kept on one side), l
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,74 @@ def test_without_the_extra_a_heic_photo_is_one_line_naming_it(tmp_path):
     r = subprocess.run([sys.executable, "-c", blocked + "from reslab.cli import main; import sys; sys.exit(main("
                         f"['audit', {str(tmp_path / 'd')!r}]))"], capture_output=True, text=True, timeout=120)
     assert r.stderr.count("pip install 'reslab[photos]'") == 1, r.stderr
+
+
+# --- one folder of class folders, split for the user --------------------------------------------------------------
+
+CLASSES = {"cat": (200, 60, 40), "dog": (40, 60, 200), "fox": (40, 190, 60), "owl": (180, 180, 40),
+           "bee": (120, 40, 160)}
+TINY = ["--arch", "resnet20", "--epochs", "1", "--batch-size", "16", "--threads", "1", "--precision", "fp32"]
+
+
+def _flat_folder(root: Path, per_class: int = 14, planted: int = 3) -> dict[str, list[str]]:
+    """Photos of 5 colour classes in one folder of class folders; the first ``planted`` of each class also saved
+    re-encoded (JPEG q70) and resized (1.5x, PNG). Returns each planted photo's group of relative paths."""
+    rng = np.random.default_rng(0)
+    groups = {}
+    for c, colour in CLASSES.items():
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            noise = rng.normal(0, 40, (48, 64, 3)) + rng.integers(-60, 60, 3)
+            img = Image.fromarray(np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8))
+            img.save(root / c / f"{i:03d}.jpg", quality=92)
+            if i < planted:
+                img.save(root / c / f"{i:03d}_copy.jpg", quality=70)
+                img.resize((96, 72)).save(root / c / f"{i:03d}_big.png")
+                groups[f"{c}/{i:03d}"] = [f"{c}/{i:03d}.jpg", f"{c}/{i:03d}_copy.jpg", f"{c}/{i:03d}_big.png"]
+    return groups
+
+
+def test_one_folder_of_class_folders_is_split_and_evaluated_on_exactly_its_held_out_images(tmp_path, cli):
+    import json
+
+    photos = tmp_path / "photos"
+    planted = _flat_folder(photos)
+    run = tmp_path / "run"
+    code, _, err = cli("train", "--data", photos, "--out", run, *TINY)
+    assert code == 0, err
+    assert "held out as the test set" in err and f"{len(planted)} groups of duplicate images kept on one side" in err
+    split = json.loads((run / "split.json").read_text())
+    test = set(split["test"])
+    assert len(test) == 5 * round(0.2 * (14 + 2 * 3)) and split["images"] == 5 * 20
+    for group in planted.values():  # every planted copy on the side of its original
+        assert len({f in test for f in group}) == 1, group
+    code, out, err = cli("eval", run, "--data", photos, "--json")
+    assert code == 0, err
+    assert json.loads(out)["n"] == len(test)  # exactly the held-out images
+    # the same split for every run of the folder, whatever its --seed (a comparison's runs included)
+    assert cli("train", "--data", photos, "--out", tmp_path / "other", *TINY, "--seed", "7")[0] == 0
+    assert json.loads((tmp_path / "other" / "split.json").read_text())["digest"] == split["digest"]
+    # and the audit of the split finds no pair across it (the planted copies are pairs within one side)
+    code, out, _ = cli("audit", photos, "--run", run, "--json")
+    findings = json.loads(out)["findings"]
+    assert not [f for f in findings if f["kind"] == "leak"]
+    assert [f for f in findings if f["kind"] == "duplicate" or "near-duplicate" in f["message"]]
+
+
+def test_a_split_run_refuses_to_resume_when_held_out_images_are_gone(tmp_path, cli):
+    import json
+
+    photos = tmp_path / "photos"
+    _flat_folder(photos, per_class=8, planted=0)
+    run = tmp_path / "run"
+    assert cli("train", "--data", photos, "--out", run, *TINY)[0] == 0
+    gone = json.loads((run / "split.json").read_text())["test"][0]
+    (photos / gone).unlink()
+    code, _, err = cli("train", "--resume", run, "--epochs", "2")
+    assert code == 1 and "held out for testing are gone" in err and "--data-changed ok" in err
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    (copy / "split.json").unlink()  # a model that cannot say which images it never saw
+    code, _, err = cli("eval", copy, "--data", photos)
+    assert code == 1 and "records no split" in err and len(err.strip().splitlines()) == 1
+    assert cli("train", "--resume", run, "--epochs", "2", "--data-changed", "ok")[0] == 0

@@ -124,6 +124,9 @@ class TrainConfig:
     """Use a seeded, class-balanced subset of this many test images."""
     val_split: int = option("data", 0, check=NOT_NEGATIVE)
     """Hold out this many training images (class-balanced) as a validation set, e.g. 5000 as in the paper."""
+    test_split: float = option("data", 0.2, check=Range(0, 1, low_open=True, high_open=True, what="a fraction"))
+    """One folder of class folders (no train/): hold out this fraction of each class as the test set (fixed seed,
+    duplicate groups kept on one side, recorded in the run's split.json). Folders with train/ and test/ ignore it."""
     augment: Optional[Augment] = option("augmentation", None)
     """Augmentation preset: seed (resize 256, flip, crop 64, colour jitter), paper (pad 4, crop, flip),
     fast (reflect-pad 2, crop, flip), photo (random-resized crop + flip; resize + centre crop to evaluate), none.

@@ -27,7 +27,8 @@ HISTORY_DIR = "checkpoints"  # --keep-checkpoints: step-NNNNNNNN.pt
 CHECKPOINT_FILE, MODEL_FILE = "last.pt", "model.safetensors"
 LOCK_FILE = ".reslab.lock"  # held by the process training the run; its presence also marks a folder reslab made
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, MODEL_FILE)
-PROTECTED_FILES = (*RUN_FILES, MACHINE_FILE)  # what no other command may write over in a run directory
+SPLIT_FILE = "split.json"  # one folder of class folders: the images the run held out (reslab.data.split)
+PROTECTED_FILES = (*RUN_FILES, MACHINE_FILE, SPLIT_FILE)  # what no other command may write over in a run directory
 
 
 @contextlib.contextmanager

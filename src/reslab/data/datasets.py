@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..core.errors import DataError
 from ..core.log import say
 from .folder import CacheUnavailable, decode_images, image_sizes, sample_files, scan_folder
+from .split import SPLIT_FILE, FolderSplit, is_flat
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 MEMORY_BUDGET_BYTES = 6 * 2**30  # decoded images above this are memory-mapped from the disk cache
@@ -188,14 +189,33 @@ def typical_image_size(data: str) -> tuple[int, int] | None:
     if data in ("cifar10", "digits"):
         return (32, 32) if data == "cifar10" else (8, 8)
     split_dir = folder_split_dir(data, "train") if Path(data).is_dir() else None
+    split_dir = split_dir or (Path(data) if is_flat(data) else None)  # one folder of class folders
     if split_dir is None:
         return None
     sizes = sorted(image_sizes(sample_files(split_dir)), key=lambda wh: min(wh))
     return sizes[len(sizes) // 2] if sizes else None
 
 
+def _folder_files(root: Path, split: str, holdout: FolderSplit | None) -> tuple[list[str], list[str], list[str], Path]:
+    """The files of one split of an image folder: ``root/<split>/<class>/``, or the held-out part of a folder of
+    class folders (the other part for ``train``), with the classes of the whole folder."""
+    if holdout is None and is_flat(str(root)):
+        raise DataError(f"{root} is one folder of class folders (no train/ and test/): its test images are the ones a "
+                        f"run held out: evaluate a run trained on it (its {SPLIT_FILE} names them)")
+    if holdout is not None:
+        if split == "val":
+            raise DataError(f"{root} has no val/ folder: --val-split N holds validation images out of training")
+        paths, names, classes = scan_folder(root)
+        keep = [i for i, p in enumerate(paths) if holdout.holds_out(p, root) == (split == "test")]
+        return [paths[i] for i in keep], [names[i] for i in keep], classes, root
+    split_dir = folder_split_dir(root, split)
+    if split_dir is None:
+        raise DataError(f"{root} has no {split}/ folder (expected {root}/{split}/<class>/<images>)")
+    return (*scan_folder(split_dir), split_dir)
+
+
 def load_split(data: str, split: str, *, store_size: int | None, data_dir: str | None = None,
-               loader: str = "auto", strict: bool = False) -> Split:
+               loader: str = "auto", strict: bool = False, holdout: FolderSplit | None = None) -> Split:
     """Load one split (``train``, ``val`` or ``test``) of ``data``.
 
     Args:
@@ -207,6 +227,7 @@ def load_split(data: str, split: str, *, store_size: int | None, data_dir: str |
             (files decoded by a DataLoader every epoch) or ``auto``: memory up to the memory budget, else disk, else
             (no room for the cache) stream.
         strict: make an unreadable image an error instead of a warning.
+        holdout: for one folder of class folders (no ``train/``), which of its images are the test split.
     """
     if data in ("cifar10", "digits"):
         if split not in ("train", "test"):
@@ -222,10 +243,7 @@ def load_split(data: str, split: str, *, store_size: int | None, data_dir: str |
     root = Path(data)
     if not root.is_dir():
         raise DataError(f"--data {data!r}: not 'cifar10', 'digits' or an existing folder")
-    split_dir = folder_split_dir(root, split)
-    if split_dir is None:
-        raise DataError(f"{root} has no {split}/ folder (expected {root}/{split}/<class>/<images>)")
-    paths, names, classes = scan_folder(split_dir)
+    paths, names, classes, split_dir = _folder_files(root, split, holdout)
     index = {c: i for i, c in enumerate(classes)}
     labels = torch.tensor([index[n] for n in names])
     size = side = store_size

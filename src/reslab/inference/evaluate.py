@@ -20,7 +20,20 @@ from ..core.distributed import all_sum
 from ..core.errors import ConfigError
 from ..core.execution import autocast, prepare
 from ..core.log import say
-from ..data import Batches, DataError, Split, balanced_indices, eval_batches, load_split, match_classes, store_size
+from ..core.rundir import SPLIT_FILE
+from ..data import (
+    Batches,
+    DataError,
+    FolderSplit,
+    Split,
+    balanced_indices,
+    eval_batches,
+    is_flat,
+    load_split,
+    match_classes,
+    read_split,
+    store_size,
+)
 from ..models.checkpoint import load_model
 
 TTA_VIEWS = {"none": 1, "flip": 2, "flip_shift": 6}
@@ -191,7 +204,9 @@ def evaluate_split(model: str | Path, data: str, *, split: str = "test", arch: s
         raise ConfigError(f"--tta-fraction is a fraction in (0, 1], got {tta_fraction}")
     dev, prec = prepare(device, precision)
     net, meta = _load(model, arch, dev)
-    s, batches = model_batches(meta, data, split, batch_size, dev, samples=samples, data_dir=data_dir)
+    holdout = recorded_split(model, data)
+    s, batches = model_batches(meta, data, split, batch_size, dev, samples=samples, data_dir=data_dir,
+                               holdout=holdout)
     classes = s.classes
     t0 = time.perf_counter()
     if tta_fraction is None:  # the trained fraction goes with the trained TTA, not with one asked for here
@@ -207,14 +222,29 @@ def evaluate_split(model: str | Path, data: str, *, split: str = "test", arch: s
     return SplitScores(result, s, r.probs)
 
 
+def recorded_split(model: str | Path, data: str) -> FolderSplit | None:
+    """For one folder of class folders, the split the run of ``model`` recorded (its held-out images are the test
+    split); None for any other data."""
+    if not is_flat(data):
+        return None
+    run = Path(model) if Path(model).is_dir() else Path(model).parent
+    holdout = read_split(run)
+    if holdout is None:
+        raise DataError(f"{data} is one folder of class folders, and {run} records no split of it ({SPLIT_FILE}): "
+                        f"evaluate the run that trained on it, or give a folder with test/")
+    return holdout
+
+
 def model_batches(meta: dict[str, Any], data: str, split: str, batch_size: int, device: torch.device, *,
-                  samples: int | None = None, data_dir: str | None = None) -> tuple[Split, Batches]:
+                  samples: int | None = None, data_dir: str | None = None,
+                  holdout: FolderSplit | None = None) -> tuple[Split, Batches]:
     """A split of ``data`` as a model with metadata ``meta`` is evaluated on it: its classes matched by name to the
     model's, resized and normalised as the model was trained (optionally a seeded class-balanced subset of
     ``samples`` images). What ``eval``, int8 calibration and the accuracy check of an export all read."""
     classes = meta["classes"]
     input_size = meta.get("input_size") or 32
-    s = load_split(data, split, store_size=store_size(meta["augment"], input_size), data_dir=data_dir)
+    s = load_split(data, split, store_size=store_size(meta["augment"], input_size), data_dir=data_dir,
+                   holdout=holdout)
     if not meta["recorded_classes"]:
         # A bare state_dict knows no class names: assume the folder's sorted class order, and say so.
         if len(s.classes) != len(classes):

@@ -25,20 +25,19 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..config.schema import TrainConfig
 from ..core.errors import DataError, UserError, first_line
 from ..core.log import say
 from ..core.progress import CountProgress
 from ..data import Split, load_split
 from ..data.datasets import folder_split_dir
-from ..data.folder import TooManyPixels, check_pixels, list_images
+from ..data.duplicates import HASH_BITS, PIXEL_MAD, dhash, near_pairs
+from ..data.folder import TooManyPixels, check_pixels, list_images, scan_folder
+from ..data.split import FolderSplit, is_flat, read_split, split_folder
 
-HASH_BITS = 6  # dHash bits two near-duplicates may differ in
-PIXEL_MAD = 0.08  # and their mean absolute difference at 32x32 (copies re-encoded as JPEG q95, resized or 3 % brighter:
-# 0.00-0.06 on the noisy test images; distinct images of one colour class there: ~0.11)
 SIZE_FACTOR = 4  # an image whose shorter side is this many times off the folder's median is flagged
 NEAR_EMPTY = 10  # a class with fewer training images than this (or than 5 % of the median class) is near-empty
 IMBALANCE = 3.0  # largest class over smallest above this: imbalance worth acting on
-CHUNK = 512  # rows of the pairwise hash comparison at a time (bounded memory: CHUNK x N bytes)
 EXIF_ORIENTATION = 0x0112
 
 
@@ -68,13 +67,27 @@ class AuditReport:
 
 # --- files ----------------------------------------------------------------------------------------------------------
 
-def _list_files(root: Path) -> tuple[dict[str, list[tuple[str, str]]], list[Finding]]:
+def _holdout(root: Path, run: str | Path | None) -> FolderSplit | None:
+    """One folder of class folders is audited as training splits it: the run's recorded split, else the split a
+    new run would make (the default --test-split, duplicate groups on one side)."""
+    if not is_flat(str(root)):
+        return None
+    recorded = read_split(Path(run) if Path(run).is_dir() else Path(run).parent) if run is not None else None
+    return recorded or split_folder(str(root), TrainConfig.test_split)
+
+
+def _list_files(root: Path, holdout: FolderSplit | None = None) -> tuple[dict[str, list[tuple[str, str]]],
+                                                                        list[Finding]]:
     """split -> [(path, class)] of every file training would read (its own listing: image extensions, links
     followed once), and the findings of the listing itself: class folders without images, links leaving the
     folder."""
     out, empty, outside = {}, [], []
     real_root = os.path.realpath(root)
-    for split in ("train", "val", "test"):
+    if holdout is not None:
+        paths, names, _ = scan_folder(root)
+        out["train"] = [(p, c) for p, c in zip(paths, names) if not holdout.holds_out(p, root)]
+        out["test"] = [(p, c) for p, c in zip(paths, names) if holdout.holds_out(p, root)]
+    for split in ("train", "val", "test") if holdout is None else ():
         d = folder_split_dir(root, split)
         if d is None:
             continue
@@ -197,34 +210,6 @@ def _class_findings(counts: dict[str, dict[str, int]]) -> list[Finding]:
 
 # --- duplicates -----------------------------------------------------------------------------------------------------
 
-def dhash(images: torch.Tensor) -> np.ndarray:
-    """64-bit difference hashes of uint8 images (N, H, W, 3): 9x8 grayscale, each pixel brighter than its right
-    neighbour or not (Krawetz's dHash)."""
-    out = []
-    for start in range(0, len(images), 4096):  # bounded memory: 4096 float images at a time
-        gray = images[start:start + 4096].float().mul(torch.tensor([0.299, 0.587, 0.114])).sum(-1)[:, None]
-        small = torch.nn.functional.interpolate(gray, size=(8, 9), mode="area")[:, 0]
-        bits = (small[:, :, 1:] > small[:, :, :-1]).reshape(len(gray), 64).numpy()
-        out.append(np.packbits(bits, axis=1).view(">u8").ravel().astype(np.uint64))
-    return np.concatenate(out) if out else np.zeros(0, np.uint64)
-
-
-def _pairs(a: np.ndarray, b: np.ndarray, same: bool) -> list[tuple[int, int]]:
-    """Index pairs (i in a, j in b) whose hashes differ in at most HASH_BITS bits (i < j when ``same``)."""
-    found = []
-    bar = CountProgress(len(a), "audit: comparing image hashes")
-    for start in range(0, len(a), CHUNK):
-        block = a[start:start + CHUNK, None] ^ b[None, :]
-        dist = np.bitwise_count(block)
-        i, j = np.nonzero(dist <= HASH_BITS)
-        i += start
-        keep = i < j if same else np.ones(len(i), bool)
-        found += list(zip(i[keep].tolist(), j[keep].tolist()))
-        bar.update(min(len(a), start + CHUNK))
-    bar.done()
-    return found
-
-
 def _pixels(split: Split, idx: list[int]) -> torch.Tensor:
     return split.pixels(torch.tensor(idx, dtype=torch.long)).float() / 255
 
@@ -236,7 +221,7 @@ def _duplicate_findings(splits: dict[str, Split]) -> list[Finding]:
     checks = [("train", "train")] + [(o, o) for o in splits if o != "train"] + [("train", o) for o in splits
                                                                                    if o != "train"]
     for first, second in checks:
-        pairs = _pairs(hashes[first], hashes[second], same=first == second)
+        pairs = near_pairs(hashes[first], hashes[second], same=first == second)
         if pairs:
             left, right = zip(*pairs)
             mad = (_pixels(splits[first], list(left)) - _pixels(splits[second], list(right))).abs().mean((1, 2, 3))
@@ -349,11 +334,13 @@ def audit(data: str | Path, *, run: str | Path | None = None, folds: int = 0, fo
         raise DataError(f"{root} is not a folder (reslab audit reads an image folder with train/ and test/)")
     if folds == 1 or folds < 0:
         raise DataError(f"--folds must be 0 (no cross-validated label check) or at least 2, got {folds}")
-    files, findings = _list_files(root)
+    holdout = _holdout(root, run)
+    files, findings = _list_files(root, holdout)
     counts = {s: dict(Counter(c for _, c in rows)) for s, rows in files.items()}
     findings += _file_findings(files)
     findings += _class_findings(counts)
-    splits = {name: load_split(str(root), name, store_size=32, loader="memory") for name in files if files[name]}
+    splits = {name: load_split(str(root), name, store_size=32, loader="memory", holdout=holdout)
+              for name in files if files[name]}
     findings += _duplicate_findings(splits)
     labels_checked = "not checked: give --folds K (cross-validated reslab runs) or --run RUN"
     if folds and len(counts["train"]) < 2:

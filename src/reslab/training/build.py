@@ -28,12 +28,17 @@ from ..data import (
     Batches,
     BatchTransform,
     DataBundle,
+    FolderSplit,
     data_changes,
     eval_batches,
     fingerprint,
+    is_flat,
     load_data,
+    read_split,
     typical_image_size,
+    write_split,
 )
+from ..data.split import SPLIT_FILE
 from ..models import create_model, model_info
 from ..models.pretrained import Pretrained, apply_pretrained, load_pretrained
 from . import tune
@@ -321,9 +326,13 @@ def build_data(cfg: TrainConfig, d: distributed.Dist, resume: dict[str, Any] | N
         cfg, chosen = resolve_inputs(cfg, family, typical_image_size(cfg.data) if cfg.augment is None else None)
         if chosen:
             say(chosen)
+    holdout = _recorded_split(cfg, out, data_changed) if resume is not None else None
     data = load_data(cfg.data, augment=cfg.augment, input_size=cfg.input_size, data_dir=cfg.data_dir,
                      loader=cfg.loader, train_samples=cfg.train_samples, test_samples=cfg.test_samples,
-                     val_split=cfg.val_split, seed=cfg.seed, strict=cfg.strict)
+                     val_split=cfg.val_split, seed=cfg.seed, strict=cfg.strict, test_split=cfg.test_split,
+                     holdout=holdout)
+    if data.holdout is not None and resume is None and d.main:
+        write_split(data.holdout, out)
     if resume is not None:  # the normalisation the run started with (its pretrained weights', or its data's)
         data.mean, data.std = tuple(resume["meta"]["mean"]), tuple(resume["meta"]["std"])
         _check_same_data(resume["meta"].get("data"), fingerprint(data), out, data_changed)
@@ -340,6 +349,22 @@ def build_data(cfg: TrainConfig, d: distributed.Dist, resume: dict[str, Any] | N
             f"{small}")
         cfg = dataclasses.replace(cfg, batch_size=small)
     return cfg, data, pretrained
+
+
+def _recorded_split(cfg: TrainConfig, out: Path, data_changed: bool) -> FolderSplit | None:
+    """A resumed run's held-out images (one folder of class folders), checked still there: a missing one would
+    silently move the test set."""
+    holdout = read_split(out)
+    if holdout is None:
+        if is_flat(cfg.data):
+            raise DataError(f"{out} records no split of {cfg.data} ({SPLIT_FILE} is missing): cannot tell which "
+                            f"images it held out")
+        return None
+    missing = [f for f in holdout.test if not (Path(cfg.data) / f).is_file()]
+    if missing and not data_changed:
+        raise DataError(f"{len(missing)} of the {len(holdout.test)} images {out} held out for testing are gone from "
+                        f"{cfg.data} (e.g. {missing[0]}): --data-changed ok continues without them")
+    return holdout
 
 
 def build_execution(cfg: TrainConfig, device: torch.device, d: distributed.Dist, data: DataBundle, clock: float,
