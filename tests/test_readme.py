@@ -82,7 +82,7 @@ def test_the_photo_commands_run_as_written(tmp_path, cli, monkeypatch):
     (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "torch" / "hub" / "checkpoints" /
                Path(weights.url).name)
-    make_folder(tmp_path / "my_photos", per_class=8, size=96, ext="jpg")
+    make_folder(tmp_path, per_class=10, size=96, ext="jpg", splits=("my_photos",))  # one folder of class folders
     make_folder(tmp_path / "holiday", per_class=2, size=120, ext="jpg", splits=("x",))
     commands = [c for line in _block("Your own photos: fine-tuning") for c in line.split(" && ")]
     assert [shlex.split(c)[1] for c in commands] == ["train", "train", "eval", "predict"]
@@ -93,6 +93,7 @@ def test_the_photo_commands_run_as_written(tmp_path, cli, monkeypatch):
         code, out, err = cli(*args)
         assert code == 0, f"{command}: {err}"
     assert (tmp_path / "runs" / "probe" / "model.safetensors").is_file()
+    assert (tmp_path / "runs" / "mine" / "split.json").is_file()  # held out for the user, recorded
     assert out.count("holiday") == 6  # predict: one line per image of the folder
 
 
