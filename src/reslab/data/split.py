@@ -24,6 +24,7 @@ from ..core.rundir import SPLIT_FILE
 from .duplicates import duplicate_groups
 from .folder import decode_images, scan_folder
 
+SPLIT_FOLDERS = {"train", "test", "val", "valid", "validation"}  # a folder holding one of these is already split
 SPLIT_SEED = 0  # fixed: the same folder gives the same split whatever the run's --seed
 
 
@@ -53,10 +54,12 @@ class FolderSplit:
 
 
 def is_flat(data: str) -> bool:
-    """Whether ``data`` is one folder of class folders (no ``train/`` split folder)."""
+    """Whether ``data`` is one folder of class folders (no ``train/``, ``test/`` or ``val/`` split folder)."""
     root = Path(data)
-    return root.is_dir() and not (root / "train").is_dir() and any(
-        d.is_dir() and not d.name.startswith(".") for d in root.iterdir())
+    if not root.is_dir():
+        return False
+    folders = {d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")}
+    return bool(folders) and not folders & SPLIT_FOLDERS
 
 
 def _relative(path: str, root: str) -> str:
