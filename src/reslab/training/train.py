@@ -101,7 +101,7 @@ def train(config: TrainConfig | None = None, *, preset: str | None = None, resum
 
     Args:
         config: a full config; otherwise one is made from ``preset`` and ``overrides``.
-        preset: ``seed``, ``paper`` or ``fast`` (see ``reslab.presets.PRESETS``).
+        preset: ``seed``, ``paper`` or ``fast`` (see ``reslab.config.presets.PRESETS``).
         resume: a run directory to continue from its ``last.pt``; ``overrides`` may then change its length,
             evaluation, logging and device (``config.RESUMABLE``), nothing else.
         started: origin of ``time_budget`` as a ``time.perf_counter()`` value (default: this call).
