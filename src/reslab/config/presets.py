@@ -58,7 +58,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # Choices of a preset that depend on its --time-budget, keyed on the *epochs the budget buys here*: (from this many
 # epochs on, these values; later rows win). The epochs are those of the preset's own net (resnet9s for fast),
-# estimated at the start of the run from the measured step time (``reslab.training.tune``) and the time left, so a 5-minute
+# estimated at the start of the run from the measured step time (``training.tune``) and the time left, so a 5-minute
 # run on a fast CPU gets the choices a 20-minute run gets on a slow one. The thresholds and the measurements that
 # chose them are in the README ("The fast preset: accuracy against time").
 BUDGET_RULES: dict[str, list[tuple[float, dict[str, Any]]]] = {

@@ -222,7 +222,7 @@ class TrainConfig:
     throughput measured during the warm-up so that the schedule ends annealed inside the budget."""
     budget_rule: Optional[str] = option("budget", None)
     """The preset whose choices by time budget apply (set by --preset with --time-budget): it picks the net and the
-    TTA from the epochs the budget buys on this machine, measured at the start (see reslab.config.presets.BUDGET_RULES)."""
+    TTA from the epochs the budget buys on this machine, measured at the start (see config.presets.BUDGET_RULES)."""
     budget_keep: list[str] = option("budget", factory=list)
     """Options the budget rule leaves as they are (those given explicitly)."""
     shuffle: bool = option("optimisation", True)

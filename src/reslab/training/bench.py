@@ -127,7 +127,7 @@ def bench(arch: str | None = None, preset: str = "seed", data: str | None = None
         warmup: untimed steps first.
         baseline: also time the seed's pipeline (PIL per image, DataLoader, fp32, NCHW, eager) on ``data``.
         device, precision, channels_last, compile, threads: as for ``reslab train``; on a CPU, those left open
-            (None, ``auto``) are what a training run's start-up probe picks here (``reslab.training.tune``), so the numbers
+            (None, ``auto``) are what a training run's start-up probe picks here (``training.tune``), so the numbers
             are what training would do.
 
     Returns:
@@ -234,7 +234,7 @@ class TuneRow:
 
 def tune_table(arch: str | None = None, preset: str = "fast", batch_size: int = 256) -> list[TuneRow]:
     """Every execution choice for training ``arch`` on this CPU (threads 1 or all cores, fp32 or native bf16, either
-    layout), measured by ``reslab.training.tune``'s step timer, fastest first, with the fraction of each one's GEMM roof."""
+    layout), measured by ``training.tune``'s step timer, fastest first, with the fraction of each one's GEMM roof."""
     from ..core.execution import cpu_has_bf16, usable_cores
 
     cfg = make_config(preset, **({"arch": arch} if arch else {}), batch_size=batch_size)

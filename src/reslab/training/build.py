@@ -126,7 +126,7 @@ def total_steps(cfg: TrainConfig, train_images: int) -> int:
 def _execution(cfg: TrainConfig, device: torch.device, d: distributed.Dist, num_classes: int,
                train_images: int | None = None) -> tuple[TrainConfig, str, tune.Decision | None]:
     """Threads, precision and memory format: what the config leaves open (None / auto) is measured on the CPU by a
-    short probe of the training step (``reslab.training.tune``) when the run is long enough to pay for it, or when a budget
+    short probe of the training step (``tune``) when the run is long enough to pay for it, or when a budget
     rule needs the step time; else the static rules. A measured choice is written into the config (config.yaml), so
     a resumed run keeps it. Under torchrun rank 0 measures and every rank takes its decision."""
     open_ = cfg.threads is None or cfg.precision == "auto" or cfg.channels_last is None
