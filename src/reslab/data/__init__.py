@@ -14,12 +14,12 @@ from .augment import BatchTransform, channel_stats, pil_transform, store_size
 from .datasets import Split, balanced_indices, load_split, typical_image_size
 from .folder import channel_histogram, fit_square, load_rgb, sample_histogram
 from .loader import Batches, eval_batches, mix_seed
-from .split import FolderSplit, is_flat, read_split, split_folder, write_split
+from .split import FolderSplit, is_flat, read_split, split_folder, split_json
 
 __all__ = ["BatchTransform", "Batches", "DataBundle", "DataError", "FolderSplit", "Split", "balanced_indices",
            "channel_stats", "data_changes", "eval_batches", "fingerprint", "fit_square", "is_flat", "load_data",
            "load_rgb", "load_split", "match_classes", "mix_seed", "pil_transform", "read_split", "split_folder",
-           "store_size", "typical_image_size", "write_split"]
+           "split_json", "store_size", "typical_image_size"]
 
 
 @dataclass

@@ -87,7 +87,7 @@ def scan_folder(root: str | Path) -> tuple[list[str], list[str], list[str]]:
         classes.append(c)
         paths += files
         names += [c] * len(files)
-    if not heif_readable() and any(is_heif(f) for f in paths):
+    if any(is_heif(f) for f in paths) and not heif_readable():  # pillow-heif imported only when needed
         kept = [i for i, f in enumerate(paths) if not is_heif(f)]
         say(f"warning: {root}: {len(paths) - len(kept)} HEIC/HEIF photos skipped: {HEIF_MISSING}")
         paths, names = [paths[i] for i in kept], [names[i] for i in kept]

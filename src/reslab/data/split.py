@@ -83,7 +83,7 @@ def hold_out(labels: list[int], groups: list[list[int]], fraction: float, seed: 
     most common class) in a seeded order until the class's share reaches ``fraction``; at least one image of a class
     with two or more stays on each side."""
     grouped = {i for g in groups for i in g}
-    units = [g for g in groups] + [[i] for i in range(len(labels)) if i not in grouped]
+    units = list(groups) + [[i] for i in range(len(labels)) if i not in grouped]
     by_class: dict[int, list[list[int]]] = {}
     for u in units:
         by_class.setdefault(int(np.bincount([labels[i] for i in u]).argmax()), []).append(u)
@@ -108,8 +108,9 @@ def _digest(files: list[str]) -> str:
     return hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
 
 
-def write_split(split: FolderSplit, run: Path) -> None:
-    (run / SPLIT_FILE).write_text(json.dumps({k: v for k, v in asdict(split).items()}, indent=1))
+def split_json(split: FolderSplit) -> bytes:
+    """What ``RUN/split.json`` holds (written atomically by the run, read back by ``read_split``)."""
+    return json.dumps(asdict(split), indent=1).encode()
 
 
 def read_split(run: str | Path) -> FolderSplit | None:

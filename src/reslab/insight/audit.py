@@ -32,13 +32,12 @@ from ..core.progress import CountProgress
 from ..data import Split, load_split
 from ..data.datasets import folder_split_dir
 from ..data.duplicates import HASH_BITS, PIXEL_MAD, dhash, near_pairs
-from ..data.folder import TooManyPixels, check_pixels, list_images, scan_folder
+from ..data.folder import EXIF_ORIENTATION, TooManyPixels, check_pixels, list_images, scan_folder
 from ..data.split import FolderSplit, is_flat, read_split, split_folder
 
 SIZE_FACTOR = 4  # an image whose shorter side is this many times off the folder's median is flagged
 NEAR_EMPTY = 10  # a class with fewer training images than this (or than 5 % of the median class) is near-empty
 IMBALANCE = 3.0  # largest class over smallest above this: imbalance worth acting on
-EXIF_ORIENTATION = 0x0112
 
 
 @dataclass

@@ -23,6 +23,7 @@ from ..core import distributed
 from ..core.errors import ConfigError, DataError, UserError
 from ..core.execution import default_channels_last, prepare, resolve_precision, usable_cores
 from ..core.log import say
+from ..core.rundir import SPLIT_FILE
 from ..core.version import package_version
 from ..data import (
     Batches,
@@ -35,11 +36,11 @@ from ..data import (
     is_flat,
     load_data,
     read_split,
+    split_json,
     typical_image_size,
-    write_split,
 )
-from ..data.split import SPLIT_FILE
 from ..models import create_model, model_info
+from ..models.checkpoint import atomic_write
 from ..models.pretrained import Pretrained, apply_pretrained, load_pretrained
 from . import tune
 from .hooks import (
@@ -332,7 +333,7 @@ def build_data(cfg: TrainConfig, d: distributed.Dist, resume: dict[str, Any] | N
                      val_split=cfg.val_split, seed=cfg.seed, strict=cfg.strict, test_split=cfg.test_split,
                      holdout=holdout)
     if data.holdout is not None and resume is None and d.main:
-        write_split(data.holdout, out)
+        atomic_write(out / SPLIT_FILE, lambda f: f.write(split_json(data.holdout)))
     if resume is not None:  # the normalisation the run started with (its pretrained weights', or its data's)
         data.mean, data.std = tuple(resume["meta"]["mean"]), tuple(resume["meta"]["std"])
         _check_same_data(resume["meta"].get("data"), fingerprint(data), out, data_changed)
