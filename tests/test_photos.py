@@ -158,3 +158,79 @@ def test_a_split_run_refuses_to_resume_when_held_out_images_are_gone(tmp_path, c
     code, _, err = cli("eval", copy, "--data", photos)
     assert code == 1 and "records no split" in err and len(err.strip().splitlines()) == 1
     assert cli("train", "--resume", run, "--epochs", "2", "--data-changed", "ok")[0] == 0
+
+
+# --- labels from a file (the Kaggle layout) ------------------------------------------------------------------------
+
+def _kaggle_folder(root: Path, per_class: int = 10) -> list[tuple[str, str]]:
+    """One folder of images named by id, no class folders; returns (id, class) rows."""
+    rng = np.random.default_rng(1)
+    root.mkdir(parents=True)
+    rows = []
+    for c, colour in list(CLASSES.items())[:3]:
+        for i in range(per_class):
+            noise = rng.normal(0, 30, (24, 24, 3))
+            Image.fromarray(np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)).save(root / f"{c[0]}{i}.jpg")
+            rows.append((f"{c[0]}{i}", c))
+    return rows
+
+
+def test_labels_from_a_csv_train_and_evaluate_with_each_kind_of_bad_row_reported_once(tmp_path, cli):
+    import json
+
+    images = tmp_path / "images"
+    rows = _kaggle_folder(images)
+    (images / "broken.jpg").write_bytes(b"not a jpeg at all")
+    bad = [("gone1", "cat"), ("gone2", "dog"), ("gone3", "cat"),  # no such file
+           ("broken", "cat"),  # not an image
+           ("c0", "dog"),  # the same image again
+           ("c1", "")]  # empty label (its image is labelled on a later row)
+    rows = rows[:1] + bad + rows[1:]  # row 1 is the header, as a spreadsheet numbers it
+    csv = tmp_path / "labels.csv"
+    csv.write_text("id,label\n" + "".join(f"{i},{c}\n" for i, c in rows))
+    run = tmp_path / "run"
+    code, _, err = cli("train", "--data", images, "--labels", csv, "--out", run, *TINY)
+    assert code == 0, err
+    lines = err.splitlines()
+    for kind, count, named in [("name a file that is not there", 3, "row 4: gone2"),
+                               ("name a file that is not a readable image", 1, "row 6: broken"),
+                               ("repeat an image already labelled", 1, "row 7: c0"),
+                               ("have an empty label", 1, "row 8: c1")]:
+        hits = [line for line in lines if kind in line]
+        assert len(hits) == 1 and f"{count} row(s) {kind}" in hits[0] and named in hits[0], (kind, err)
+    assert "labels.csv assigns no image to test" in err and "held out as the test set" in err
+    split = json.loads((run / "split.json").read_text())
+    assert split["images"] == 30 and len(split["test"]) == 3 * 2 and split["labels"] == str(csv)
+    # eval reads the labels from the run's config: the held-out images, scored by their CSV classes
+    code, out, err = cli("eval", run, "--data", images, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["n"] == 6 and sorted(result["per_class"]) == ["cat", "dog", "fox"]
+
+
+def test_a_labels_file_with_a_split_column_gives_the_splits_and_one_class_is_refused(tmp_path, cli):
+    import json
+
+    images = tmp_path / "images"
+    rows = _kaggle_folder(images, per_class=8)
+    split_of = {0: "test", 1: "val", 2: "valid"}  # valid is val
+    tsv = tmp_path / "labels.tsv"
+    tsv.write_text("image\tclass\tsplit\n" + "".join(
+        f"{i}.jpg\t{c}\t{split_of.get(int(i[1:]), 'train')}\n" for i, c in rows) + "c5.jpg\tcat\tholdout\n")
+    run = tmp_path / "run"
+    code, _, err = cli("train", "--data", images, "--labels", tsv, "--out", run, *TINY)
+    assert code == 0, err
+    assert "1 row(s) give a split that is not train, val or test" in err and "c5.jpg 'holdout'" in err
+    assert not (run / "split.json").exists()  # the file says which images are the test set
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last.get("val_acc") is not None, last
+    code, out, err = cli("eval", run, "--data", images, "--json")
+    assert code == 0 and json.loads(out)["n"] == 3, err
+    code, out, err = cli("eval", run, "--data", images, "--split", "val", "--json")
+    assert code == 0 and json.loads(out)["n"] == 6, err
+    code, out, err = cli("audit", images, "--labels", tsv, "--json")  # the audit reads the file's splits too
+    assert json.loads(out)["splits"] == {"train": 15, "val": 6, "test": 3}, err
+    one = tmp_path / "one.csv"
+    one.write_text("path,label\n" + "".join(f"{i}.jpg,cat\n" for i, _ in rows))
+    code, _, err = cli("train", "--data", images, "--labels", one, "--out", tmp_path / "r1", *TINY)
+    assert code == 1 and "every usable row has the label 'cat'" in err and len(err.strip().splitlines()) == 1, err

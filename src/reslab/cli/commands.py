@@ -150,8 +150,8 @@ def train_cmd(config: TrainConfig, preset: Optional[str] = None, resume: Optiona
 def eval_cmd(model: str, data: str, split: str = ..., arch: Optional[str] = ..., device: str = ...,
              precision: str = ..., batch_size: PositiveInt = ..., samples: Optional[PositiveInt] = ...,
              data_dir: Optional[str] = ..., tta: Optional[str] = ..., tta_fraction: Optional[Fraction] = ...,
-             plot: Optional[str] = None, gallery: Optional[str] = None, gallery_size: PositiveInt = 24,
-             json: bool = False) -> None:
+             labels: Optional[str] = ..., plot: Optional[str] = None, gallery: Optional[str] = None,
+             gallery_size: PositiveInt = 24, json: bool = False) -> None:
     """Evaluate a saved model on an image folder (or cifar10, digits): accuracy, per class, confusion matrix.
 
     Args:
@@ -166,6 +166,8 @@ def eval_cmd(model: str, data: str, split: str = ..., arch: Optional[str] = ...,
         data_dir: where cifar10 is stored.
         tta: test-time augmentation none, flip or flip_shift (default: as the model was trained).
         tta_fraction: apply the TTA to this least-confident fraction of the images only (default: as trained).
+        labels: a CSV or TSV of the images' classes (default: the run's own --labels, when --data is the folder it
+            trained on).
         plot: also draw the confusion matrix into this PNG file.
         gallery: also draw the mistakes into this folder: the most confident mistakes, the most-confused class
             pairs with examples, per-class precision/recall/F1 (PNGs and gallery.json).
@@ -179,7 +181,7 @@ def eval_cmd(model: str, data: str, split: str = ..., arch: Optional[str] = ...,
 
         check_output(plot, (".png",), option="--plot")
     options = dict(split=split, arch=arch, device=device, precision=precision, batch_size=batch_size,
-                   samples=samples, data_dir=data_dir, tta=tta, tta_fraction=tta_fraction)
+                   samples=samples, data_dir=data_dir, tta=tta, tta_fraction=tta_fraction, labels=labels)
     if gallery:
         from ..insight.gallery import gallery as draw_gallery
 
@@ -436,8 +438,7 @@ def lr_find_cmd(config: TrainConfig, start_lr: PositiveFloat = ..., end_lr: Posi
 
 @wraps("insight.audit:audit")
 def audit_cmd(data: str, run: Optional[str] = ..., folds: NonNegativeInt = ..., fold_epochs: PositiveFloat = ...,
-              seed: NonNegativeInt = ...,
-              json: bool = False) -> None:
+              seed: NonNegativeInt = ..., labels: Optional[str] = ..., json: bool = False) -> None:
     """Check an image folder for the classic mistakes: unreadable or odd files, class counts, duplicates and
     train/test leakage, likely mislabeled images. Reads only: never moves or deletes a file.
 
@@ -447,11 +448,12 @@ def audit_cmd(data: str, run: Optional[str] = ..., folds: NonNegativeInt = ..., 
         folds: check the training labels with this many cross-validated reslab runs (the fast preset; 0: off).
         fold_epochs: epochs of each fold's run.
         seed: seed of the folds and their runs.
+        labels: a CSV or TSV naming each image's class (and optionally split) instead of class folders.
         json: print one JSON object whose findings name their files.
     """
     from ..insight.audit import as_dict, audit
 
-    r = audit(data, run=run, folds=folds, fold_epochs=fold_epochs, seed=seed)
+    r = audit(data, run=run, folds=folds, fold_epochs=fold_epochs, seed=seed, labels=labels)
     if json:
         _print_json(as_dict(r))
     else:

@@ -116,6 +116,10 @@ class TrainConfig:
 
     data: str = option("data", "cifar10")
     """'cifar10' (torchvision download), 'digits' (scikit-learn, offline) or a folder with train/ and test/."""
+    labels: Optional[str] = option("data", None)
+    """A CSV or TSV naming each image's class: columns path (relative to --data), label and optionally split
+    (train/val/test), for one folder of images (the Kaggle layout). Without a split column --test-split holds out the
+    test set."""
     data_dir: Optional[str] = option("execution", None)
     """Where --data cifar10 is stored or downloaded (default: $RESLAB_DATA, else ./data)."""
     train_samples: Optional[int] = option("data", None, check=POSITIVE)

@@ -13,13 +13,14 @@ from ..core.log import say
 from .augment import BatchTransform, channel_stats, pil_transform, store_size
 from .datasets import Split, balanced_indices, load_split, typical_image_size
 from .folder import channel_histogram, fit_square, load_rgb, sample_histogram
+from .labels import LabelTable, read_labels
 from .loader import Batches, eval_batches, mix_seed
-from .split import FolderSplit, is_flat, read_split, split_folder, split_json
+from .split import FolderSplit, is_flat, needs_split, read_split, split_folder, split_json
 
-__all__ = ["BatchTransform", "Batches", "DataBundle", "DataError", "FolderSplit", "Split", "balanced_indices",
-           "channel_stats", "data_changes", "eval_batches", "fingerprint", "fit_square", "is_flat", "load_data",
-           "load_rgb", "load_split", "match_classes", "mix_seed", "pil_transform", "read_split", "split_folder",
-           "split_json", "store_size", "typical_image_size"]
+__all__ = ["BatchTransform", "Batches", "DataBundle", "DataError", "FolderSplit", "LabelTable", "Split",
+           "balanced_indices", "channel_stats", "data_changes", "eval_batches", "fingerprint", "fit_square", "is_flat",
+           "load_data", "load_rgb", "load_split", "match_classes", "mix_seed", "needs_split", "pil_transform",
+           "read_labels", "read_split", "split_folder", "split_json", "store_size", "typical_image_size"]
 
 
 @dataclass
@@ -84,20 +85,21 @@ def match_classes(split: Split, classes: list[str]) -> Split:
 def load_data(data: str, *, augment: str, input_size: int, data_dir: str | None = None, loader: str = "auto",
               train_samples: int | None = None, test_samples: int | None = None, val_split: int = 0,
               seed: int = 0, strict: bool = False, test_split: float = 0.2,
-              holdout: FolderSplit | None = None) -> DataBundle:
+              holdout: FolderSplit | None = None, labels: str | None = None) -> DataBundle:
     """Load the train, validation and test splits of ``data`` for an augmentation preset.
 
     One folder of class folders (no ``train/``) is split: ``holdout`` (a run's recorded split) or, for a new run,
-    ``test_split`` of each class held out by ``split.split_folder``.
+    ``test_split`` of each class held out by ``split.split_folder``. ``labels`` (a CSV or TSV) names each image's
+    class, and optionally its split, instead of class folders.
 
     The test (and validation) classes are matched to the training classes by name. Normalisation is 0.5/0.5 for
     the seed preset (as the seed), else the per-channel statistics of the training images.
     """
     size = store_size(augment, input_size)
-    if holdout is None and is_flat(data):
-        holdout = split_folder(data, test_split)
+    if holdout is None and data not in ("cifar10", "digits") and needs_split(data, labels):
+        holdout = split_folder(data, test_split, labels)
         say(holdout.line())
-    kw = dict(store_size=size, data_dir=data_dir, loader=loader, strict=strict, holdout=holdout)
+    kw = dict(store_size=size, data_dir=data_dir, loader=loader, strict=strict, holdout=holdout, labels=labels)
     train = load_split(data, "train", **kw)
     classes = train.classes
     test = match_classes(load_split(data, "test", **kw), classes)
@@ -107,6 +109,9 @@ def load_data(data: str, *, augment: str, input_size: int, data_dir: str | None 
         keep = torch.ones(len(train), dtype=torch.bool)
         keep[held] = False
         val, train = train.subset(held), train.subset(keep.nonzero().squeeze(1))
+    elif labels is not None:
+        if read_labels(data, labels).has("val"):
+            val = match_classes(load_split(data, "val", **kw), classes)
     elif data not in ("cifar10", "digits") and holdout is None:
         from .datasets import folder_split_dir
         if folder_split_dir(data, "val") is not None:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..core.errors import DataError
 from ..core.log import say
 from .folder import CacheUnavailable, decode_images, image_sizes, sample_files, scan_folder
+from .labels import listing, read_labels
 from .split import SPLIT_FILE, FolderSplit, is_flat
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -184,10 +185,13 @@ def folder_split_dir(root: str | Path, split: str) -> Path | None:
     return None
 
 
-def typical_image_size(data: str) -> tuple[int, int] | None:
+def typical_image_size(data: str, labels: str | None = None) -> tuple[int, int] | None:
     """The median (width, height) of the training images, from up to 256 file headers (None: not found)."""
     if data in ("cifar10", "digits"):
         return (32, 32) if data == "cifar10" else (8, 8)
+    if labels is not None:
+        sizes = sorted(image_sizes(read_labels(data, labels).files("train")[0]), key=lambda wh: min(wh))
+        return sizes[len(sizes) // 2] if sizes else None
     split_dir = folder_split_dir(data, "train") if Path(data).is_dir() else None
     split_dir = split_dir or (Path(data) if is_flat(data) else None)  # one folder of class folders
     if split_dir is None:
@@ -196,16 +200,26 @@ def typical_image_size(data: str) -> tuple[int, int] | None:
     return sizes[len(sizes) // 2] if sizes else None
 
 
-def _folder_files(root: Path, split: str, holdout: FolderSplit | None) -> tuple[list[str], list[str], list[str], Path]:
-    """The files of one split of an image folder: ``root/<split>/<class>/``, or the held-out part of a folder of
-    class folders (the other part for ``train``), with the classes of the whole folder."""
-    if holdout is None and is_flat(str(root)):
-        raise DataError(f"{root} is one folder of class folders (no train/ and test/): its test images are the ones a "
-                        f"run held out: evaluate a run trained on it (its {SPLIT_FILE} names them)")
+def _folder_files(root: Path, split: str, holdout: FolderSplit | None,
+                  labels: str | None = None) -> tuple[list[str], list[str], list[str], Path]:
+    """The files of one split of an image folder: ``root/<split>/<class>/``, the rows of ``split`` in a labels file,
+    or the held-out part of a folder of class folders or of a labels file's training rows (the other part for
+    ``train``), with the classes of the whole folder."""
+    table = read_labels(root, labels) if labels is not None else None
+    if table is not None and (table.has("test") or split == "val"):
+        if not table.has(split):
+            raise DataError(f"--labels {labels} assigns no image to {split}"
+                            + (": --val-split N holds validation images out of training" if split == "val" else ""))
+        return (*table.files(split), table.classes, root)
+    if holdout is None and (table is not None or is_flat(str(root))):
+        what = f"--labels {labels} assigns no image to test" if table else \
+            f"{root} is one folder of class folders (no train/ and test/)"
+        raise DataError(f"{what}: its test images are the ones a run held out: evaluate a run trained on it (its "
+                        f"{SPLIT_FILE} names them)")
     if holdout is not None:
         if split == "val":
             raise DataError(f"{root} has no val/ folder: --val-split N holds validation images out of training")
-        paths, names, classes = scan_folder(root)
+        paths, names, classes = listing(root, labels)
         keep = [i for i, p in enumerate(paths) if holdout.holds_out(p, root) == (split == "test")]
         return [paths[i] for i in keep], [names[i] for i in keep], classes, root
     split_dir = folder_split_dir(root, split)
@@ -215,7 +229,8 @@ def _folder_files(root: Path, split: str, holdout: FolderSplit | None) -> tuple[
 
 
 def load_split(data: str, split: str, *, store_size: int | None, data_dir: str | None = None,
-               loader: str = "auto", strict: bool = False, holdout: FolderSplit | None = None) -> Split:
+               loader: str = "auto", strict: bool = False, holdout: FolderSplit | None = None,
+               labels: str | None = None) -> Split:
     """Load one split (``train``, ``val`` or ``test``) of ``data``.
 
     Args:
@@ -228,6 +243,7 @@ def load_split(data: str, split: str, *, store_size: int | None, data_dir: str |
             (no room for the cache) stream.
         strict: make an unreadable image an error instead of a warning.
         holdout: for one folder of class folders (no ``train/``), which of its images are the test split.
+        labels: a CSV or TSV naming the class (and optionally the split) of each image under ``data``.
     """
     if data in ("cifar10", "digits"):
         if split not in ("train", "test"):
@@ -243,7 +259,7 @@ def load_split(data: str, split: str, *, store_size: int | None, data_dir: str |
     root = Path(data)
     if not root.is_dir():
         raise DataError(f"--data {data!r}: not 'cifar10', 'digits' or an existing folder")
-    paths, names, classes, split_dir = _folder_files(root, split, holdout)
+    paths, names, classes, split_dir = _folder_files(root, split, holdout, labels)
     index = {c: i for i, c in enumerate(classes)}
     labels = torch.tensor([index[n] for n in names])
     size = side = store_size

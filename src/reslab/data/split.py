@@ -22,7 +22,8 @@ import torch
 from ..core.errors import DataError
 from ..core.rundir import SPLIT_FILE
 from .duplicates import duplicate_groups
-from .folder import decode_images, scan_folder
+from .folder import decode_images
+from .labels import listing, read_labels
 
 SPLIT_FOLDERS = {"train", "test", "val", "valid", "validation"}  # a folder holding one of these is already split
 SPLIT_SEED = 0  # fixed: the same folder gives the same split whatever the run's --seed
@@ -38,6 +39,7 @@ class FolderSplit:
     images: int
     groups_kept: int  # duplicate groups assigned to one side as a unit
     digest: str  # sha256 over the sorted held-out paths
+    labels: str | None = None  # the labels file the images and classes came from, if any
 
     def holds_out(self, path: str, root: str | Path) -> bool:
         """Whether ``path`` (a file under ``root``, the folder as spelled now) is a held-out image."""
@@ -47,7 +49,9 @@ class FolderSplit:
         self._test = frozenset(self.test)
 
     def line(self) -> str:
-        return (f"{self.root} has no train/ and test/ folders: {len(self.test)} of its {self.images} images "
+        why = (f"{self.labels} assigns no image to test" if self.labels else
+               f"{self.root} has no train/ and test/ folders")
+        return (f"{why}: {len(self.test)} of its {self.images} images "
                 f"({self.fraction:.0%} of each class, seed {SPLIT_SEED}) are held out as the test set, never trained "
                 f"on; {self.groups_kept} groups of duplicate images kept on one side; the list is in the run's "
                 f"{SPLIT_FILE} (reslab eval RUN --data {self.root} scores exactly these)")
@@ -62,20 +66,28 @@ def is_flat(data: str) -> bool:
     return bool(folders) and not folders & SPLIT_FOLDERS
 
 
+def needs_split(data: str, labels: str | None = None) -> bool:
+    """Whether the test images of ``data`` are ones reslab holds out: one folder of class folders, or a labels file
+    that assigns no image to ``test``."""
+    if labels is not None:
+        return not read_labels(data, labels).has("test")
+    return is_flat(data)
+
+
 def _relative(path: str, root: str) -> str:
     return os.path.relpath(path, root).replace(os.sep, "/")
 
 
-def split_folder(root: str, fraction: float) -> FolderSplit:
-    """Hold out ``fraction`` of each class of ``root``, keeping duplicate groups together (decodes every image at
-    32x32 once, through the decode cache, to find them)."""
-    paths, names, classes = scan_folder(root)
+def split_folder(root: str, fraction: float, labels: str | None = None) -> FolderSplit:
+    """Hold out ``fraction`` of each class of ``root`` (its class folders, or the training rows of ``labels``),
+    keeping duplicate groups together (decodes every image at 32x32 once, through the decode cache, to find them)."""
+    paths, names, classes = listing(root, labels)
     decoded = decode_images(paths, 32)
     kept = decoded.kept.tolist()
     groups = [[kept[i] for i in g] for g in duplicate_groups(torch.from_numpy(decoded.images))]
     test = hold_out([classes.index(n) for n in names], groups, fraction)
     files = sorted(_relative(paths[i], root) for i in test)
-    return FolderSplit(str(root), fraction, files, len(paths), len(groups), _digest(files))
+    return FolderSplit(str(root), fraction, files, len(paths), len(groups), _digest(files), labels)
 
 
 def hold_out(labels: list[int], groups: list[list[int]], fraction: float, seed: int = SPLIT_SEED) -> list[int]:

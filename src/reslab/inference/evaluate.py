@@ -20,7 +20,7 @@ from ..core.distributed import all_sum
 from ..core.errors import ConfigError
 from ..core.execution import autocast, prepare
 from ..core.log import say
-from ..core.rundir import SPLIT_FILE
+from ..core.rundir import CONFIG_FILE, SPLIT_FILE, read_config
 from ..data import (
     Batches,
     DataError,
@@ -28,9 +28,9 @@ from ..data import (
     Split,
     balanced_indices,
     eval_batches,
-    is_flat,
     load_split,
     match_classes,
+    needs_split,
     read_split,
     store_size,
 )
@@ -173,7 +173,8 @@ class SplitScores:
 
 def evaluate(model: str | Path, data: str, *, split: str = "test", arch: str | None = None, device: str = "auto",
              precision: str = "auto", batch_size: int = 256, samples: int | None = None,
-             data_dir: str | None = None, tta: str | None = None, tta_fraction: float | None = None) -> EvalResult:
+             data_dir: str | None = None, tta: str | None = None, tta_fraction: float | None = None,
+             labels: str | None = None) -> EvalResult:
     """Accuracy of a saved model on a split of ``data``.
 
     Args:
@@ -184,19 +185,21 @@ def evaluate(model: str | Path, data: str, *, split: str = "test", arch: str | N
         samples: evaluate a seeded class-balanced subset of this many images.
         tta: test-time augmentation ``none``, ``flip`` or ``flip_shift`` (default: what the model was trained with).
         tta_fraction: apply ``tta`` to this least-confident fraction of the images only (default: as trained).
+        labels: a CSV or TSV of the images' classes (default: the run's own, when ``data`` is the folder it
+            trained on).
 
     Returns:
         Accuracy, top-5, loss, per-class accuracy and the confusion matrix.
     """
     return evaluate_split(model, data, split=split, arch=arch, device=device, precision=precision,
                           batch_size=batch_size, samples=samples, data_dir=data_dir, tta=tta,
-                          tta_fraction=tta_fraction).result
+                          tta_fraction=tta_fraction, labels=labels).result
 
 
 def evaluate_split(model: str | Path, data: str, *, split: str = "test", arch: str | None = None,
                    device: str = "auto", precision: str = "auto", batch_size: int = 256, samples: int | None = None,
                    data_dir: str | None = None, tta: str | None = None,
-                   tta_fraction: float | None = None) -> SplitScores:
+                   tta_fraction: float | None = None, labels: str | None = None) -> SplitScores:
     """``evaluate``, keeping the split and every image's probabilities."""
     if batch_size < 1 or (samples is not None and samples < 1):
         raise ConfigError(f"--batch-size and --samples must be at least 1, got {batch_size} and {samples}")
@@ -204,9 +207,9 @@ def evaluate_split(model: str | Path, data: str, *, split: str = "test", arch: s
         raise ConfigError(f"--tta-fraction is a fraction in (0, 1], got {tta_fraction}")
     dev, prec = prepare(device, precision)
     net, meta = _load(model, arch, dev)
-    holdout = recorded_split(model, data)
+    holdout, labels = recorded_data(model, data, labels)
     s, batches = model_batches(meta, data, split, batch_size, dev, samples=samples, data_dir=data_dir,
-                               holdout=holdout)
+                               holdout=holdout, labels=labels)
     classes = s.classes
     t0 = time.perf_counter()
     if tta_fraction is None:  # the trained fraction goes with the trained TTA, not with one asked for here
@@ -222,29 +225,36 @@ def evaluate_split(model: str | Path, data: str, *, split: str = "test", arch: s
     return SplitScores(result, s, r.probs)
 
 
-def recorded_split(model: str | Path, data: str) -> FolderSplit | None:
-    """For one folder of class folders, the split the run of ``model`` recorded (its held-out images are the test
-    split); None for any other data."""
-    if not is_flat(data):
-        return None
+def recorded_data(model: str | Path, data: str, labels: str | None = None) -> tuple[FolderSplit | None, str | None]:
+    """The held-out split and labels file a run recorded for ``data``: for the folder it trained on, the labels file
+    of its config (unless ``labels`` is given), and for one folder of class folders or a labels file without test
+    rows, the images it held out (its test split). (None, labels) for any other data."""
     run = Path(model) if Path(model).is_dir() else Path(model).parent
+    if labels is None and data not in ("cifar10", "digits"):
+        config = read_config(run) if (run / CONFIG_FILE).is_file() else None
+        trained = (config or {}).get("data")
+        if config and config.get("labels") and trained and Path(trained).resolve() == Path(data).resolve():
+            labels = config["labels"]
+    if data in ("cifar10", "digits") or not Path(data).is_dir() or not needs_split(data, labels):
+        return None, labels
     holdout = read_split(run)
     if holdout is None:
-        raise DataError(f"{data} is one folder of class folders, and {run} records no split of it ({SPLIT_FILE}): "
-                        f"evaluate the run that trained on it, or give a folder with test/")
-    return holdout
+        what = f"--labels {labels} assigns no image to test" if labels else f"{data} is one folder of class folders"
+        raise DataError(f"{what}, and {run} records no split of it ({SPLIT_FILE}): evaluate the run that trained on "
+                        f"it, or give a folder with test/")
+    return holdout, labels
 
 
 def model_batches(meta: dict[str, Any], data: str, split: str, batch_size: int, device: torch.device, *,
                   samples: int | None = None, data_dir: str | None = None,
-                  holdout: FolderSplit | None = None) -> tuple[Split, Batches]:
+                  holdout: FolderSplit | None = None, labels: str | None = None) -> tuple[Split, Batches]:
     """A split of ``data`` as a model with metadata ``meta`` is evaluated on it: its classes matched by name to the
     model's, resized and normalised as the model was trained (optionally a seeded class-balanced subset of
     ``samples`` images). What ``eval``, int8 calibration and the accuracy check of an export all read."""
     classes = meta["classes"]
     input_size = meta.get("input_size") or 32
     s = load_split(data, split, store_size=store_size(meta["augment"], input_size), data_dir=data_dir,
-                   holdout=holdout)
+                   holdout=holdout, labels=labels)
     if not meta["recorded_classes"]:
         # A bare state_dict knows no class names: assume the folder's sorted class order, and say so.
         if len(s.classes) != len(classes):

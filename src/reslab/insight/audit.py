@@ -32,8 +32,9 @@ from ..core.progress import CountProgress
 from ..data import Split, load_split
 from ..data.datasets import folder_split_dir
 from ..data.duplicates import HASH_BITS, PIXEL_MAD, dhash, near_pairs
-from ..data.folder import EXIF_ORIENTATION, TooManyPixels, check_pixels, list_images, scan_folder
-from ..data.split import FolderSplit, is_flat, read_split, split_folder
+from ..data.folder import EXIF_ORIENTATION, TooManyPixels, check_pixels, list_images
+from ..data.labels import listing, read_labels
+from ..data.split import FolderSplit, needs_split, read_split, split_folder
 
 SIZE_FACTOR = 4  # an image whose shorter side is this many times off the folder's median is flagged
 NEAR_EMPTY = 10  # a class with fewer training images than this (or than 5 % of the median class) is near-empty
@@ -66,27 +67,31 @@ class AuditReport:
 
 # --- files ----------------------------------------------------------------------------------------------------------
 
-def _holdout(root: Path, run: str | Path | None) -> FolderSplit | None:
-    """One folder of class folders is audited as training splits it: the run's recorded split, else the split a
-    new run would make (the default --test-split, duplicate groups on one side)."""
-    if not is_flat(str(root)):
+def _holdout(root: Path, run: str | Path | None, labels: str | None) -> FolderSplit | None:
+    """One folder of class folders (or a labels file without test rows) is audited as training splits it: the run's
+    recorded split, else the split a new run would make (the default --test-split, duplicate groups on one side)."""
+    if not needs_split(str(root), labels):
         return None
     recorded = read_split(Path(run) if Path(run).is_dir() else Path(run).parent) if run is not None else None
-    return recorded or split_folder(str(root), TrainConfig.test_split)
+    return recorded or split_folder(str(root), TrainConfig.test_split, labels)
 
 
-def _list_files(root: Path, holdout: FolderSplit | None = None) -> tuple[dict[str, list[tuple[str, str]]],
-                                                                        list[Finding]]:
+def _list_files(root: Path, holdout: FolderSplit | None = None,
+                labels: str | None = None) -> tuple[dict[str, list[tuple[str, str]]], list[Finding]]:
     """split -> [(path, class)] of every file training would read (its own listing: image extensions, links
     followed once), and the findings of the listing itself: class folders without images, links leaving the
     folder."""
     out, empty, outside = {}, [], []
     real_root = os.path.realpath(root)
+    table = read_labels(root, labels) if labels is not None else None
     if holdout is not None:
-        paths, names, _ = scan_folder(root)
+        paths, names, _ = listing(root, labels)
         out["train"] = [(p, c) for p, c in zip(paths, names) if not holdout.holds_out(p, root)]
         out["test"] = [(p, c) for p, c in zip(paths, names) if holdout.holds_out(p, root)]
-    for split in ("train", "val", "test") if holdout is None else ():
+    if table is not None:
+        out.update({split: list(zip(*table.files(split))) for split in ("train", "val", "test")
+                    if table.has(split) and (holdout is None or split == "val")})
+    for split in ("train", "val", "test") if holdout is None and table is None else ():
         d = folder_split_dir(root, split)
         if d is None:
             continue
@@ -326,19 +331,20 @@ def _fold_probabilities(files: list[tuple[str, str]], classes: list[str], folds:
 # --- the audit ------------------------------------------------------------------------------------------------------
 
 def audit(data: str | Path, *, run: str | Path | None = None, folds: int = 0, fold_epochs: float = 8,
-          seed: int = 0) -> AuditReport:
-    """Audit the image folder ``data`` (``train/``, optional ``val/`` and ``test/``). See the module's docstring."""
+          seed: int = 0, labels: str | None = None) -> AuditReport:
+    """Audit the image folder ``data`` (``train/``, optional ``val/`` and ``test/``; one folder of class folders;
+    or images whose classes the CSV/TSV ``labels`` gives). See the module's docstring."""
     root = Path(data)
     if not root.is_dir():
         raise DataError(f"{root} is not a folder (reslab audit reads an image folder with train/ and test/)")
     if folds == 1 or folds < 0:
         raise DataError(f"--folds must be 0 (no cross-validated label check) or at least 2, got {folds}")
-    holdout = _holdout(root, run)
-    files, findings = _list_files(root, holdout)
+    holdout = _holdout(root, run, labels)
+    files, findings = _list_files(root, holdout, labels)
     counts = {s: dict(Counter(c for _, c in rows)) for s, rows in files.items()}
     findings += _file_findings(files)
     findings += _class_findings(counts)
-    splits = {name: load_split(str(root), name, store_size=32, loader="memory", holdout=holdout)
+    splits = {name: load_split(str(root), name, store_size=32, loader="memory", holdout=holdout, labels=labels)
               for name in files if files[name]}
     findings += _duplicate_findings(splits)
     labels_checked = "not checked: give --folds K (cross-validated reslab runs) or --run RUN"
@@ -353,7 +359,7 @@ def audit(data: str | Path, *, run: str | Path | None = None, folds: int = 0, fo
     if run is not None and "test" in splits:
         from ..inference.evaluate import evaluate_split
 
-        scores = evaluate_split(run, str(root), split="test")
+        scores = evaluate_split(run, str(root), split="test", labels=labels)
         findings.append(_label_finding(scores.split, scores.probs.numpy(), "test",
                                        f"predictions of {run}, which never trained on them"))
         labels_checked = (labels_checked + "; " if folds else "") + f"test/ by {run}"

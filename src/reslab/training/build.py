@@ -33,8 +33,8 @@ from ..data import (
     data_changes,
     eval_batches,
     fingerprint,
-    is_flat,
     load_data,
+    needs_split,
     read_split,
     split_json,
     typical_image_size,
@@ -324,14 +324,15 @@ def build_data(cfg: TrainConfig, d: distributed.Dist, resume: dict[str, Any] | N
     if resume is None:  # a resumed run's config is already resolved
         # Only an augmentation left to reslab needs a look at the images (a few hundred file headers).
         family = model_info(cfg.arch).family
-        cfg, chosen = resolve_inputs(cfg, family, typical_image_size(cfg.data) if cfg.augment is None else None)
+        size = typical_image_size(cfg.data, cfg.labels) if cfg.augment is None else None
+        cfg, chosen = resolve_inputs(cfg, family, size)
         if chosen:
             say(chosen)
     holdout = _recorded_split(cfg, out, data_changed) if resume is not None else None
     data = load_data(cfg.data, augment=cfg.augment, input_size=cfg.input_size, data_dir=cfg.data_dir,
                      loader=cfg.loader, train_samples=cfg.train_samples, test_samples=cfg.test_samples,
                      val_split=cfg.val_split, seed=cfg.seed, strict=cfg.strict, test_split=cfg.test_split,
-                     holdout=holdout)
+                     holdout=holdout, labels=cfg.labels)
     if data.holdout is not None and resume is None and d.main:
         atomic_write(out / SPLIT_FILE, lambda f: f.write(split_json(data.holdout)))
     if resume is not None:  # the normalisation the run started with (its pretrained weights', or its data's)
@@ -357,7 +358,7 @@ def _recorded_split(cfg: TrainConfig, out: Path, data_changed: bool) -> FolderSp
     silently move the test set."""
     holdout = read_split(out)
     if holdout is None:
-        if is_flat(cfg.data):
+        if cfg.data not in ("cifar10", "digits") and needs_split(cfg.data, cfg.labels):
             raise DataError(f"{out} records no split of {cfg.data} ({SPLIT_FILE} is missing): cannot tell which "
                             f"images it held out")
         return None
