@@ -131,6 +131,8 @@ def test_one_folder_of_class_folders_is_split_and_evaluated_on_exactly_its_held_
     code, out, err = cli("eval", run, "--data", photos, "--json")
     assert code == 0, err
     assert json.loads(out)["n"] == len(test)  # exactly the held-out images
+    code, _, err = cli("export", run, "--quantize", "int8", "--max-drop", "1")  # calibrated on the trained part
+    assert code == 0 and f"on {len(test)} test images" in err, err
     # the same split for every run of the folder, whatever its --seed (a comparison's runs included)
     assert cli("train", "--data", photos, "--out", tmp_path / "other", *TINY, "--seed", "7")[0] == 0
     assert json.loads((tmp_path / "other" / "split.json").read_text())["digest"] == split["digest"]

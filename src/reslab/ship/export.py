@@ -79,7 +79,7 @@ def export(model: str | Path, format: str = "onnx", out: str | Path | None = Non
         expected = net(check)
         if quantize:
             return _export_int8(net, meta, example, check, out, data, data_dir, calibration, samples, max_drop,
-                                force)
+                                force, src)
         got = _replace(out, lambda tmp: _write(net, meta, format, example, check, tmp))
     diff = (got - expected).abs().max().item()
     return ExportResult(out, format, diff, diff <= TOLERANCE, ["batch", 3, size, size])
@@ -167,7 +167,7 @@ def run_data(src: Path, data: str | None, data_dir: str | None) -> tuple[str, st
 
 
 def _export_int8(net, meta, example, check, out, data, data_dir, calibration, samples, max_drop,
-                 force) -> ExportResult:
+                 force, src) -> ExportResult:
     """The float ONNX model (checked against PyTorch), quantized; the int8 one checked on the test set."""
     import tempfile
 
@@ -179,7 +179,7 @@ def _export_int8(net, meta, example, check, out, data, data_dir, calibration, sa
         if diff > TOLERANCE:
             raise UserError(f"the float ONNX model differs from PyTorch by {diff:.2e}: not quantized")
         q = quantize_int8(net, meta, float_onnx, out, data, data_dir=data_dir, calibration=calibration,
-                          samples=samples, max_drop=max_drop, force=force)
+                          samples=samples, max_drop=max_drop, force=force, run=src)
     return ExportResult(out, "onnx-int8", float(diff), q.written, ["batch", 3, *example.shape[2:]], quantized=q)
 
 

@@ -26,7 +26,7 @@ from ..core.errors import UserError
 from ..core.log import say
 from ..core.rundir import temp_prefix
 from ..inference.backends import OnnxModule, onnxruntime, tag_onnx
-from ..inference.evaluate import evaluate_batches, model_batches
+from ..inference.evaluate import evaluate_batches, model_batches, recorded_data
 from ..models.checkpoint import atomic_write
 
 MAX_DROP = 0.01  # refuse an int8 model that loses more than 1 point of test accuracy (unless --force)
@@ -51,13 +51,17 @@ class QuantizeCheck:
 
 def quantize_int8(net: torch.nn.Module, meta: dict[str, Any], float_onnx: Path, out: Path, data: str, *,
                   data_dir: str | None = None, calibration: int = CALIBRATION, samples: int | None = None,
-                  max_drop: float = MAX_DROP, force: bool = False) -> QuantizeCheck:
+                  max_drop: float = MAX_DROP, force: bool = False, run: str | Path | None = None) -> QuantizeCheck:
     """Quantize ``float_onnx`` (exported from ``net``) to int8 at ``out``, calibrated on ``data``'s training split,
-    and compare its test accuracy with ``net``'s; written only within ``max_drop`` (or with ``force``)."""
+    and compare its test accuracy with ``net``'s; written only within ``max_drop`` (or with ``force``). ``run`` (the
+    model's run) gives the split and labels it recorded for ``data``."""
     if calibration < 1 or not 0 <= max_drop <= 1:
         raise UserError(f"--calibration must be at least 1 and --max-drop in [0, 1], got {calibration}, {max_drop}")
-    calib = calibration_batches(meta, data, calibration, data_dir)
-    test, batches = model_batches(meta, data, "test", 128, torch.device("cpu"), samples=samples, data_dir=data_dir)
+    holdout, labels = recorded_data(run, data) if run is not None else (None, None)
+    calib = model_batches(meta, data, "train", 32, torch.device("cpu"), samples=calibration, data_dir=data_dir,
+                          holdout=holdout, labels=labels)[1]
+    test, batches = model_batches(meta, data, "test", 128, torch.device("cpu"), samples=samples, data_dir=data_dir,
+                                  holdout=holdout, labels=labels)
     with tempfile.TemporaryDirectory(prefix=temp_prefix("int8"), dir=out.parent) as tmp:
         say(f"quantizing to int8: calibrating on {len(calib.split)} training images of {data}")
         quantize_onnx(float_onnx, Path(tmp) / "int8.onnx", (x.numpy() for x, _ in calib.epoch(0)))
