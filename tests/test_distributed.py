@@ -35,14 +35,22 @@ def _elastic(restarts: int, *args) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.fixture(scope="module")
+def pair_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(folder, run): RECIPE trained once on 2 processes, the reference several tests compare with (each torchrun
+    launch costs ~10 s of the suite)."""
+    root = tmp_path_factory.mktemp("pair")
+    folder = make_folder(root / "data", per_class=24)  # 72 train images: 4 global batches of 16
+    r = _torchrun("train", "--data", folder, "--out", root / "ddp", *RECIPE)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return folder, root / "ddp"
 
-def test_two_gloo_processes_match_one_process(tmp_path):
-    folder = make_folder(tmp_path / "data", per_class=24)  # 72 train images: 4 global batches of 16
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
+
+def test_two_gloo_processes_match_one_process(tmp_path, pair_run):
+    folder, ddp = pair_run
+    single = tmp_path / "single"
     subprocess.run([sys.executable, "-m", "reslab", "train", "--data", folder, "--out", single, *RECIPE],
                    check=True, capture_output=True)
-    r = _torchrun("train", "--data", folder, "--out", ddp, *RECIPE)
-    assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(p.name for p in ddp.iterdir()) == [".reslab.lock", "config.yaml", "last.pt", "machine.json",
                                                      "metrics.jsonl", "model.safetensors"]  # one writer: rank 0
     a, b = metrics(single), metrics(ddp)
@@ -55,19 +63,6 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     # The checkpoint holds the unwrapped model: it loads in a single process.
     model, meta = reslab.load_model(ddp)
     assert meta["arch"] == "resnet20" and not any(k.startswith("module.") for k in model.state_dict())
-
-
-def test_resume_under_torchrun(tmp_path):
-    folder = make_folder(tmp_path / "data", per_class=24)
-    run = tmp_path / "run"
-    r = _torchrun("train", "--data", folder, "--out", run, *RECIPE, "--steps", "2")
-    assert r.returncode == 0, r.stderr[-3000:]
-    ckpt = torch.load(run / "last.pt", weights_only=True)
-    ckpt["config"]["steps"] = 6  # ask for more: the resumed run continues from step 2
-    torch.save(ckpt, run / "last.pt")
-    r = _torchrun("train", "--resume", run)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert [m["step"] for m in metrics(run)] == [2, 4, 6]  # epoch 1 stopped at 2, finished at 4; epoch 2 at 6
 
 
 def _rank_pid(parent: int, rank: int) -> int | None:
@@ -176,8 +171,8 @@ def test_time_based_checkpoints_and_a_history_that_resumes_exactly(tmp_path):
     assert (run / "model.safetensors").read_bytes() == final
 
 
-def test_a_checkpoint_resumes_under_another_world_size(tmp_path):
-    folder = make_folder(tmp_path / "data", per_class=24)
+def test_a_checkpoint_resumes_under_the_same_and_another_world_size(tmp_path, pair_run):
+    folder, whole_run = pair_run
     single = [sys.executable, "-m", "reslab"]
 
     def alone(*args):
@@ -188,13 +183,19 @@ def test_a_checkpoint_resumes_under_another_world_size(tmp_path):
         r = _torchrun(*args)
         assert r.returncode == 0, r.stderr[-3000:]
 
-    pair("train", "--data", folder, "--out", tmp_path / "whole", *RECIPE)  # 12 steps on 2 processes
+    pair("train", "--data", folder, "--out", tmp_path / "2to2", *RECIPE, "--steps", "6")  # 12 steps in all
+    pair("train", "--resume", tmp_path / "2to2", "--steps", "12")
     pair("train", "--data", folder, "--out", tmp_path / "2to1", *RECIPE, "--steps", "6")
     alone("train", "--resume", tmp_path / "2to1", "--steps", "12")
     alone("train", "--data", folder, "--out", tmp_path / "1to2", *RECIPE, "--steps", "6")
     pair("train", "--resume", tmp_path / "1to2", "--steps", "12")
-    whole = metrics(tmp_path / "whole")
-    for name in ("2to1", "1to2"):
+    whole = metrics(whole_run)
+    # The same world size: the same batches, reductions and BatchNorm statistics, bit for bit.
+    from safetensors.torch import load_file
+
+    resumed, straight = load_file(tmp_path / "2to2" / "model.safetensors"), load_file(whole_run / "model.safetensors")
+    assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight)
+    for name in ("2to2", "2to1", "1to2"):
         lines = metrics(tmp_path / name)
         # The global batch is the same, so the data order and the schedule are: the same steps, the same lr.
         # (The run stopped at step 6 has a line for its partial epoch 2 as well.)
@@ -203,12 +204,10 @@ def test_a_checkpoint_resumes_under_another_world_size(tmp_path):
         assert abs(lines[-1]["test_acc"] - whole[-1]["test_acc"]) <= TOLERANCE
 
 
-def test_two_agents_on_one_host_train_as_one_agent_with_two_workers(tmp_path):
+def test_two_agents_on_one_host_train_as_one_agent_with_two_workers(tmp_path, pair_run):
     import socket
 
-    folder = make_folder(tmp_path / "data", per_class=24)
-    r = _torchrun("train", "--data", folder, "--out", tmp_path / "one", *RECIPE)
-    assert r.returncode == 0, r.stderr[-3000:]
+    folder, one = pair_run
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -219,7 +218,7 @@ def test_two_agents_on_one_host_train_as_one_agent_with_two_workers(tmp_path):
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for n in (0, 1)]
     errors = [a.communicate(timeout=300)[1] for a in agents]
     assert [a.returncode for a in agents] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
-    weights = [(tmp_path / run / "model.safetensors").read_bytes() for run in ("one", "two")]
+    weights = [(run / "model.safetensors").read_bytes() for run in (one, tmp_path / "two")]
     assert weights[0] == weights[1]  # the same ranks, batches and reductions: bit-identical
 
 

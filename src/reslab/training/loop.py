@@ -10,6 +10,7 @@ Imports: models, data, evaluation, checkpoints, the run directory; never ``hooks
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -139,6 +140,9 @@ class Run:
     meter: EpochMeter = None  # type: ignore[assignment]
     last_metrics: dict[str, Any] = field(default_factory=dict)
     loss_weight: torch.Tensor | None = None  # per-class weights of the loss (--balance loss)
+    # (model, its state before the final eval-mode guard recomputed its BatchNorm statistics): the checkpoint keeps
+    # the statistics training left, so that a run continued from it goes on exactly as one never stopped
+    repaired: tuple[nn.Module, dict[str, torch.Tensor]] | None = None
 
     def request_stop(self, reason: str) -> None:
         """End the run after the current step (or epoch end), saving a checkpoint: a hook's call (a signal's name)."""
@@ -177,6 +181,17 @@ class Run:
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Everything needed to resume: plain containers and tensors only (loadable with weights_only)."""
+        if self.repaired is None:
+            return self._state()
+        model, before = self.repaired
+        after = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(before)
+        try:
+            return copy.deepcopy(self._state())  # copies, not views of the model repaired again below
+        finally:
+            model.load_state_dict(after)
+
+    def _state(self) -> dict[str, Any]:
         return {"model": {k: v.detach().cpu() for k, v in unwrap_model(self.model).state_dict().items()},
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -359,6 +374,8 @@ def _check_eval_mode(run: Run, plain: nn.Module, train_acc: float) -> None:
     after = score()
     if after < train_acc - GUARD_GAP:
         plain.load_state_dict(saved)
+    else:
+        run.repaired = (plain, saved)
     say(f"reslab: warning: in evaluation mode the model scores {before:.1%} on {len(sample)} training images it "
         f"scored {train_acc:.1%} on while training: its BatchNorm running statistics do not match the batches'. "
         + (f"Recomputed them on these images: {after:.1%} now." if after >= train_acc - GUARD_GAP else
