@@ -200,8 +200,13 @@ def test_a_checkpoint_resumes_under_the_same_and_another_world_size(tmp_path, pa
         # The global batch is the same, so the data order and the schedule are: the same steps, the same lr.
         # (The run stopped at step 6 has a line for its partial epoch 2 as well.)
         assert [(m["step"], m["lr"]) for m in lines if m["step"] != 6] == [(m["step"], m["lr"]) for m in whole]
-        # What differs is BatchNorm's batch statistics (8 images per process against 16) and the reduction order.
-        assert abs(lines[-1]["test_acc"] - whole[-1]["test_acc"]) <= TOLERANCE
+        # What differs is BatchNorm's batch statistics (8 images per process against 16) and the reduction order:
+        # the convolutions end 2.8 % apart (relative L2), where a run with another seed ends 141 % apart (measured).
+        # (Not the test accuracy: after 12 steps on 72 images it hangs on the BatchNorm running statistics.)
+        other = load_file(tmp_path / name / "model.safetensors")
+        convs = [k for k in straight if straight[k].dim() == 4]
+        gap = sum(((other[k] - straight[k]) ** 2).sum() for k in convs) ** 0.5
+        assert gap / sum((straight[k] ** 2).sum() for k in convs) ** 0.5 <= 0.1, name
 
 
 def test_two_agents_on_one_host_train_as_one_agent_with_two_workers(tmp_path, pair_run):
