@@ -1,6 +1,6 @@
 """The folder layout is the architecture: each subpackage is a layer (``reslab.LAYERS``, in order), and a module
 imports only from its own layer or those before it. Every import counts, those inside functions and type-only ones
-included; the README's layer table is checked against the same list."""
+included; the manual's layer table (docs/architecture.md) is checked against the same list."""
 
 from __future__ import annotations
 
@@ -126,9 +126,9 @@ def test_the_training_layer_imports_one_way():
             assert rank(target) is None or rank(target) <= rank(module), f"{module} -> {target}"
 
 
-def test_the_readme_layer_table_is_the_package_list():
-    text = (ROOT.parents[1] / "README.md").read_text()
-    rows = re.findall(r"^\| `(\w+)/` \|", text.split("## Architecture", 1)[1], re.M)
+def test_the_manual_layer_table_is_the_package_list():
+    text = (ROOT.parents[1] / "docs" / "architecture.md").read_text()
+    rows = re.findall(r"^\| `(\w+)/` \|", text.split("# Architecture", 1)[1], re.M)
     assert rows == list(reslab.LAYERS), rows
 
 

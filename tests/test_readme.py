@@ -1,4 +1,5 @@
-"""The README's commands, run as written (on a tiny generated folder instead of the CIFAR-10 copy)."""
+"""The commands of the README and the manual (docs/), run as written (on a tiny generated folder instead of the
+CIFAR-10 copy). tests/test_docs.py parses every other command of theirs with the real parser."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+MANUAL = README + "".join(p.read_text() for p in sorted((ROOT / "docs").rglob("*.md")))
 
 
 def _block(title: str) -> list[str]:
-    """The shell commands of the first ```bash block after the heading ``title``."""
-    section = README.split(f"## {title}", 1)[1]
+    """The shell commands of the first ```bash block after the heading ``title`` (README or docs/)."""
+    section = MANUAL.split(f"# {title}", 1)[1]
     body = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     return [line.split("#")[0].strip() for line in body.splitlines() if line.split("#")[0].strip()]
 
@@ -55,7 +57,7 @@ def test_the_first_command_trains_evaluates_and_predicts_digits(tmp_path, cli, m
 def test_the_fast_preset_commands_run_as_written(tmp_path, folder, cli, monkeypatch):
     monkeypatch.chdir(tmp_path)
     commands = _block("Training in minutes")
-    section = README.split("## Training in minutes", 1)[1]
+    section = MANUAL.split("# Training in minutes", 1)[1]
     commands += [line.strip() for line in re.findall(r"```bash\n(.*?)```", section, re.S)[1].splitlines()]
     assert [c.split()[1] for c in commands] == ["train", "compare"]
     for command in commands:

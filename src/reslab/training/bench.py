@@ -126,9 +126,12 @@ def bench(arch: str | None = None, preset: str = "seed", data: str | None = None
         steps: timed steps.
         warmup: untimed steps first.
         baseline: also time the seed's pipeline (PIL per image, DataLoader, fp32, NCHW, eager) on ``data``.
-        device, precision, channels_last, compile, threads: as for ``reslab train``; on a CPU, those left open
-            (None, ``auto``) are what a training run's start-up probe picks here (``training.tune``), so the numbers
-            are what training would do.
+        device: as for ``reslab train``. On a CPU, the execution choices left open (None, ``auto``) are what a
+            training run's start-up probe picks here (``training.tune``), so the numbers are what training would do.
+        precision: as for ``reslab train`` (left open: the probe's).
+        channels_last: as for ``reslab train`` (left open: the probe's).
+        compile: as for ``reslab train``.
+        threads: as for ``reslab train`` (left open: the probe's).
 
     Returns:
         Training and evaluation images/s, achieved GFLOP/s against the roof, and the seed pipeline's images/s.
