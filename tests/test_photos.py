@@ -236,3 +236,21 @@ def test_a_labels_file_with_a_split_column_gives_the_splits_and_one_class_is_ref
     one.write_text("path,label\n" + "".join(f"{i}.jpg,cat\n" for i, _ in rows))
     code, _, err = cli("train", "--data", images, "--labels", one, "--out", tmp_path / "r1", *TINY)
     assert code == 1 and "every usable row has the label 'cat'" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_first_row_taken_as_a_header_is_said(tmp_path, caplog):
+    import logging
+
+    from reslab.data.labels import read_labels
+
+    images = tmp_path / "images"
+    rows = _kaggle_folder(images, per_class=2)
+    headerless = tmp_path / "plain.csv"
+    headerless.write_text("".join(f"{i}.jpg,{c}\n" for i, c in rows))
+    with caplog.at_level(logging.INFO, logger="reslab"):
+        assert len(read_labels(images, headerless).paths) == 6  # no header: every row is an image
+        assert "read as the header" not in caplog.text
+        odd = tmp_path / "odd.csv"
+        odd.write_text("gone.jpg,cat\n" + "".join(f"{i}.jpg,{c}\n" for i, c in rows))
+        assert len(read_labels(images, odd).paths) == 6
+    assert "its first row 'gone.jpg, cat' is read as the header" in caplog.text

@@ -74,6 +74,9 @@ def read_labels(root: str | Path, file: str | Path) -> LabelTable:
 def _read(root: str, file: str, _mtime: int, _size: int) -> LabelTable:
     rows = _rows(file)
     header, columns = _columns(rows[0] if rows else [], root)
+    if header and not {f.strip().lower() for f in rows[0]} & PATH_COLUMNS:  # never a row dropped unsaid
+        say(f"{os.path.basename(file)}: its first row {', '.join(rows[0])!r} is read as the header (it names no "
+            f"image under {root}); columns: path {columns[0] + 1}, label {columns[1] + 1}")
     body = rows[1:] if header else rows
     bad: dict[str, list[str]] = {}
     paths, names, splits, seen = [], [], [], set()
