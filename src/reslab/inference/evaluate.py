@@ -20,7 +20,7 @@ from ..core.distributed import all_sum
 from ..core.errors import ConfigError
 from ..core.execution import autocast, prepare
 from ..core.log import say
-from ..core.rundir import CONFIG_FILE, SPLIT_FILE, read_config
+from ..core.rundir import SPLIT_FILE, read_config
 from ..data import (
     Batches,
     DataError,
@@ -231,7 +231,7 @@ def recorded_data(model: str | Path, data: str, labels: str | None = None) -> tu
     rows, the images it held out (its test split). (None, labels) for any other data."""
     run = Path(model) if Path(model).is_dir() else Path(model).parent
     if labels is None and data not in ("cifar10", "digits"):
-        config = read_config(run) if (run / CONFIG_FILE).is_file() else None
+        config = read_config(run)  # None when the model is not in a run directory
         trained = (config or {}).get("data")
         if config and config.get("labels") and trained and Path(trained).resolve() == Path(data).resolve():
             labels = config["labels"]

@@ -25,6 +25,7 @@ import torch
 from ..core.errors import UserError
 from ..core.log import say
 from ..core.rundir import temp_prefix
+from ..data import FolderSplit
 from ..inference.backends import OnnxModule, onnxruntime, tag_onnx
 from ..inference.evaluate import evaluate_batches, model_batches, recorded_data
 from ..models.checkpoint import atomic_write
@@ -58,8 +59,7 @@ def quantize_int8(net: torch.nn.Module, meta: dict[str, Any], float_onnx: Path, 
     if calibration < 1 or not 0 <= max_drop <= 1:
         raise UserError(f"--calibration must be at least 1 and --max-drop in [0, 1], got {calibration}, {max_drop}")
     holdout, labels = recorded_data(run, data) if run is not None else (None, None)
-    calib = model_batches(meta, data, "train", 32, torch.device("cpu"), samples=calibration, data_dir=data_dir,
-                          holdout=holdout, labels=labels)[1]
+    calib = calibration_batches(meta, data, calibration, data_dir, holdout=holdout, labels=labels)
     test, batches = model_batches(meta, data, "test", 128, torch.device("cpu"), samples=samples, data_dir=data_dir,
                                   holdout=holdout, labels=labels)
     with tempfile.TemporaryDirectory(prefix=temp_prefix("int8"), dir=out.parent) as tmp:
@@ -77,9 +77,12 @@ def quantize_int8(net: torch.nn.Module, meta: dict[str, Any], float_onnx: Path, 
     return result
 
 
-def calibration_batches(meta: dict[str, Any], data: str, n: int, data_dir: str | None = None):
-    """``n`` training images of ``data`` (class-balanced, seeded) as ``reslab eval`` feeds them, on the CPU."""
-    return model_batches(meta, data, "train", 32, torch.device("cpu"), samples=n, data_dir=data_dir)[1]
+def calibration_batches(meta: dict[str, Any], data: str, n: int, data_dir: str | None = None, *,
+                        holdout: FolderSplit | None = None, labels: str | None = None):
+    """``n`` training images of ``data`` (class-balanced, seeded) as ``reslab eval`` feeds them, on the CPU (the
+    training part of a run's recorded ``holdout`` split and ``labels`` file, where given)."""
+    return model_batches(meta, data, "train", 32, torch.device("cpu"), samples=n, data_dir=data_dir,
+                         holdout=holdout, labels=labels)[1]
 
 
 def quantize_onnx(float_onnx: Path, out: Path, calibration: Iterable[np.ndarray]) -> None:
