@@ -76,6 +76,17 @@ def test_plain_twin_has_identical_layers_and_no_shortcuts(depth):
     assert all(not b.residual for stage in plain.stages() for b in stage)
 
 
+def test_the_residual_two_conv_net_is_conv8w48_with_a_shortcut_around_each_second_conv():
+    plain, res = create_model("conv8w48"), create_model("conv8w48r")
+    assert model_info("conv8w48r").residual and not model_info("conv8w48").residual
+    res.load_state_dict(plain.state_dict())  # the same layers and names: weights load both ways
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(plain.eval()(x), res.eval()(x))
+    stage, z = res.layer2[0], torch.randn(2, 48, 16, 16)
+    inner = stage.relu(stage.bn(stage.pool(stage.conv(z))))
+    assert torch.allclose(stage(z), stage.relu(inner + stage.bn2(stage.conv2(inner))))  # He et al.'s y = act(F(x) + x)
+
+
 def test_plain_imagenet_nets_are_the_resnets_without_projections():
     plain, res = create_model("plain34"), create_model("resnet34")
     res_names = {n for n, _ in res.named_parameters() if "downsample" not in n}

@@ -72,15 +72,18 @@ BUDGET_RULES: dict[str, list[tuple[float, dict[str, Any]]]] = {
 
 
 # The wider nets of a rule's family: once the rule above has chosen its net (conv8m for fast) and the budget buys at
-# least ``at_least`` epochs *of the wider net itself* (timed at the start under the execution chosen for the first,
-# one probe step each, widest first), the wider net trains instead, with ``values``. Measured (README, "The fast
-# preset's width against the budget", issue 33; Intel AMX, 2 threads, bf16, seed 1): at 10 minutes conv8w48 trained
-# 6.7 epochs to 88.37 % against conv8m's 11.9 epochs, 88.06 %, and conv8's 3.5 epochs, 87.52 %; so conv8w48 from 6.5
-# of its own epochs. conv8 from 10: the issue's AMD EPYC runs (the peer at width 64, 10 epochs, 90.44 % against
-# width 32, 19 epochs, 89.07 %); not measured here. Six views for the 30 % least-confident test images only: all six
-# of the 10,000 test images cost ~40 s with conv8 here. Batch 512 at twice the SGD lr (Muon's lr unchanged): at 10
-# minutes 88.84 % for conv8w48 (7.0 epochs) against 88.37 % at batch 256, and 88.46 against 88.06 % for conv8m
-# (seed 1 each); the thresholds are epochs at these batches. conv8m keeps batch 256 (not re-piloted at 5 minutes).
+# least ``at_least`` epochs *of the wider net itself* (timed at the start under the execution chosen for the first, one
+# probe step each, widest first), the wider net trains instead, with ``values``. Measured (docs/results, "The fast
+# preset's width against the budget", issue 33; Intel AMX, 2 threads, bf16, seed 1): at 10 minutes conv8w48 trained 6.7
+# epochs to 88.37 % against conv8m's 11.9 epochs, 88.06 %, and conv8's 3.5 epochs, 87.52 %; so conv8w48 from 6.5 of its
+# own epochs. conv8 from 10: the issue's AMD EPYC runs (the peer at width 64, 10 epochs, 90.44 % against width 32, 19
+# epochs, 89.07 %). On that machine type (docs/results, "The four budgets on the issue's machine type", 2026-12-04, 2
+# threads, bf16, seed 1) the rule trained conv8m 5.9 epochs at 5 minutes (86.86 %), conv8w48 7.3 and 9.6 epochs at 10
+# and 13.2 (89.58, 90.00 %; the issue's conv8m-only rule: 89.06, 89.39 % on another VM), and conv8 9.6 epochs at 20
+# (90.45 %); conv8w48 at 20 minutes was not run beside it. Six views for the 30 % least-confident test images only: all
+# six of the 10,000 test images cost ~40 s with conv8 here. Batch 512 at twice the SGD lr (Muon's lr unchanged): at 10
+# minutes 88.84 % for conv8w48 (7.0 epochs) against 88.37 % at batch 256, and 88.46 against 88.06 % for conv8m (seed 1
+# each); the thresholds are epochs at these batches. conv8m keeps batch 256 (not re-piloted at 5 minutes).
 WIDE = {"batch_size": 512, "lr": 1.5, "tta_fraction": 0.3}
 BUDGET_WIDTHS: dict[str, list[tuple[str, float, dict[str, Any]]]] = {
     "fast": [("conv8", 10.0, WIDE), ("conv8w48", 6.5, WIDE)],

@@ -9,10 +9,11 @@ named where it is built:
 - a global max-pool head and a fixed 1/9 scale on the logits, which makes large learning rates stable;
 - optionally (``stage_convs=2``, ``act="gelu"``) a second conv + BN in each stage instead of residual blocks, the
   layout of the airbench94 record net (conv, pool, BN, GELU, conv, BN, GELU): the ``conv8`` variants. They are
-  plain nets (no shortcut), registered with ``residual=False``.
+  plain nets (no shortcut), registered with ``residual=False``; ``conv8w48r`` adds an identity shortcut around each
+  stage's second conv (``shortcut=True``), the residual form of the same layout.
 
-Widths are data (``widths``, ``blocks``, ``stage_convs``, ``act``); the registered variants differ only in them.
-Layer names follow torchvision's ResNet (``conv1``, ``layer1..3``, ``fc``), and the residual units are
+Widths are data (``widths``, ``blocks``, ``stage_convs``, ``act``, ``shortcut``); the registered variants differ
+only in them. Layer names follow torchvision's ResNet (``conv1``, ``layer1..3``, ``fc``), and the residual units are
 ``resnet.BasicBlock``.
 """
 
@@ -36,12 +37,17 @@ ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU}
 
 class ConvPool(nn.Module):
     """3x3 conv, 2x2 max-pool, BatchNorm, activation: one stage's change of width and resolution; with ``convs=2``
-    a second 3x3 conv + BatchNorm + activation at the new resolution (``conv2``, ``bn2``)."""
+    a second 3x3 conv + BatchNorm + activation at the new resolution (``conv2``, ``bn2``). With ``shortcut`` the
+    second conv is a residual branch: act(x + BN(conv2(x))), He et al.'s addition before the last activation (with
+    one weighted layer in the branch where the paper's blocks have two: a deviation, to keep airbench's layout)."""
 
-    def __init__(self, inplanes: int, planes: int, convs: int = 1, act: str = "relu") -> None:
+    def __init__(self, inplanes: int, planes: int, convs: int = 1, act: str = "relu", shortcut: bool = False) -> None:
         super().__init__()
         if convs not in (1, 2) or act not in ACTIVATIONS:
             raise ModelError(f"a stage has 1 or 2 convs and a relu or gelu activation, not {convs}, {act!r}")
+        if shortcut and convs != 2:
+            raise ModelError("a stage's shortcut goes around its second conv: it needs convs=2")
+        self.shortcut = shortcut
         self.conv = conv3x3(inplanes, planes)
         self.pool = nn.MaxPool2d(2)
         self.bn = nn.BatchNorm2d(planes)
@@ -53,7 +59,8 @@ class ConvPool(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn(self.pool(self.conv(x))))
         if hasattr(self, "conv2"):
-            x = self.relu(self.bn2(self.conv2(x)))
+            y = self.bn2(self.conv2(x))
+            x = self.relu(x + y if self.shortcut else y)
         return x
 
 
@@ -65,13 +72,14 @@ class FastResNet(nn.Module):
         blocks: residual blocks (two 3x3 convs each, identity shortcut) after each stage's ConvPool.
         stage_convs: convolutions of each stage's ConvPool (1, or 2 for the airbench layout).
         act: the activation of the stem and the ConvPools: relu, or gelu (airbench).
+        shortcut: an identity shortcut around each two-conv stage's second conv (a residual form of airbench's net).
         num_classes: outputs of the final linear layer.
         logit_scale: fixed multiplier on the logits (1/9, as in the airbench trainers).
     """
 
     def __init__(self, widths: Sequence[int] = (64, 128, 256), blocks: Sequence[int] = (1, 0, 1),
                  num_classes: int = 10, logit_scale: float = 1 / 9, in_channels: int = 3,
-                 stage_convs: Sequence[int] | None = None, act: str = "relu") -> None:
+                 stage_convs: Sequence[int] | None = None, act: str = "relu", shortcut: bool = False) -> None:
         super().__init__()
         stage_convs = tuple(stage_convs or (1,) * len(widths))
         if not len(widths) == len(blocks) == len(stage_convs):
@@ -87,7 +95,7 @@ class FastResNet(nn.Module):
         self.conv1.bias.register_hook(lambda grad: grad * self.conv1.weight.flatten(1).ne(0).any(1).to(grad.dtype))
         self.relu = ACTIVATIONS[act]()
         ins = (stem, *widths[:-1])
-        set_stages(self, (nn.Sequential(ConvPool(i, w, c, act), *[BasicBlock(w, w) for _ in range(n)])
+        set_stages(self, (nn.Sequential(ConvPool(i, w, c, act, shortcut), *[BasicBlock(w, w) for _ in range(n)])
                           for i, w, n, c in zip(ins, widths, blocks, stage_convs)))
         inplanes = widths[-1]
         self.pool = nn.AdaptiveMaxPool2d(1)
@@ -149,6 +157,9 @@ FAST_VARIANTS: dict[str, dict] = {
     "conv8m": dict(widths=(32, 128, 128), blocks=(0, 0, 0), stage_convs=(2, 2, 2), act="gelu"),
     "conv8w48": dict(widths=(48, 192, 192), blocks=(0, 0, 0), stage_convs=(2, 2, 2), act="gelu"),
     "conv8": dict(widths=(64, 256, 256), blocks=(0, 0, 0), stage_convs=(2, 2, 2), act="gelu"),
+    # The same at 48/192/192 with a shortcut around each stage's second conv: the residual form, piloted against
+    # conv8w48 (README results, issue 33).
+    "conv8w48r": dict(widths=(48, 192, 192), blocks=(0, 0, 0), stage_convs=(2, 2, 2), act="gelu", shortcut=True),
 }
 
 
@@ -162,5 +173,6 @@ def _fast_builder(spec: dict):
 
 for _name, _spec in FAST_VARIANTS.items():
     _convs = sum(_spec.get("stage_convs", (1,) * len(_spec["widths"])))
-    register_model(_name, input_size=32, family="fast", residual=sum(_spec["blocks"]) > 0,
+    _residual = sum(_spec["blocks"]) > 0 or _spec.get("shortcut", False)
+    register_model(_name, input_size=32, family="fast", residual=_residual,
                    depth=2 + _convs + 2 * sum(_spec["blocks"]))(_fast_builder(_spec))
