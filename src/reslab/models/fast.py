@@ -158,7 +158,7 @@ FAST_VARIANTS: dict[str, dict] = {
     "conv8w48": dict(widths=(48, 192, 192), blocks=(0, 0, 0), stage_convs=(2, 2, 2), act="gelu"),
     "conv8": dict(widths=(64, 256, 256), blocks=(0, 0, 0), stage_convs=(2, 2, 2), act="gelu"),
     # The same at 48/192/192 with a shortcut around each stage's second conv: the residual form, piloted against
-    # conv8w48 (README results, issue 33).
+    # conv8w48 (docs/results, "The four budgets on the issue's machine type", issue 33).
     "conv8w48r": dict(widths=(48, 192, 192), blocks=(0, 0, 0), stage_convs=(2, 2, 2), act="gelu", shortcut=True),
 }
 
